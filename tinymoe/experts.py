@@ -1,0 +1,61 @@
+"""Experts: the packed per-expert layout, the SwiGLU expert, and the expert-provider interface.
+
+Layout. Each expert of each layer is ONE contiguous buffer of `3 * I * D` elements:
+
+    [ gate (I x D) | up (I x D) | down (D x I) ]      (row-major, as Hugging Face stores them)
+
+so gate and up form the fused (2I x D) matrix transformers 5 calls `gate_up_proj`, and moving an
+expert between host and device is a single copy. A layer's experts are a (E, 3*I*D) tensor.
+
+Provider. The MoE layer never indexes expert weights itself: it asks an `ExpertProvider` for the
+experts it needs and receives each one's packed buffer. `ResidentExperts` (here) keeps all of them
+on the compute device and is the plain reference path; the offloading engine supplies experts
+from a device cache instead, without any change to the model code.
+"""
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def expert_views(w: Tensor, expert_dim: int, hidden: int) -> tuple[Tensor, Tensor]:
+    """Split a packed buffer (3*I*D,) into views: gate_up (2I, D) and down (D, I). No copy."""
+    split = 2 * expert_dim * hidden
+    return w[:split].view(2 * expert_dim, hidden), w[split:].view(hidden, expert_dim)
+
+
+def expert_forward(w: Tensor, x: Tensor, expert_dim: int) -> Tensor:
+    """SwiGLU expert: down(silu(gate(x)) * up(x)). w: packed (3*I*D,), x: (n, D) -> (n, D)."""
+    gate_up, down = expert_views(w, expert_dim, x.shape[-1])
+    g, u = F.linear(x, gate_up).chunk(2, dim=-1)  # (n, I) each
+    return F.linear(F.silu(g) * u, down)  # (n, D)
+
+
+class ExpertProvider(Protocol):
+    """Supplies expert weights to the MoE layer.
+
+    `experts(layer, ids)` yields `(expert_id, packed_weights)` for every id in `ids` (each once),
+    in any order it likes. A yielded buffer only has to stay valid until the caller asks for the
+    next one, which lets an offloading provider stream many experts through a few device slots.
+    """
+
+    def experts(self, layer: int, ids: list[int]) -> Iterator[tuple[int, Tensor]]: ...
+
+
+class ResidentExperts(nn.Module):
+    """Every expert of every layer on the compute device: the reference provider (and trainable)."""
+
+    def __init__(self, num_layers: int, num_experts: int, expert_numel: int) -> None:
+        super().__init__()
+        # One (E, 3*I*D) parameter per layer; expert e of layer l is weights[l][e], contiguous.
+        self.weights = nn.ParameterList(
+            [nn.Parameter(torch.empty(num_experts, expert_numel)) for _ in range(num_layers)]
+        )
+
+    def experts(self, layer: int, ids: list[int]) -> Iterator[tuple[int, Tensor]]:
+        w = self.weights[layer]
+        for e in ids:
+            yield e, w[e]

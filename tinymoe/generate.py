@@ -1,0 +1,124 @@
+"""Generation: prefill, decode one token, sample, and the loop that times them (after gpt-fast).
+
+TPOT (time per output token) excludes the first token, as in the paper: the first token's time
+is prefill (time to first token, TTFT); every later token costs one decode step.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tinymoe.errors import TinyMoeError
+from tinymoe.kvcache import KVCache
+from tinymoe.model import MoETransformer
+from tinymoe.timing import now, summarize_ms, sync
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # the new token ids (prompt excluded)
+    prompt_len: int
+    ttft_s: float  # prefill + first token
+    step_s: list[float] = field(default_factory=list)  # one decode step per later token
+    stopped_at_eos: bool = False
+
+    @property
+    def tpot_ms(self) -> dict[str, float]:
+        return summarize_ms(self.step_s)
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = self.ttft_s + sum(self.step_s)
+        return len(self.tokens) / total if total > 0 else float("nan")
+
+
+def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> Tensor:
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top_p keeps the smallest nucleus."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        # Drop a token when the mass before it already reaches top_p (the first always stays).
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def prefill(model: MoETransformer, ids: Tensor, cache: KVCache) -> Tensor:
+    """Run the whole prompt (1, T) in one step; return the last position's logits (1, V)."""
+    return model(ids, cache=cache, start=0)[:, -1]
+
+
+@torch.no_grad()
+def decode_one_token(model: MoETransformer, token: Tensor, cache: KVCache, pos: int) -> Tensor:
+    """One new token (1, 1) at position pos -> logits (1, V)."""
+    return model(token, cache=cache, start=pos)[:, -1]
+
+
+def generate(
+    model: MoETransformer,
+    input_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_ids: list[int] | tuple[int, ...] | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> GenerationResult:
+    """Generate up to max_new_tokens after input_ids (batch 1). Stops early at an EOS id.
+
+    eos_ids defaults to the checkpoint's eos_token_id; pass () to never stop early.
+    on_token is called with each new id as soon as it exists (for streamed printing).
+    """
+    if not input_ids:
+        raise TinyMoeError("the prompt is empty; give at least one token")
+    if max_new_tokens < 1:
+        raise TinyMoeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise TinyMoeError(f"top_p must be in (0, 1], got {top_p}")
+    cfg = model.cfg
+    bad = [t for t in input_ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise TinyMoeError(f"token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
+    eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
+    param = model.embed_tokens.weight
+    device, dtype = param.device, param.dtype
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    cache = KVCache(
+        cfg.num_layers,
+        1,
+        cfg.num_kv_heads,
+        len(input_ids) + max_new_tokens,
+        cfg.head_dim,
+        device,
+        dtype,
+    )
+
+    ids = torch.tensor([input_ids], device=device)  # (1, T)
+    t0 = now()
+    token = sample(prefill(model, ids, cache), temperature, top_p, gen)  # (1,)
+    tok = int(token.item())  # SYNC: the host needs the id to decide whether to stop
+    ttft = now() - t0
+    result = GenerationResult(tokens=[tok], prompt_len=len(input_ids), ttft_s=ttft)
+    if on_token:
+        on_token(tok)
+    pos = len(input_ids)
+    while len(result.tokens) < max_new_tokens and tok not in eos:
+        t0 = now()
+        token = sample(
+            decode_one_token(model, token.view(1, 1), cache, pos), temperature, top_p, gen
+        )
+        tok = int(token.item())  # SYNC: one per token, as above
+        sync(device)
+        result.step_s.append(now() - t0)
+        result.tokens.append(tok)
+        pos += 1
+        if on_token:
+            on_token(tok)
+    result.stopped_at_eos = tok in eos
+    return result

@@ -1,0 +1,201 @@
+"""Checkpoint I/O: Hugging Face safetensors in, a `MoETransformer` out (and back, for training).
+
+Reads `model.safetensors`, or the shards a `model.safetensors.index.json` lists, memory-mapped,
+one tensor at a time, cast straight into the model's preallocated parameters (so peak host memory
+is the model plus one tensor). Safetensors only: a pickle is never unpickled.
+
+Key mapping (checkpoint key -> tinymoe name): drop the leading `model.`; Mixtral's
+`block_sparse_moe` is our `mlp`. Experts come in two layouts, both packed into one contiguous
+buffer per expert (see experts.py):
+- published, per expert: `mlp.experts.E.{gate_proj,up_proj,down_proj}.weight` (OLMoE, Qwen3-MoE)
+  or `block_sparse_moe.experts.E.{w1,w3,w2}.weight` (Mixtral);
+- fused, as transformers 5 may save: `mlp.experts.gate_up_proj` (E, 2I, D), gate rows then up
+  rows, and `mlp.experts.down_proj` (E, D, I).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from tinymoe.config import ModelConfig
+from tinymoe.errors import TinyMoeError
+from tinymoe.experts import expert_views
+from tinymoe.model import MoETransformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Per-expert tensor names: (gate, up, down) for each architecture's published layout.
+EXPERT_NAMES = {
+    "mixtral": ("w1", "w3", "w2"),
+    "olmoe": ("gate_proj", "up_proj", "down_proj"),
+    "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+}
+_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise TinyMoeError(f"dtype {name!r} is not supported; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class Checkpoint:
+    """The tensors of a checkpoint directory, by tinymoe name, read lazily from safetensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise TinyMoeError(f"{self.path}: not a directory; expected a checkpoint directory")
+        self.config = ModelConfig.from_file(self.path / "config.json")
+        self.files = self._shard_files()
+        self.where: dict[str, tuple[Path, str]] = {}  # tinymoe name -> (file, checkpoint key)
+        self._handles = {}
+        for f in self.files:
+            try:
+                h = safe_open(str(f), framework="pt")
+                keys = list(h.keys())
+            except (SafetensorError, OSError, ValueError) as e:
+                raise TinyMoeError(f"{f}: not a readable safetensors file ({e})") from None
+            self._handles[f] = h
+            for key in keys:
+                self.where[self._rename(key)] = (f, key)
+
+    def _shard_files(self) -> list[Path]:
+        single, index = self.path / "model.safetensors", self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise TinyMoeError(f"{index}: not a valid safetensors index ({e})") from None
+            files = [self.path / name for name in sorted(set(weight_map.values()))]
+            for f in files:
+                if not f.exists():
+                    raise TinyMoeError(f"{index}: lists shard {f.name}, which does not exist")
+            return files
+        if single.exists():
+            return [single]
+        if list(self.path.glob("*.bin")) or list(self.path.glob("*.pt")):
+            raise TinyMoeError(
+                f"{self.path}: only pickle weights (*.bin/*.pt) found; tinymoe reads safetensors "
+                "only (convert with transformers' save_pretrained)"
+            )
+        raise TinyMoeError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+
+    @staticmethod
+    def _rename(key: str) -> str:
+        key = key.removeprefix("model.")
+        return key.replace(".block_sparse_moe.", ".mlp.")
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> Tensor:
+        if name not in self.where:
+            raise TinyMoeError(f"{self.path}: missing tensor {name!r} (shape {shape})")
+        f, key = self.where[name]
+        try:
+            t = self._handles[f].get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise TinyMoeError(
+                f"{f}: cannot read tensor {key!r}; the file looks truncated or corrupt ({e})"
+            ) from None
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise TinyMoeError(
+                f"{f}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
+            )
+        return t
+
+    def read_expert_layer(self, layer: int, out: Tensor) -> None:
+        """Pack layer `layer`'s experts into out (E, 3*I*D), casting to out's dtype."""
+        cfg = self.config
+        E, I, D = cfg.num_experts, cfg.expert_dim, cfg.hidden_size
+        prefix = f"layers.{layer}.mlp.experts."
+        if self.has(prefix + "gate_up_proj"):  # fused layout
+            out[:, : 2 * I * D].copy_(
+                self.get(prefix + "gate_up_proj", (E, 2 * I, D)).reshape(E, -1)
+            )
+            out[:, 2 * I * D :].copy_(self.get(prefix + "down_proj", (E, D, I)).reshape(E, -1))
+            return
+        gate, up, down = EXPERT_NAMES[cfg.model_type]
+        for e in range(E):
+            gate_up, down_view = expert_views(out[e], I, D)
+            gate_up[:I].copy_(self.get(f"{prefix}{e}.{gate}.weight", (I, D)))
+            gate_up[I:].copy_(self.get(f"{prefix}{e}.{up}.weight", (I, D)))
+            down_view.copy_(self.get(f"{prefix}{e}.{down}.weight", (D, I)))
+
+    def expert_names(self, layer: int) -> set[str]:
+        return {n for n in self.where if n.startswith(f"layers.{layer}.mlp.experts.")}
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+) -> MoETransformer:
+    """Build a MoETransformer from a checkpoint directory, every weight on `device` in `dtype`."""
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    ckpt = Checkpoint(path)
+    cfg = ckpt.config
+    with torch.device("meta"):
+        model = MoETransformer(cfg)  # shapes only: no memory, no random init
+    model = model.to(dtype).to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # to_empty unties; tie again
+
+    used: set[str] = set()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("experts."):
+                continue
+            p.copy_(ckpt.get(name, tuple(p.shape)))
+            used.add(name)
+        for layer in range(cfg.num_layers):
+            ckpt.read_expert_layer(layer, model.experts.weights[layer])
+            used |= ckpt.expert_names(layer)
+    if cfg.tie_word_embeddings:
+        used.add("lm_head.weight")  # some exporters store the tied copy too; it is the same tensor
+    unexpected = sorted(set(ckpt.where) - used)
+    if unexpected:
+        f, key = ckpt.where[unexpected[0]]
+        raise TinyMoeError(
+            f"{f}: unexpected tensor {key!r} ({len(unexpected)} unexpected in all); "
+            f"does config.json describe this checkpoint?"
+        )
+    return model.eval()
+
+
+def save_model(model: MoETransformer, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write model.safetensors in the published per-expert layout Hugging Face loaders expect."""
+    cfg = model.cfg
+    gate, up, down = EXPERT_NAMES[cfg.model_type]
+    moe = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
+    I, D = cfg.expert_dim, cfg.hidden_size
+    tensors: dict[str, Tensor] = {}
+
+    def put(key: str, t: Tensor) -> None:
+        t = t.detach()
+        tensors[key] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
+
+    for name, p in model.named_parameters():
+        if name.startswith("experts."):
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        key = name if name == "lm_head.weight" else "model." + name
+        put(key.replace(".mlp.", f".{moe}."), p)
+    for layer, w in enumerate(model.experts.weights):
+        for e in range(cfg.num_experts):
+            gate_up, down_view = expert_views(w[e], I, D)
+            prefix = f"model.layers.{layer}.{moe}.experts.{e}."
+            put(prefix + f"{gate}.weight", gate_up[:I])
+            put(prefix + f"{up}.weight", gate_up[I:])
+            put(prefix + f"{down}.weight", down_view)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(Path(path) / "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,258 @@
+"""The decoder: one readable forward pass shared by Mixtral, OLMoE and Qwen3-MoE.
+
+Dimension legend (used in every shape comment in tinymoe):
+    B  batch                      T  new tokens in this step      S  cached + new positions
+    D  hidden size                H  query heads                  Hkv key/value heads
+    Dh head dim (may != D/H)      V  vocabulary                   N  B*T tokens, flattened
+    E  experts per layer          K  experts activated per token  I  expert (SwiGLU) width
+    L  layers
+
+Per layer (pre-norm residual):
+    r = x + Attention(RMSNorm_attn(x))          r: "residual after attention" (the paper's r_l)
+    u = RMSNorm_moe(r)                          the pre-MoE norm; the router reads u
+    x = r + sum_k g_k * Expert_{e_k}(u)         g, e: top-K of softmax(router(u))
+
+Routing goes through a hook (`route_hook`) so that the offloading and speculation code can see
+each layer's state and, in speculative mode, replace the router's choice; experts come from an
+`ExpertProvider` (see experts.py) so they can live off the device. With neither set, this file is
+the plain resident reference every fast path is tested against.
+"""
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinymoe.config import ModelConfig
+from tinymoe.experts import ExpertProvider, ResidentExperts, expert_forward
+from tinymoe.kvcache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32, cast back, then scale: the order Hugging Face uses, so bf16 matches.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (T, Dh) for the "rotate-half" convention Hugging Face checkpoints use."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
+    )
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, Dh/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, Dh)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, heads, T, Dh); rotate each head's halves by the position's angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D, H, Hkv, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(D, H * Dh, bias=bias)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=bias)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=bias)
+        if (
+            cfg.qk_norm == "full"
+        ):  # OLMoE: one norm over the whole projection, before the head split
+            self.q_norm = RMSNorm(H * Dh, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(Hkv * Dh, cfg.rms_norm_eps)
+        elif cfg.qk_norm == "head":  # Qwen3: one norm per head, shared across heads
+            self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+        start: int,
+    ) -> Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*Dh), (B, T, Hkv*Dh) x2
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            c = cfg.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q = q.view(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, H, Dh)
+        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, Hkv, Dh)
+        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, Hkv, Dh)
+        if cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)  # (B, Hkv, S, Dh) each
+        # mask None means "plain causal over a fresh sequence"; otherwise a boolean (T, S) mask.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            enable_gqa=cfg.num_heads != cfg.num_kv_heads,
+        )  # (B, H, T, Dh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+@dataclass
+class Routing:
+    """Which experts each token uses, and with what weights."""
+
+    ids: Tensor  # (N, K) long
+    weights: Tensor  # (N, K), in the activation dtype
+    logits: Tensor | None = None  # (N, E) the router's logits; None when the routing was predicted
+
+
+def route_topk(logits: Tensor, top_k: int, normalise: bool, dtype: torch.dtype) -> Routing:
+    """fp32 softmax over all E experts, top-K, optionally renormalised over the K."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # (N, K) each
+    if normalise:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return Routing(ids=ids, weights=weights.to(dtype), logits=logits)
+
+
+class MoE(nn.Module):
+    """The router. The experts themselves live in an ExpertProvider, not in this module."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+
+    def route(self, u: Tensor) -> Routing:
+        """u: (N, D) normed hidden states -> the router's top-K routing."""
+        return route_topk(self.gate(u), self.cfg.top_k, self.cfg.norm_topk_prob, u.dtype)
+
+
+def moe_forward(
+    u: Tensor, routing: Routing, provider: ExpertProvider, layer: int, expert_dim: int
+) -> Tensor:
+    """Run the routed experts over u: (N, D) -> (N, D).
+
+    Tokens are grouped by expert (one matmul per expert, never a gathered per-token weight), and
+    the K contributions of each token are summed in a fixed order at the end, so the result is
+    bit-identical whatever order the provider yields experts in.
+    """
+    N, K = routing.ids.shape
+    flat = routing.ids.reshape(-1)  # (N*K,)
+    order = torch.argsort(flat, stable=True)  # (N*K,) slots grouped by expert
+    # SYNC: the host must know which experts are used (and how many tokens each) to fetch them.
+    counts = torch.bincount(flat).tolist()  # counts[e] = slots routed to expert e
+    starts = [0, *itertools.accumulate(counts)]  # expert e's slots are order[starts[e]:starts[e+1]]
+    used = [e for e, c in enumerate(counts) if c]
+    token_of = order // K  # (N*K,) token index of each sorted slot
+    w_sorted = routing.weights.reshape(-1)[order]  # (N*K,)
+    parts: dict[int, Tensor] = {}
+    for e, w in provider.experts(layer, used):
+        a, b = starts[e], starts[e + 1]
+        x_e = u[token_of[a:b]]  # (n_e, D)
+        parts[e] = expert_forward(w, x_e, expert_dim) * w_sorted[a:b, None]  # (n_e, D)
+    if len(parts) != len(used):
+        missing = sorted(set(used) - set(parts))
+        raise RuntimeError(f"expert provider did not supply experts {missing} of layer {layer}")
+    y_sorted = torch.cat([parts[e] for e in used])  # (N*K, D) in sorted-slot order
+    y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # (N*K, D) in (token, k) order
+    return y.view(N, K, -1).sum(dim=1)  # (N, D)
+
+
+class RouteHook(Protocol):
+    """Decides each layer's routing. `router(u)` computes the true one; a hook may predict instead.
+
+    resid is r_l (B, T, D), the residual after attention; u is RMSNorm_moe(r_l) flattened (N, D).
+    """
+
+    def __call__(
+        self, layer: int, resid: Tensor, u: Tensor, router: Callable[[Tensor], Routing]
+    ) -> Routing: ...
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg)
+
+
+class MoETransformer(nn.Module):
+    """Embeddings, L blocks, final norm and LM head. Module names mirror the HF checkpoint keys."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.experts = ResidentExperts(cfg.num_layers, cfg.num_experts, cfg.expert_numel)
+        # Where experts come from, and who decides routing. Defaults: resident experts, the router.
+        self.provider: ExpertProvider = self.experts
+        self.route_hook: RouteHook | None = None
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, start: int = 0) -> Tensor:
+        """input_ids (B, T) at positions start..start+T-1 -> logits (B, T, V).
+
+        Without a cache this is a full causal forward. With one, k/v are appended at `start`.
+        """
+        cfg = self.cfg
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        pos = torch.arange(start, start + T, device=x.device)  # (T,)
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)  # (T, Dh) each
+        mask = self._mask(pos, start + T, x.device)
+        for i, layer in enumerate(self.layers):
+            # ---- attention ----
+            r = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, cache, i, start)
+            # ---- routing ----
+            u = layer.post_attention_layernorm(r).view(B * T, -1)  # (N, D)
+            if self.route_hook is None:
+                routing = layer.mlp.route(u)
+            else:
+                routing = self.route_hook(i, r, u, layer.mlp.route)
+            # ---- experts ----
+            x = r + moe_forward(u, routing, self.provider, i, cfg.expert_dim).view(B, T, -1)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def _mask(self, pos: Tensor, S: int, device: torch.device) -> Tensor | None:
+        """Boolean (T, S) attention mask, or None when plain causal attention suffices."""
+        T, start = pos.numel(), S - pos.numel()
+        window = self.cfg.sliding_window
+        if window is None or window >= S:
+            if start == 0 or T == 1:
+                return None  # fresh sequence (is_causal) or one new token that sees everything
+            k_pos = torch.arange(S, device=device)
+            return k_pos[None, :] <= pos[:, None]
+        k_pos = torch.arange(S, device=device)
+        # Mixtral's sliding window: position q sees k when q - window < k <= q.
+        return (k_pos[None, :] <= pos[:, None]) & (k_pos[None, :] > pos[:, None] - window)
