@@ -29,7 +29,7 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, Hkv, T, Dh) at start..start+T-1; return views of positions 0..start+T-1."""
+        """Write k, v (B, Hkv, T, Dh) at start..start+T-1; return views of 0..start+T-1."""
         end = start + k.shape[2]
         if end > self.max_len:
             raise TinyMoeError(
