@@ -170,6 +170,62 @@ class ModelConfig:
             dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
         )
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json transformers writes for this architecture (published key names)."""
+        d: dict[str, Any] = {
+            "architectures": [
+                {
+                    "mixtral": "MixtralForCausalLM",
+                    "olmoe": "OlmoeForCausalLM",
+                    "qwen3_moe": "Qwen3MoeForCausalLM",
+                }[self.model_type]
+            ],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "num_experts_per_tok": self.top_k,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": self.dtype,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids)
+            if len(self.eos_token_ids) > 1
+            else (self.eos_token_ids[0] if self.eos_token_ids else None),
+        }
+        if self.model_type == "mixtral":
+            d.update(
+                num_local_experts=self.num_experts,
+                intermediate_size=self.expert_dim,
+                sliding_window=self.sliding_window,
+            )
+        elif self.model_type == "olmoe":
+            d.update(
+                num_experts=self.num_experts,
+                intermediate_size=self.expert_dim,
+                norm_topk_prob=self.norm_topk_prob,
+                clip_qkv=self.clip_qkv,
+            )
+        else:
+            d.update(
+                num_experts=self.num_experts,
+                moe_intermediate_size=self.expert_dim,
+                intermediate_size=self.expert_dim,
+                norm_topk_prob=self.norm_topk_prob,
+                use_sliding_window=self.sliding_window is not None,
+                sliding_window=self.sliding_window,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            )
+        return d
+
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)

@@ -220,6 +220,19 @@ class MoETransformer(nn.Module):
         self.provider: ExpertProvider = self.experts
         self.route_hook: RouteHook | None = None
 
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "MoETransformer":
+        """Random init for training and tests: N(0, std) matrices, unit norms (GPT-2 style)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, start: int = 0) -> Tensor:
         """input_ids (B, T) at positions start..start+T-1 -> logits (B, T, V).
 

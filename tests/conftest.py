@@ -1,0 +1,51 @@
+"""Shared fixtures: baby checkpoints built with tinymoe itself (no transformers, no network)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinymoe import ModelConfig, MoETransformer, save_model
+
+
+def make_checkpoint(
+    path: Path, seed: int = 0, model_type: str = "olmoe", std: float = 0.2, **overrides
+) -> Path:
+    """Write a random baby checkpoint (config.json + model.safetensors) to path; return path.
+
+    std is large enough that routing is not uniform and experts differ (unlike a 0.02 init).
+    """
+    fields = dict(
+        model_type=model_type,
+        vocab_size=96,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        num_experts=8,
+        top_k=2,
+        expert_dim=16,
+        qk_norm={"olmoe": "full", "qwen3_moe": "head", "mixtral": "none"}[model_type],
+        norm_topk_prob=model_type == "mixtral",
+        eos_token_ids=(),
+    )
+    fields.update(overrides)
+    cfg = ModelConfig(**fields)
+    torch.manual_seed(seed)
+    model = MoETransformer(cfg).init_weights(seed=seed, std=std)
+    with torch.no_grad():  # non-trivial norm weights, so tests notice a norm applied wrongly
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(model, path)
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    return path
+
+
+@pytest.fixture
+def baby_dir(tmp_path: Path) -> Path:
+    """A 3-layer, 8-expert, top-2 OLMoE-shaped checkpoint."""
+    return make_checkpoint(tmp_path / "baby")
