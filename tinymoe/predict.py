@@ -30,3 +30,43 @@ class Predictor(Protocol):
         ...
 
     def observe(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None: ...
+
+
+class PredictionHook:
+    """A model route hook that runs a predictor and, in speculative mode, routes with it.
+
+    At layer l: if speculating and a prediction for l exists, layer l uses it and its router is
+    never computed; otherwise the router decides. Then the predictor observes layer l and its
+    prediction for layer l + lookahead is kept in `pending` until that layer runs. Layers with no
+    prediction (the first `lookahead` layers) always use their router: "layer 0 loads on demand".
+
+    The offloading runtime reads `pending[l + lookahead]` right after layer l to start copies; the
+    evaluation code uses this hook alone, on resident experts, to measure what speculation costs.
+    """
+
+    def __init__(self, predictor: Predictor | None, speculate: bool = False) -> None:
+        if speculate and predictor is None:
+            raise ValueError("speculative execution needs a predictor")
+        self.predictor = predictor
+        self.speculate = speculate
+        self.pending: dict[int, Routing] = {}  # target layer -> predicted routing (this forward)
+        self.last_prediction: dict[int, Routing] = {}  # layer -> the prediction that layer had
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.last_prediction.clear()
+        if self.predictor is not None:
+            self.predictor.reset()
+
+    def __call__(self, layer: int, resid: Tensor, u: Tensor, router) -> Routing:
+        predicted = self.pending.pop(layer, None)
+        if predicted is not None:
+            self.last_prediction[layer] = predicted
+        else:
+            self.last_prediction.pop(layer, None)
+        routing = predicted if (self.speculate and predicted is not None) else router(u)
+        if self.predictor is not None:
+            nxt = self.predictor.observe(layer, resid.reshape(u.shape), u, routing)
+            if nxt is not None:
+                self.pending[layer + self.predictor.lookahead] = nxt
+        return routing
