@@ -7,13 +7,18 @@ Prints the continuation as it is generated, then the timing summary (or one JSON
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 
-from tinymoe import TinyMoeError, generate, load_model
+from tinymoe import MoETransformer, TinyMoeError, generate, load_model
+from tinymoe.instruments import format_layers
 from tinymoe.loader import DTYPES
+from tinymoe.offload import BASE_POLICIES, OffloadRuntime, OraclePredictor, record_routing
 from tinymoe.timing import peak_memory_bytes
 from tinymoe.tokenizer import StreamDecoder, load_tokenizer
+from tinymoe.transfer import PRESETS, LinkSpec
 
 
 def positive_int(s: str) -> int:
@@ -23,8 +28,15 @@ def positive_int(s: str) -> int:
     return v
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, except that a bad flag is one `error: ...` line on stderr (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--model",
         required=True,
@@ -40,7 +52,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    off = p.add_argument_group("expert offloading (see docs/offloading.md)")
+    off.add_argument("--offload-policy", choices=list(BASE_POLICIES), default="resident")
+    off.add_argument(
+        "--expert-slots",
+        type=positive_int,
+        default=None,
+        help="device expert slots (default: per policy)",
+    )
+    off.add_argument(
+        "--expert-budget-gb", type=float, default=None, help="or a budget in GB (1e9 B)"
+    )
+    off.add_argument(
+        "--link-preset",
+        choices=list(PRESETS),
+        default=None,
+        help="simulated link, CPU only (pcie4-x16)",
+    )
+    off.add_argument("--link-gbps", type=float, default=None, help="simulated link bandwidth, GB/s")
+    off.add_argument("--link-latency-us", type=float, default=None, help="per-copy latency, us")
+    off.add_argument("--trace", default=None, metavar="FILE", help="write a Perfetto/Chrome trace")
     return p
+
+
+def make_runtime(
+    args: argparse.Namespace, model: MoETransformer, prompt_ids: list[int]
+) -> OffloadRuntime:
+    """The offloading runtime the flags ask for (`resident` too: it is what measures layers)."""
+    link = None
+    if args.link_preset or args.link_gbps is not None or args.link_latency_us is not None:
+        if args.offload_policy == "resident":
+            raise TinyMoeError("--link-* flags need an offloading --offload-policy")
+        preset = PRESETS[args.link_preset or "pcie4-x16"]
+        link = LinkSpec(
+            preset.gbps if args.link_gbps is None else args.link_gbps,
+            preset.latency_us if args.link_latency_us is None else args.link_latency_us,
+            preset.name if args.link_gbps is None else "custom",
+        )
+    predictor = None
+    if args.offload_policy == "oracle":
+        # The oracle replays the routing of a resident run of this very prompt and settings.
+        print("oracle: recording the routing of a resident run first", file=sys.stderr)
+        _, recording = record_routing(
+            model,
+            prompt_ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+        predictor = OraclePredictor(recording)
+    return OffloadRuntime(
+        model,
+        args.offload_policy,
+        predictor=predictor,
+        slots=args.expert_slots,
+        budget_gb=args.expert_budget_gb,
+        link=link,
+        trace=args.trace is not None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         raise TinyMoeError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TinyMoeError("--device cuda: no CUDA device is available; use --device cpu")
+    if not Path(args.model).is_dir():
+        raise TinyMoeError(f"--model {args.model}: not a directory (expected a checkpoint dir)")
     device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device=device, dtype=args.dtype)
@@ -58,20 +130,25 @@ def main(argv: list[str] | None = None) -> int:
     if not prompt_ids:
         raise TinyMoeError("--prompt encodes to no tokens; give some text")
 
+    runtime = make_runtime(args, model, prompt_ids)
     stream = StreamDecoder(tokenizer)
     on_token = None
     if not args.json:
         print(args.prompt, end="", flush=True)
         on_token = lambda t: print(stream.push(t), end="", flush=True)  # noqa: E731
-    out = generate(
-        model,
-        prompt_ids,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        on_token=on_token,
-    )
+    with runtime:
+        out = generate(
+            model,
+            prompt_ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            on_token=on_token,
+        )
+        report = runtime.report()  # decode and prefill measured separately
+        if args.trace:
+            runtime.write_trace(args.trace)
     tpot = out.tpot_ms
     stats = {
         "prompt_tokens": out.prompt_len,
@@ -83,6 +160,19 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_s": out.tokens_per_s,
         "peak_memory_mb": peak_memory_bytes(device) / 2**20,
     }
+    dec, pre = report["decode"], report["prefill"]
+    stats.update(
+        offload_policy=report["policy"],
+        expert_slots=report["expert_slots"],
+        hit_rate=dec["hit_rate"] if dec["steps"] else None,
+        bytes_copied=dec["bytes_copied"],  # decode steps, in total
+        stall_ms=dec["stall_ms"],  # per decode step, as tpot_ms
+        copy_ms=dec["copy_ms"],
+        miss_kinds=dec["miss_kinds"],
+        wasted_prefetch_bytes=dec["wasted_prefetch_bytes"],
+        layers=dec["layers"],  # per layer: ms per decode step; hits, misses, bytes in total
+        prefill={k: pre[k] for k in ("copy_ms", "stall_ms", "bytes_copied", "hits", "misses")},
+    )
     if args.json:
         print(json.dumps({"text": tokenizer.decode(out.tokens), "tokens": out.tokens, **stats}))
     else:
@@ -94,15 +184,28 @@ def main(argv: list[str] | None = None) -> int:
             f"peak memory {stats['peak_memory_mb']:.0f} MiB",
             file=sys.stderr,
         )
+        if args.offload_policy != "resident":
+            print(
+                f"offload {report['policy']}, {report['expert_slots']} slots | decode: hit rate "
+                f"{dec['hit_rate']:.2f}, {dec['bytes_copied'] / 1e9:.3f} GB copied, stall "
+                f"{dec['stall_ms']:.2f} ms/token | prefill: {pre['bytes_copied'] / 1e9:.3f} GB "
+                f"copied in {pre['copy_ms']:.1f} ms\n{format_layers(dec)}",
+                file=sys.stderr,
+            )
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
     try:
-        sys.exit(main())
+        return main(argv)
     except TinyMoeError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

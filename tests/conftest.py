@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from tinymoe import ModelConfig, MoETransformer, save_model
 
@@ -49,3 +50,21 @@ def make_checkpoint(
 def baby_dir(tmp_path: Path) -> Path:
     """A 3-layer, 8-expert, top-2 OLMoE-shaped checkpoint."""
     return make_checkpoint(tmp_path / "baby")
+
+
+TOKENIZER_TEXT = [
+    "the cat sat on the mat .",
+    "a dog ran in the park and the cat ran after it .",
+    "experts are routed per token , and each token uses two experts .",
+]
+
+
+def add_tokenizer(path: Path, vocab_size: int = 96) -> Path:
+    """Write a tiny word-level tokenizer.json (at most vocab_size ids) into checkpoint dir path."""
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"])
+    tok.train_from_iterator(TOKENIZER_TEXT, trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    tok.save(str(path / "tokenizer.json"))
+    return path

@@ -239,4 +239,7 @@ class ModelConfig:
             raise TinyMoeError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise TinyMoeError(f"{path}: expected a JSON object")
-        return cls.from_dict(d, source=str(path))
+        try:
+            return cls.from_dict(d, source=str(path))
+        except (TypeError, ValueError) as e:  # e.g. "hidden_size": "big" fails in int()
+            raise TinyMoeError(f"{path}: a field has a value of the wrong type ({e})") from None

@@ -61,7 +61,9 @@ class Checkpoint:
                 h = safe_open(str(f), framework="pt")
                 keys = list(h.keys())
             except (SafetensorError, OSError, ValueError) as e:
-                raise TinyMoeError(f"{f}: not a readable safetensors file ({e})") from None
+                raise TinyMoeError(
+                    f"{f}: not a readable safetensors file; truncated or corrupt? ({e})"
+                ) from None
             self._handles[f] = h
             for key in keys:
                 self.where[self._rename(key)] = (f, key)
