@@ -162,6 +162,13 @@ def moe_forward(
     bit-identical whatever order the provider yields experts in.
     """
     N, K = routing.ids.shape
+    if N == 1:  # decode: one token, so skip the grouping machinery (per-op overhead dominates)
+        ids = routing.ids[0].tolist()  # SYNC: the host needs the ids to fetch the experts
+        y = {e: expert_forward(w, u, expert_dim) for e, w in provider.experts(layer, sorted(ids))}
+        if len(y) != K:
+            raise RuntimeError(f"expert provider did not supply experts {ids} of layer {layer}")
+        ys = torch.stack([y[e] for e in ids])  # (K, 1, D) in k order, whatever the yield order
+        return (ys * routing.weights.view(K, 1, 1)).sum(dim=0)  # (1, D)
     flat = routing.ids.reshape(-1)  # (N*K,)
     order = torch.argsort(flat, stable=True)  # (N*K,) slots grouped by expert
     # SYNC: the host must know which experts are used (and how many tokens each) to fetch them.
