@@ -1,0 +1,46 @@
+"""A tiny progress bar for long loops (training, benchmarks): count, rate, ETA, on stderr.
+
+On a terminal it redraws one line with `\\r`; when stderr is a file (a `nohup` log) it writes a
+full line at most every `log_every_s` seconds instead, so the log stays readable.
+"""
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(
+        self, total: int, desc: str = "", start: int = 0, log_every_s: float = 30.0
+    ) -> None:
+        self.total, self.desc, self.n = total, desc, start
+        self.t0, self.n0 = time.perf_counter(), start  # rate counts only this session's work
+        self.tty = sys.stderr.isatty()
+        self.log_every_s, self.last_log = log_every_s, 0.0
+
+    def update(self, n: int = 1, info: str = "") -> None:
+        """Advance by n and redraw; `info` is extra text such as "loss 3.21 | 2100 tok/s"."""
+        self.n += n
+        elapsed = time.perf_counter() - self.t0
+        rate = (self.n - self.n0) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+        line = (
+            f"{self.desc} {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%) "
+            f"| {rate:.2f} it/s | elapsed {_hms(elapsed)} | ETA {_hms(eta)}"
+            + (f" | {info}" if info else "")
+        )
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif elapsed - self.last_log >= self.log_every_s or self.n >= self.total:
+            self.last_log = elapsed
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
