@@ -15,10 +15,13 @@ import torch
 from tinymoe import MoETransformer, TinyMoeError, generate, load_model
 from tinymoe.instruments import format_layers
 from tinymoe.loader import DTYPES
-from tinymoe.offload import BASE_POLICIES, OffloadRuntime, OraclePredictor, record_routing
+from tinymoe.offload import OffloadRuntime, OraclePredictor, record_routing
+from tinymoe.policy import BASE_POLICIES
 from tinymoe.timing import peak_memory_bytes
 from tinymoe.tokenizer import StreamDecoder, load_tokenizer
 from tinymoe.transfer import PRESETS, LinkSpec
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "pydoc-moe"
 
 
 def positive_int(s: str) -> int:
@@ -39,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--model",
-        required=True,
-        help="checkpoint directory (config.json, safetensors, tokenizer.json)",
+        default=str(DEFAULT_MODEL),
+        help="checkpoint directory (config.json, safetensors, tokenizer.json); "
+        "default: the shipped demo model, weights/pydoc-moe",
     )
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
@@ -187,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.offload_policy != "resident":
             print(
                 f"offload {report['policy']}, {report['expert_slots']} slots | decode: hit rate "
-                f"{dec['hit_rate']:.2f}, {dec['bytes_copied'] / 1e9:.3f} GB copied, stall "
-                f"{dec['stall_ms']:.2f} ms/token | prefill: {pre['bytes_copied'] / 1e9:.3f} GB "
+                f"{dec['hit_rate']:.2f}, {dec['bytes_copied'] / 1e6:.1f} MB copied, stall "
+                f"{dec['stall_ms']:.2f} ms/token | prefill: {pre['bytes_copied'] / 1e6:.1f} MB "
                 f"copied in {pre['copy_ms']:.1f} ms\n{format_layers(dec)}",
                 file=sys.stderr,
             )

@@ -1,0 +1,219 @@
+"""Offloading runtime: exactness under every policy and budget, streaming, failures, shutdown."""
+
+import threading
+
+import pytest
+import torch
+
+from tinymoe import TinyMoeError, generate, load_model
+from tinymoe.kvcache import KVCache
+from tinymoe.offload import OffloadRuntime, OraclePredictor, RoutingRecorder
+from tinymoe.policy import parse_policy
+from tinymoe.transfer import LinkSpec
+
+FAST = LinkSpec(100.0, 0.0)  # tests stay fast; the timing model has its own test
+PROMPT = [5, 17, 3, 42, 8, 61, 23, 7, 90, 11, 2, 33]  # routes to most of the 8 experts per layer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Baby matrices gain nothing from threads, and on a busy machine OpenMP threads waiting for
+    each other make every small matmul take milliseconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory):
+    from conftest import make_checkpoint
+
+    return load_model(make_checkpoint(tmp_path_factory.mktemp("offload") / "baby"))
+
+
+@torch.no_grad()
+def step_logits(model, prompt: list[int], n_new: int) -> list[torch.Tensor]:
+    """Prefill, then n_new - 1 greedy decode steps; the full logits of every forward pass."""
+    cfg = model.cfg
+    cache = KVCache(
+        cfg.num_layers, 1, cfg.num_kv_heads, len(prompt) + n_new, cfg.head_dim, "cpu", torch.float32
+    )
+    out = [model(torch.tensor([prompt]), cache=cache, start=0)]
+    pos = len(prompt)
+    for _ in range(n_new - 1):
+        tok = out[-1][:, -1].argmax(-1).view(1, 1)
+        out.append(model(tok, cache=cache, start=pos))
+        pos += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """Resident logits, and the routing the oracle replays (recorded on the same forwards)."""
+    recorder = RoutingRecorder()
+    model.route_hook = recorder
+    try:
+        logits = step_logits(model, PROMPT, 6)
+    finally:
+        model.route_hook = None
+    return logits, recorder.forwards
+
+
+CASES = [("resident", None)] + [
+    (policy, slots)
+    for policy in ("on-demand", "lru", "lfu", "oracle")
+    for slots in (None, 2, 3, 5, 24)  # None: the policy's default; 2 = top-k; 24 = every expert
+]
+
+
+@pytest.mark.parametrize("policy,slots", CASES)
+def test_logits_bit_identical_to_resident(model, reference, policy, slots):
+    logits, recording = reference
+    predictor = OraclePredictor(recording) if policy == "oracle" else None
+    link = None if policy == "resident" else FAST
+    with OffloadRuntime(model, policy, predictor=predictor, slots=slots, link=link) as rt:
+        got = step_logits(model, PROMPT, 6)
+        report = rt.report()
+    for want, have in zip(logits, got, strict=True):
+        assert torch.equal(want, have)
+    if policy != "resident":
+        # A 12-token prompt needs up to 8 experts per layer: small budgets had to stream.
+        assert report["prefill"]["bytes_copied"] > 0
+        assert report["expert_slots"] == (slots or report["expert_slots"])
+
+
+def test_speculative_oracle_equals_exact(model, reference):
+    """Speculating with a perfect prediction routes exactly like the router: the plug point."""
+    logits, recording = reference
+    policy = parse_policy("speculative+oracle")
+    with OffloadRuntime(model, policy, predictor=OraclePredictor(recording), link=FAST):
+        got = step_logits(model, PROMPT, 6)
+    assert all(torch.equal(a, b) for a, b in zip(logits, got, strict=True))
+
+
+def test_generate_tokens_equal_resident(model):
+    want = generate(model, PROMPT, 8, eos_ids=()).tokens
+    for policy in ("on-demand", "lru", "lfu"):
+        with OffloadRuntime(model, policy, link=FAST):
+            assert generate(model, PROMPT, 8, eos_ids=()).tokens == want
+
+
+def test_streaming_prefill_copies_each_expert_once_per_layer(model, reference):
+    _, recording = reference
+    prefill = recording[0]  # [layer] routing of the prompt
+    distinct = sum(len(r.ids.unique()) for r in prefill)
+    with OffloadRuntime(model, "on-demand", slots=2, link=FAST) as rt:
+        step_logits(model, PROMPT, 1)
+        report = rt.report()
+    assert max(len(r.ids.unique()) for r in prefill) > 2  # so the budget really was too small
+    assert report["prefill"]["bytes_copied"] == distinct * rt.store.expert_bytes
+
+
+def test_oracle_prefetch_leaves_only_late_misses_after_layer_0(model, reference):
+    _, recording = reference
+    with OffloadRuntime(model, "oracle", predictor=OraclePredictor(recording), link=FAST) as rt:
+        step_logits(model, PROMPT, 6)
+        rt.report()
+        layers = rt.stats["decode"].layers
+    assert rt.num_slots == 4  # 2 * top-k by default
+    for st in layers[1:]:  # layer 0 has nothing to predict from: it loads on demand
+        assert set(+st.miss_kinds) <= {"late"}
+        assert st.hits + st.misses == 5 * 2  # five decode steps, top-2
+    assert layers[0].hits + layers[0].misses == 10
+
+
+def test_on_demand_has_no_reuse_across_tokens(model):
+    with OffloadRuntime(model, "on-demand", link=FAST) as rt:
+        generate(model, PROMPT, 5, eos_ids=())
+        dec = rt.report()["decode"]
+    assert rt.num_slots == 2 and dec["hits"] == 0
+    assert dec["bytes_copied"] == dec["misses"] * rt.store.expert_bytes
+
+
+def test_close_restores_the_resident_model(model):
+    want = generate(model, PROMPT, 4, eos_ids=()).tokens
+    shapes = [tuple(w.shape) for w in model.experts.weights]
+    rt = OffloadRuntime(model, "lru", link=FAST)
+    assert model.experts.weights[0].numel() == 0  # the store took the experts: no second copy
+    rt.close()
+    rt.close()  # idempotent
+    assert model.provider is model.experts and model.route_hook is None
+    assert [tuple(w.shape) for w in model.experts.weights] == shapes
+    assert not rt.engine.worker.is_alive()
+    assert generate(model, PROMPT, 4, eos_ids=()).tokens == want
+
+
+@pytest.mark.parametrize("policy,fail_kind", [("on-demand", "demand"), ("oracle", "prefetch")])
+def test_failed_copy_raises_where_used_without_hanging(model, reference, policy, fail_kind):
+    _, recording = reference
+    predictor = OraclePredictor(recording) if policy == "oracle" else None
+    rt = OffloadRuntime(model, policy, predictor=predictor, link=FAST)
+    count = {"n": 0}
+
+    def fail_one(t):
+        if t.tag.kind == fail_kind:
+            count["n"] += 1
+            if count["n"] == 3:
+                raise OSError("injected link failure")
+
+    rt.engine.before_copy = fail_one
+    caught: list[BaseException] = []
+
+    def run():
+        try:
+            step_logits(model, PROMPT, 4)
+        except BaseException as e:
+            caught.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "generation hung on a failed copy"
+    assert len(caught) == 1 and isinstance(caught[0], TinyMoeError)
+    assert "injected link failure" in str(caught[0]) and "expert" in str(caught[0])
+    rt.close()
+    assert not rt.engine.worker.is_alive()
+    assert model.experts.weights[0].numel() > 0  # usable again
+
+
+def test_interrupt_shuts_the_worker_down(model):
+    def interrupt(tok: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), OffloadRuntime(model, "lru", link=FAST) as rt:
+        generate(model, PROMPT, 5, eos_ids=(), on_token=interrupt)
+    assert not rt.engine.worker.is_alive()
+    assert model.provider is model.experts
+
+
+def test_budget_and_policy_errors(model):
+    with pytest.raises(TinyMoeError, match="fewer than top-k"):
+        OffloadRuntime(model, "on-demand", slots=1, link=FAST)
+    with pytest.raises(TinyMoeError, match="expert-budget-gb"):
+        OffloadRuntime(model, "lru", budget_gb=1e-6, link=FAST)
+    with pytest.raises(TinyMoeError, match="needs a predictor"):
+        OffloadRuntime(model, "oracle", link=FAST)
+    with pytest.raises(TinyMoeError, match="unknown offload policy"):
+        parse_policy("sometimes")
+    assert model.provider is model.experts  # failed constructions installed nothing
+
+
+def test_budget_in_gb_sets_the_slot_count(model):
+    expert_bytes = model.cfg.expert_numel * 4
+    with OffloadRuntime(model, "lru", budget_gb=7.5 * expert_bytes / 1e9, link=FAST) as rt:
+        assert rt.num_slots == 7
+
+
+def test_parse_policy_composite_names():
+    p = parse_policy("prefetch+router+lfu")
+    assert (p.predictor, p.speculate, p.eviction, p.reuse, p.pipeline) == (
+        "router",
+        False,
+        "lfu",
+        True,
+        True,
+    )
+    s = parse_policy("speculative+hybrid")
+    assert (s.predictor, s.speculate, s.reuse) == ("hybrid", True, False)
+    assert parse_policy("on-demand").pipeline is False

@@ -1,0 +1,63 @@
+"""The CUDA back end: pinned store, copy stream, events. Runs only where a GPU is present."""
+
+import pytest
+import torch
+
+from tinymoe import TinyMoeError, generate, load_model
+from tinymoe.offload import OffloadRuntime, OraclePredictor, record_routing
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+PROMPT = [5, 17, 3, 42, 8, 61, 23, 7, 90, 11, 2, 33]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from conftest import make_checkpoint
+
+    return load_model(make_checkpoint(tmp_path_factory.mktemp("cuda") / "baby"), device="cuda")
+
+
+@pytest.mark.parametrize("timed", [True, False])
+@pytest.mark.parametrize("policy,slots", [("on-demand", None), ("lru", 3), ("oracle", None)])
+def test_cuda_offload_generates_resident_tokens(model, policy, slots, timed):
+    want, recording = record_routing(model, PROMPT, 8, eos_ids=())
+    predictor = OraclePredictor(recording) if policy == "oracle" else None
+    with OffloadRuntime(model, policy, predictor=predictor, slots=slots, timed=timed) as rt:
+        assert rt.store.layers[0].is_pinned() and rt.store.layers[0].device.type == "cpu"
+        assert rt.cache.slots.device.type == "cuda"
+        assert rt.engine.stream != torch.cuda.current_stream()  # copies on their own stream
+        got = generate(model, PROMPT, 8, eos_ids=())
+        report = rt.report()
+    assert got.tokens == want.tokens
+    assert report["decode"]["bytes_copied"] > 0
+    if timed:
+        assert report["decode"]["copy_ms"] > 0
+    assert model.experts.weights[0].device.type == "cuda"  # given back
+
+
+def test_cuda_failed_copy_raises_where_used(model):
+    rt = OffloadRuntime(model, "on-demand")
+    calls = {"n": 0}
+
+    def fail_third(t):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected CUDA copy failure")
+
+    rt.engine.before_copy = fail_third
+    try:
+        with pytest.raises(TinyMoeError, match="injected CUDA copy failure"):
+            generate(model, PROMPT, 4, eos_ids=())
+    finally:
+        rt.close()
+    assert generate(model, PROMPT, 2, eos_ids=()).tokens  # usable again
+
+
+def test_cuda_link_flags_are_refused(model):
+    from tinymoe.transfer import PRESETS
+
+    with pytest.raises(TinyMoeError, match="simulate a link"):
+        OffloadRuntime(model, "on-demand", link=PRESETS["pcie4-x16"])

@@ -1,0 +1,236 @@
+"""The offloading parts on their own: cache eviction, the simulated link, miss taxonomy, trace."""
+
+import json
+import threading
+
+import pytest
+import torch
+
+from tinymoe import load_model
+from tinymoe.cache import ExpertCache
+from tinymoe.instruments import Trace, classify_miss, eq1_bound_ms
+from tinymoe.model import Routing
+from tinymoe.offload import OffloadRuntime
+from tinymoe.transfer import LinkSpec, SimulatedLink
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Baby matrices gain nothing from threads, and on a busy machine OpenMP threads waiting for
+    each other make every small matmul take milliseconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_cache(n: int, eviction: str = "lru") -> ExpertCache:
+    return ExpertCache(n, 4, torch.device("cpu"), torch.float32, eviction)
+
+
+def load(cache: ExpertCache, *keys) -> None:
+    """Insert each key and finish its (pretend) copy, so it is held but evictable."""
+    for key in keys:
+        slot, _ = cache.insert(key)
+        cache.unpin(slot)
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def test_cache_never_evicts_pinned_slots():
+    cache = make_cache(2)
+    a, _ = cache.insert((0, 0))  # pinned: its copy is "in flight"
+    b, _ = cache.insert((0, 1))
+    assert cache.insert((0, 2)) is None  # both pinned: no victim, never a forced eviction
+    cache.unpin(b)
+    assert cache.insert((0, 2)) == (b, (0, 1))
+    assert cache.lookup((0, 0)) == a and cache.lookup((0, 1)) is None
+
+
+def test_lru_evicts_least_recently_used():
+    cache = make_cache(3)
+    load(cache, (0, 0), (0, 1), (0, 2))
+    cache.touch((0, 0))
+    cache.touch((0, 2))
+    _, evicted = cache.insert((1, 0))
+    assert evicted == (0, 1)
+
+
+def test_lfu_evicts_least_frequently_used_and_remembers_history():
+    cache = make_cache(3, "lfu")
+    load(cache, (0, 0), (0, 1), (0, 2))
+    for key, n in (((0, 0), 3), ((0, 1), 1), ((0, 2), 2)):
+        for _ in range(n):
+            cache.touch(key)
+    cache.touch((0, 1))  # most recent, but still the least frequent (2 < 3): LRU would keep it
+    slot, evicted = cache.insert((1, 0))
+    assert evicted == (0, 2)  # counts: (0,0) 3, (0,1) 2, (0,2) 2 -> tie broken by recency
+    cache.unpin(slot)
+    # (1,0) is new (0 uses): the next victim, although it is the most recent.
+    assert cache.insert((1, 1))[1] == (1, 0)
+    cache.unpin(cache.lookup((1, 1)))
+    slot, evicted = cache.insert((0, 2))  # (0,2) comes back, in place of (1,1) (0 uses)
+    assert evicted == (1, 1)
+    cache.unpin(slot)
+    # Counts survive eviction: (0,2) still has 2 uses, so the tie with (0,1) goes by recency
+    # and (0,1) leaves. Had its count restarted at 0, (0,2) would be the victim.
+    assert cache.insert((2, 0))[1] == (0, 1)
+
+
+def test_reserved_slots_yield_only_to_demand():
+    cache = make_cache(2)
+    load(cache, (1, 0), (1, 1))
+    cache.reserve(cache.lookup((1, 0)))
+    cache.reserve(cache.lookup((1, 1)))
+    assert cache.insert((1, 2), evict_reserved=False) is None  # one prefetch never undoes another
+    slot, evicted = cache.insert((0, 5), evict_reserved=True)  # a demand miss may
+    assert evicted in {(1, 0), (1, 1)} and not cache.reserved[slot]
+
+
+# ---------------------------------------------------------------- the simulated link
+
+
+def test_simulated_link_takes_the_modelled_time_first_in_first_out():
+    spec = LinkSpec(gbps=1.0, latency_us=500.0)
+    src = torch.arange(250_000, dtype=torch.float32)  # 1 MB: 1 ms + 0.5 ms latency
+    dst = [torch.zeros_like(src) for _ in range(2)]
+    link = SimulatedLink(spec)
+    try:
+        ts = [link.copy(d, src, i, f"copy {i}") for i, d in enumerate(dst)]
+        for t in ts:
+            t.wait()
+        assert all(torch.equal(d, src) for d in dst)  # the bytes really moved
+        (s0, e0), (s1, _) = ts[0].interval(), ts[1].interval()
+        assert e0 - s0 >= spec.seconds(1_000_000) - 1e-9  # (rounding of start + busy - start)
+        assert s1 >= e0  # the second copy queued behind the first
+        assert ts[1].done()
+    finally:
+        link.close()
+    assert not link.worker.is_alive()
+
+
+def test_closed_link_fails_queued_copies_instead_of_hanging():
+    link = SimulatedLink(LinkSpec(100.0))
+    started, gate = threading.Event(), threading.Event()
+    link.before_copy = lambda t: started.set() or gate.wait(5)
+    src = torch.ones(16)
+    first = link.copy(torch.zeros(16), src, 0, "first")
+    second = link.copy(torch.zeros(16), src, 1, "second")
+    assert started.wait(5)  # the worker is inside the first copy
+    closer = threading.Thread(target=link.close)
+    closer.start()
+    gate.set()
+    closer.join(10)
+    first.wait()  # already running when close came: it completes
+    with pytest.raises(Exception, match="closed"):
+        second.wait()
+
+
+# ---------------------------------------------------------------- the miss taxonomy
+
+
+def test_classify_miss_rules():
+    assert classify_miss(True, {1}, 2, True) == "late"  # in flight beats everything
+    assert classify_miss(False, {1}, 2, False) == "mispredicted"
+    assert classify_miss(False, {2}, 2, False) == "compulsory"
+    assert classify_miss(False, None, 2, True) == "capacity"
+
+
+class Scripted:
+    """A predictor that never predicts by itself: the test writes the hook's predictions."""
+
+    lookahead = 1
+
+    def reset(self) -> None:
+        pass
+
+    def observe(self, layer, resid, u, routing):
+        return None
+
+
+def routing(*ids: int) -> Routing:
+    return Routing(torch.tensor([list(ids)]), torch.ones(1, len(ids)))
+
+
+def test_miss_taxonomy_on_a_hand_made_sequence(tmp_path):
+    from conftest import make_checkpoint
+
+    model = load_model(make_checkpoint(tmp_path / "m"))
+    gate = threading.Event()
+    rt = OffloadRuntime(
+        model, "prefetch+scripted", predictor=Scripted(), slots=3, link=LinkSpec(100.0)
+    )
+    # Prefetch copies wait at this gate, so they are certainly in flight when first needed.
+    rt.engine.before_copy = lambda t: t.tag.kind == "prefetch" and gate.wait(10)
+    hook = rt.hook
+    try:
+        list(rt.experts(0, [0, 1]))  # A: first uses, no prediction -> 2 compulsory
+        hook.last_prediction[1] = routing(5, 6)
+        hook.pending[2] = routing(3, 4)
+        list(rt.experts(1, [0]))  # B: predicted {5, 6} -> mispredicted; prefetches (2,3), (2,4)
+        hook.last_prediction[2] = routing(3, 4)
+        threading.Timer(0.2, gate.set).start()
+        list(rt.experts(2, [3, 5]))  # C: (2,3) in flight -> late; 5 not predicted -> mispredicted
+        del hook.last_prediction[1]
+        list(rt.experts(0, [0]))  # D: (0,0) was evicted at B -> capacity; evicts unused (2,4)
+        list(rt.experts(2, [3]))  # E: a hit
+        layers = rt.report()["prefill"]["layers"]
+        kinds = [dict(+s.miss_kinds) for s in rt.stats["prefill"].layers]
+    finally:
+        rt.close()
+    assert kinds == [
+        {"compulsory": 2, "capacity": 1},
+        {"mispredicted": 1},
+        {"late": 1, "mispredicted": 1},
+    ]
+    assert [s["hits"] for s in layers] == [0, 0, 1]
+    assert rt.stats["prefill"].layers[2].wasted_bytes == rt.store.expert_bytes  # (2,4), unused
+    assert rt.stats["prefill"].layers[2].prefetch_bytes == 2 * rt.store.expert_bytes
+
+
+# ---------------------------------------------------------------- instruments
+
+
+def test_trace_json_has_a_compute_and_a_copy_track(tmp_path):
+    from conftest import make_checkpoint
+
+    from tinymoe import generate
+
+    model = load_model(make_checkpoint(tmp_path / "m"))
+    with OffloadRuntime(model, "on-demand", link=LinkSpec(100.0), trace=True) as rt:
+        generate(model, [1, 2, 3, 4], 3, eos_ids=())
+        rt.write_trace(tmp_path / "t.json")
+    trace = json.loads((tmp_path / "t.json").read_text())
+    events = trace["traceEvents"]
+    names = {e["args"]["name"]: e["tid"] for e in events if e["name"] == "thread_name"}
+    assert set(names) == {"compute", "copy"}
+    spans = [e for e in events if e["ph"] == "X"]
+    assert all({"name", "ts", "dur", "pid", "tid"} <= e.keys() and e["dur"] >= 0 for e in spans)
+    compute = [e for e in spans if e["tid"] == names["compute"]]
+    copies = [e for e in spans if e["tid"] == names["copy"]]
+    assert {"L0 attention", "L0 router", "L0 experts", "norm + lm_head"} <= {
+        e["name"] for e in compute
+    }
+    assert copies and all(e["name"].startswith("L") and e["args"]["kind"] for e in copies)
+    # Every stall sits inside an experts span (so the viewer nests it there).
+    experts = [e for e in compute if e["name"].endswith("experts")]
+    for s in (e for e in compute if e["name"] == "stall"):
+        assert any(x["ts"] <= s["ts"] and s["ts"] + s["dur"] <= x["ts"] + x["dur"] for x in experts)
+    # The link is one queue: copies never overlap each other.
+    copies.sort(key=lambda e: e["ts"])
+    assert all(
+        a["ts"] + a["dur"] <= b["ts"] + 1e-3 for a, b in zip(copies, copies[1:], strict=False)
+    )
+
+
+def test_trace_span_units_are_microseconds():
+    tr = Trace()
+    tr.span("copy", "x", tr.t0 + 1.0, tr.t0 + 1.5)
+    (ev,) = [e for e in tr.to_json()["traceEvents"] if e["ph"] == "X"]
+    assert ev["ts"] == pytest.approx(1e6) and ev["dur"] == pytest.approx(5e5)
+
+
+def test_eq1_bound():
+    layers = [{"copy_ms": 8.0, "compute_ms": 2.0}, {"copy_ms": 1.0, "compute_ms": 3.0}]
+    assert eq1_bound_ms(20.0, layers) == pytest.approx(20.0 - 2.0 - 1.0)

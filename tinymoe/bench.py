@@ -1,0 +1,347 @@
+"""Offloading policies side by side: `python -m tinymoe.bench --model DIR --policies ...`.
+
+Runs each policy in one process on the same prompt (greedy, a fixed number of new tokens) and
+prints one table: TPOT and its ratio to on-demand, tokens/s, hit rate, GB copied, the share of
+TPOT stalled and spent copying, and the paper's Eq.-1 bound computed from the on-demand run:
+
+    T_bound = T_on-demand - sum over layers of min(t_copy,l, t_compute,l)
+
+the best TPOT any prefetcher can reach by hiding copies behind compute. "of Eq.1" is the share
+of that possible saving a policy achieved: (T_on-demand - T) / (T_on-demand - T_bound).
+
+`--copy-share S` calibrates the simulated link so that on-demand (no cache) spends share S of
+TPOT copying, the regime the paper measured (about 0.85 on Qwen3-30B-A3B / A6000): one
+on-demand run over a very fast link measures compute per token C and copies per token n, and
+the link is set so that n copies take S / (1 - S) * C. The on-demand row then shows the share
+actually achieved. Every row also checks that its tokens equal resident's ("exact").
+
+Policy names go through policy.parse_policy, so composite names (prefetch+P+lru,
+speculative+P) become rows as soon as `make_predictor` below knows predictor P.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from tinymoe import TinyMoeError, generate, load_model
+from tinymoe.instruments import eq1_bound_ms
+from tinymoe.loader import DTYPES
+from tinymoe.model import MoETransformer, Routing
+from tinymoe.offload import OffloadRuntime, OraclePredictor, record_routing
+from tinymoe.policy import Policy, parse_policy
+from tinymoe.predict import Predictor
+from tinymoe.transfer import PRESETS, LinkSpec
+
+FAST_LINK = LinkSpec(1e6, 0.0, "unlimited")  # for measuring compute alone
+
+
+def measure_h2d_peak_gbps(device: torch.device, nbytes: int = 256 * 2**20) -> float:
+    """The pinned host-to-device bandwidth this machine reaches: one big copy, best of three."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = 0.0
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()  # SYNC: measurement
+        best = max(best, nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
+    return best
+
+
+def make_predictor(
+    policy: Policy, model: MoETransformer, recording: list[list[Routing]]
+) -> Predictor | None:
+    """The predictor a policy names. The one place to teach the bench a new predictor."""
+    if policy.predictor is None:
+        return None
+    if policy.predictor == "oracle":
+        return OraclePredictor(recording)
+    raise TinyMoeError(f"--policies {policy.name}: predictor {policy.predictor!r} is unknown here")
+
+
+def run_policy(
+    model: MoETransformer,
+    name: str,
+    ids: list[int],
+    max_new_tokens: int,
+    link: LinkSpec,
+    recording: list[list[Routing]],
+    slots: int | None = None,
+    budget_gb: float | None = None,
+    trace: Path | None = None,
+) -> dict:
+    """Generate once under policy `name`; return its row (before the on-demand comparisons)."""
+    policy = parse_policy(name)
+    predictor = make_predictor(policy, model, recording)
+    offload = policy.offload
+    with OffloadRuntime(
+        model,
+        policy,
+        predictor=predictor,
+        slots=slots if offload else None,
+        budget_gb=budget_gb if offload else None,
+        link=link if offload and model.embed_tokens.weight.is_cpu else None,
+        trace=trace is not None,
+    ) as rt:
+        out = generate(model, ids, max_new_tokens, eos_ids=())
+        report = rt.report()
+        if trace is not None:
+            rt.write_trace(trace)
+    dec = report["decode"]
+    tpot = out.tpot_ms["mean"]
+    return {
+        "policy": name,
+        "expert_slots": report["expert_slots"],
+        "tpot_ms": tpot,
+        "tokens_per_s": out.tokens_per_s,
+        "hit_rate": dec["hit_rate"],
+        "gb_copied": dec["bytes_copied"] / 1e9,
+        "stall_ms": dec["stall_ms"],
+        "stall_share": dec["stall_ms"] / tpot,
+        "copy_ms": dec["copy_ms"],
+        "copy_share": dec["copy_ms"] / tpot,
+        # What the link delivered while busy (on CUDA: the real copies, timed with events).
+        "achieved_gbps": dec["bytes_copied"] / (dec["copy_ms"] * dec["steps"] / 1e3) / 1e9
+        if dec["copy_ms"] > 0
+        else None,
+        "compute_ms": dec["compute_ms"],
+        "miss_kinds": dec["miss_kinds"],
+        "wasted_prefetch_bytes": dec["wasted_prefetch_bytes"],
+        "prefill_copy_ms": report["prefill"]["copy_ms"],
+        "prefill_gb_copied": report["prefill"]["bytes_copied"] / 1e9,
+        "tokens": out.tokens,
+        "layers": dec["layers"],
+    }
+
+
+def calibrate_link(
+    model: MoETransformer,
+    ids: list[int],
+    max_new_tokens: int,
+    share: float,
+    latency_us: float,
+    recording: list[list[Routing]],
+    refine: int = 2,
+) -> LinkSpec:
+    """A link over which on-demand (no cache) spends `share` of TPOT copying (see the top).
+
+    First guess: compute per token C from on-demand over an unlimited link. Then `refine`
+    times: run on-demand over the guessed link and take C as the part of TPOT the link did not
+    cover (TPOT - copy time), which includes the runtime's own overhead at this speed.
+    """
+    cfg, dtype = model.cfg, model.embed_tokens.weight.dtype
+    expert_bytes = cfg.expert_numel * dtype.itemsize
+    copies_per_token = cfg.num_layers * cfg.top_k  # top-k slots: every routed expert is copied
+    link = FAST_LINK
+    for i in range(refine + 1):
+        probe = run_policy(model, "on-demand", ids, max_new_tokens, link, recording)
+        compute_ms = probe["tpot_ms"] - (probe["stall_ms"] if i == 0 else probe["copy_ms"])
+        per_copy_s = share / (1 - share) * compute_ms / 1e3 / copies_per_token
+        if per_copy_s <= latency_us * 1e-6:
+            raise TinyMoeError(
+                f"--copy-share {share}: each copy would have to take {per_copy_s * 1e6:.1f} us, "
+                f"less than the link latency ({latency_us} us); lower --link-latency-us"
+            )
+        gbps = expert_bytes / (per_copy_s - latency_us * 1e-6) / 1e9
+        link = LinkSpec(gbps, latency_us, f"calibrated to copy share {share}")
+    return link
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, except that a bad flag is one `error: ...` line on stderr (as run.py)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m tinymoe.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument(
+        "--policies",
+        default="on-demand,lru,oracle,resident",
+        help="comma-separated policy names (on-demand is always run: the baseline)",
+    )
+    p.add_argument("--prompt", default=None, help="prompt text (needs tokenizer.json)")
+    p.add_argument(
+        "--prompt-tokens", type=int, default=32, help="without --prompt: this many random ids"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--expert-slots", type=int, default=None, help="slots for every policy")
+    p.add_argument("--expert-budget-gb", type=float, default=None)
+    p.add_argument("--link-preset", choices=list(PRESETS), default="pcie4-x16")
+    p.add_argument("--link-gbps", type=float, default=None, help="overrides the preset")
+    p.add_argument("--link-latency-us", type=float, default=None, help="overrides the preset")
+    p.add_argument(
+        "--copy-share",
+        type=float,
+        default=None,
+        help="calibrate --link-gbps so on-demand spends this share of TPOT copying, e.g. 0.85",
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--seed", type=int, default=0, help="for the random prompt")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="run the policies round-robin N times; report medians"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--trace-dir", default=None, help="write POLICY.trace.json files here")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def prompt_ids(args: argparse.Namespace, vocab_size: int) -> list[int]:
+    if args.prompt is not None:
+        from tinymoe.tokenizer import load_tokenizer
+
+        ids = load_tokenizer(args.model).encode(args.prompt).ids
+        if not ids:
+            raise TinyMoeError("--prompt encodes to no tokens")
+        return ids
+    if args.prompt_tokens < 1:
+        raise TinyMoeError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.randint(0, vocab_size, (args.prompt_tokens,), generator=g).tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise TinyMoeError("--device cuda: no CUDA device is available; use --device cpu")
+    if args.max_new_tokens < 2:
+        raise TinyMoeError("--max-new-tokens must be >= 2 (TPOT excludes the first token)")
+    if args.copy_share is not None and not 0 < args.copy_share < 1:
+        raise TinyMoeError(f"--copy-share must be in (0, 1), got {args.copy_share}")
+    if args.repeat < 1:
+        raise TinyMoeError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    for n in names:
+        parse_policy(n)  # fail on a typo before any work
+    if "on-demand" not in names:
+        names.insert(0, "on-demand")
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    ids = prompt_ids(args, model.cfg.vocab_size)
+    log = sys.stderr
+
+    # The resident run: reference tokens (exactness) and the routing the oracle replays.
+    generate(model, ids[:4], 2, eos_ids=())  # warm-up (allocator, thread pool)
+    ref, recording = record_routing(model, ids, args.max_new_tokens, eos_ids=())
+    preset = PRESETS[args.link_preset]
+    latency = preset.latency_us if args.link_latency_us is None else args.link_latency_us
+    h2d_peak = None
+    if args.device == "cuda":
+        if args.copy_share is not None or args.link_gbps is not None:
+            raise TinyMoeError("--copy-share/--link-gbps set the simulated link: use --device cpu")
+        h2d_peak = measure_h2d_peak_gbps(torch.device("cuda"))
+        link = None
+        print(f"link: the GPU's; pinned host-to-device peak {h2d_peak:.1f} GB/s", file=log)
+    elif args.copy_share is not None:
+        link = calibrate_link(model, ids, args.max_new_tokens, args.copy_share, latency, recording)
+    elif args.link_gbps is not None:
+        link = LinkSpec(args.link_gbps, latency)
+    else:
+        link = LinkSpec(preset.gbps, latency, preset.name)
+    if link is not None:
+        print(f"link: {link.gbps:.3f} GB/s, {link.latency_us} us per copy ({link.name})", file=log)
+
+    trace_dir = Path(args.trace_dir) if args.trace_dir else None
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+    # Round-robin, so a slow spell of a shared machine hits every policy alike; keep each
+    # policy's median run (by TPOT), whole, so its columns stay consistent with each other.
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for i in range(args.repeat):
+        for name in names:
+            print(f"round {i + 1}/{args.repeat}: {name} ...", file=log)
+            trace = trace_dir / f"{name}.trace.json" if trace_dir and i == 0 else None
+            row = run_policy(
+                model,
+                name,
+                ids,
+                args.max_new_tokens,
+                link,
+                recording,
+                args.expert_slots,
+                args.expert_budget_gb,
+                trace,
+            )
+            row["exact"] = row.pop("tokens") == ref.tokens
+            runs[name].append(row)
+    rows = []
+    for name in names:
+        by_tpot = sorted(runs[name], key=lambda r: r["tpot_ms"])
+        row = by_tpot[len(by_tpot) // 2]
+        row["exact"] = all(r["exact"] for r in runs[name])
+        row["tpot_ms_runs"] = [r["tpot_ms"] for r in runs[name]]
+        rows.append(row)
+
+    od = next(r for r in rows if r["policy"] == "on-demand")
+    bound = eq1_bound_ms(od["tpot_ms"], od["layers"])
+    for r in rows:
+        r["ratio_vs_on_demand"] = r["tpot_ms"] / od["tpot_ms"]
+        r["eq1_bound_ms"] = bound
+        r["eq1_saving_share"] = (od["tpot_ms"] - r["tpot_ms"]) / (od["tpot_ms"] - bound)
+    result = {
+        "model": args.model,
+        "prompt_tokens": len(ids),
+        "new_tokens": args.max_new_tokens,
+        "link_gbps": link.gbps if link else None,  # None on CUDA: the real link
+        "link_latency_us": link.latency_us if link else None,
+        "h2d_peak_gbps": h2d_peak,
+        "copy_share_target": args.copy_share,
+        "repeat": args.repeat,
+        "rows": rows,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def format_table(result: dict) -> str:
+    head = (
+        f"{'policy':<24} {'slots':>5} {'TPOT ms':>8} {'vs OD':>6} {'tok/s':>7} {'hit':>5} "
+        f"{'GB copied':>9} {'stall':>6} {'copy':>6} {'GB/s':>7} {'Eq.1 ms':>8} {'of Eq.1':>7} exact"
+    )
+    if result["link_gbps"] is None:
+        link = f"CUDA, pinned host-to-device peak {result['h2d_peak_gbps']:.1f} GB/s"
+    else:
+        link = f"link {result['link_gbps']:.3f} GB/s + {result['link_latency_us']} us"
+    lines = [
+        f"{result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens, {link}",
+        head,
+    ]
+    for r in result["rows"]:
+        # Eq. 1 bounds what overlap can save; rows that avoid copies (caches) are not bounded by it.
+        prefetches = parse_policy(r["policy"]).predictor is not None
+        eq1_share = f"{r['eq1_saving_share']:.1%}" if prefetches else "-"
+        lines.append(
+            f"{r['policy']:<24} {r['expert_slots']:>5} {r['tpot_ms']:>8.2f} "
+            f"{r['ratio_vs_on_demand']:>6.3f} {r['tokens_per_s']:>7.1f} {r['hit_rate']:>5.2f} "
+            f"{r['gb_copied']:>9.4f} {r['stall_share']:>6.1%} {r['copy_share']:>6.1%} "
+            f"{r['achieved_gbps'] or 0:>7.2f} "
+            f"{r['eq1_bound_ms']:>8.2f} {eq1_share:>7} {r['exact']}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except TinyMoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,545 @@
+"""The offloading runtime: experts live in host memory and are copied into device slots on use.
+
+Pieces (one file each): the host store (store.py) holds every expert; the device cache
+(cache.py) holds a few of them in slots; the transfer engine (transfer.py) copies between the
+two on a second stream (or a simulated link); the instruments (instruments.py) time it all.
+This file decides *when* to copy, and plugs into the model without changing it:
+
+    model.route_hook = runtime._route     routing, via a PredictionHook (predict.py)
+    model.provider   = runtime            the MoE layer asks runtime.experts(layer, ids)
+
+How an offloaded layer l runs:
+    1. attention; then the route hook: the router decides (or, speculating, an earlier
+       prediction does), and the predictor, if any, guesses layer l + lookahead.
+    2. moe_forward reads the routed ids on the host (the layer's one sync) and calls experts().
+    3. experts() sorts the ids into hits (in a slot, copy finished), late ones (copy still in
+       flight) and misses; issues the misses' copies FIRST, because the link is first in, first
+       out and a prefetch queued ahead of them would delay this layer; THEN issues the prefetch
+       for layer l + lookahead; then yields hits, and the rest as their copies land (waiting for
+       one is a stall).
+    4. Streaming: when the layer needs more experts than there are free slots (a long prompt
+       routes to nearly all of them), each expert's slot is released once its tokens are
+       computed and the next miss is copied into it. Any budget >= top-k works for any prompt.
+
+Slots are pinned while the layer uses them or their copy is in flight (never evicted), and a
+prefetched expert is reserved for its target layer until that layer runs (other prefetches may
+not take its slot; a demand miss may, as a last resort).
+
+The policies (which experts to keep, who predicts, the default budget) are in policy.py.
+Prefetching needs (1 + lookahead) * top-k slots; with fewer, a prefetch that finds no unpinned
+slot is skipped (counted as a capacity miss later), never forced.
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tinymoe.cache import ExpertCache, Key
+from tinymoe.errors import TinyMoeError
+from tinymoe.generate import GenerationResult, generate
+from tinymoe.instruments import LayerStats, PhaseStats, Trace, classify_miss
+from tinymoe.model import MoETransformer, Routing
+from tinymoe.policy import Policy, parse_policy, resolve_slots
+from tinymoe.predict import PredictionHook, Predictor
+from tinymoe.store import HostExpertStore
+from tinymoe.timing import now
+from tinymoe.transfer import PRESETS, CudaCopyEngine, LinkSpec, SimulatedLink, Transfer
+
+DEFAULT_LINK = "pcie4-x16"
+
+# ---------------------------------------------------------------- the oracle
+
+
+class RoutingRecorder:
+    """A route hook that records every layer's true routing, forward pass by forward pass."""
+
+    def __init__(self) -> None:
+        self.forwards: list[list[Routing]] = []  # [forward][layer]
+
+    def __call__(
+        self, layer: int, resid: Tensor, u: Tensor, router: Callable[[Tensor], Routing]
+    ) -> Routing:
+        routing = router(u)
+        if layer == 0:
+            self.forwards.append([])
+        self.forwards[-1].append(Routing(routing.ids.clone(), routing.weights.clone()))
+        return routing
+
+
+def record_routing(
+    model: MoETransformer, input_ids: list[int], max_new_tokens: int, **generate_kwargs
+) -> tuple[GenerationResult, list[list[Routing]]]:
+    """Generate with resident experts and record the routing, for OraclePredictor to replay."""
+    saved = model.route_hook
+    recorder = RoutingRecorder()
+    model.route_hook = recorder
+    try:
+        out = generate(model, input_ids, max_new_tokens, **generate_kwargs)
+    finally:
+        model.route_hook = saved
+    return out, recorder.forwards
+
+
+class OraclePredictor:
+    """Predicts layer l + lookahead's routing perfectly, by replaying a recorded resident run.
+
+    Valid only for the same prompt and generation settings as the recording (then exactness
+    makes the offloaded run route identically). Layer 0 has no prediction, like any predictor.
+    """
+
+    def __init__(self, forwards: list[list[Routing]], lookahead: int = 1) -> None:
+        self.forwards, self.lookahead = forwards, lookahead
+        self.step = -1  # which forward pass of the recording we are in
+
+    def reset(self) -> None:
+        self.step = -1
+
+    def observe(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None:
+        if layer == 0:
+            self.step += 1
+        target = layer + self.lookahead
+        if self.step >= len(self.forwards) or target >= len(self.forwards[self.step]):
+            return None
+        true = self.forwards[self.step][target]
+        if true.ids.shape[0] != u.shape[0]:
+            raise TinyMoeError(
+                f"oracle: forward {self.step} has {u.shape[0]} tokens, the recording "
+                f"{true.ids.shape[0]}; record the routing with the same prompt and settings"
+            )
+        return Routing(true.ids, true.weights)
+
+
+# ---------------------------------------------------------------- the runtime
+
+
+@dataclass
+class CopyTag:
+    """What a transfer is for; the runtime's bookkeeping rides along on the Transfer."""
+
+    layer: int
+    expert: int
+    slot: int
+    kind: str  # "demand" | "prefetch"
+    stats: LayerStats  # the layer (and phase) its bytes and link time are charged to
+
+    def __str__(self) -> str:
+        return f"layer {self.layer} expert {self.expert} ({self.kind} copy into slot {self.slot})"
+
+
+class OffloadRuntime:
+    """Installs itself on `model` as expert provider and route hook; `close()` undoes it.
+
+        with OffloadRuntime(model, "oracle", predictor=OraclePredictor(recording)) as rt:
+            out = generate(model, ids, 32)       # unchanged: the runtime is just the provider
+            print(rt.report()["decode"]["hit_rate"])
+
+    predictor: drives prefetching (any Predictor: the oracle, or the next issue's); the policy
+    must name one iff a predictor is given. speculate (from the policy): route with it instead.
+    link: the simulated link's speed (CPU only); on CUDA the real copy engine is used.
+    timed (CUDA): synchronize the compute stream at layer boundaries so times are honest; off,
+    only counts and bytes are measured and the compute stream never blocks on the host.
+    """
+
+    def __init__(
+        self,
+        model: MoETransformer,
+        policy: Policy | str = "on-demand",
+        *,
+        predictor: Predictor | None = None,
+        slots: int | None = None,
+        budget_gb: float | None = None,
+        link: LinkSpec | None = None,
+        trace: bool = False,
+        timed: bool = True,
+    ) -> None:
+        self.policy = parse_policy(policy) if isinstance(policy, str) else policy
+        if (self.policy.predictor is None) != (predictor is None):
+            raise TinyMoeError(
+                f"offload policy {self.policy.name!r} "
+                + ("needs a predictor" if predictor is None else "takes no predictor")
+            )
+        cfg = self.cfg = model.cfg
+        self.model = model
+        self.device = model.embed_tokens.weight.device
+        if link is not None and self.device.type == "cuda":
+            raise TinyMoeError(
+                "--link-gbps/--link-latency-us/--link-preset simulate a link on "
+                "the CPU; on CUDA the real host-to-device link is used"
+            )
+        self.hook = PredictionHook(predictor, self.policy.speculate)
+        self.lookahead = predictor.lookahead if predictor is not None else 0
+        self.stats = {"prefill": PhaseStats(cfg.num_layers), "decode": PhaseStats(cfg.num_layers)}
+        self.phase = "prefill"
+        self.trace = Trace() if trace else None
+        self._sync_clock = timed and self.device.type == "cuda"
+        self.link = link or PRESETS[DEFAULT_LINK]
+        self.num_slots = 0
+        if self.policy.offload:
+            dtype = model.embed_tokens.weight.dtype
+            expert_bytes = cfg.expert_numel * dtype.itemsize
+            self.num_slots = resolve_slots(
+                self.policy, cfg, expert_bytes, max(self.lookahead, 1), slots, budget_gb
+            )
+            # The slots first: if the device is out of memory, nothing has been moved yet.
+            self.cache = ExpertCache(
+                self.num_slots, cfg.expert_numel, self.device, dtype, self.policy.eviction
+            )
+            if self.device.type == "cuda":
+                self.engine = CudaCopyEngine(self.device, self.num_slots, timed)
+            else:
+                self.engine = SimulatedLink(self.link)
+            try:
+                self.store = HostExpertStore.take_from(model)
+            except BaseException:
+                self.engine.close()
+                raise
+        elif slots is not None or budget_gb is not None:
+            raise TinyMoeError("--expert-slots/--expert-budget-gb need an offloading policy")
+        self.inflight: dict[Key, Transfer] = {}  # copies not yet seen finished (slot pinned)
+        self.reserved: dict[int, list[Key]] = {}  # target layer -> experts prefetched for it
+        self.seen: set[Key] = set()  # experts ever loaded (compulsory vs capacity misses)
+        self.unused_prefetch: set[Key] = set()  # prefetched, not used yet (wasted if evicted)
+        # Install. The forward hooks mark where each forward pass (and the first layer) starts.
+        self._saved = (model.provider, model.route_hook)
+        # The default provider is model.experts, registered as a submodule alias, and nn.Module
+        # refuses to replace a submodule with a plain object: drop the registration first.
+        model._modules.pop("provider", None)
+        model.provider, model.route_hook = self, self._route
+        self._handles = [
+            model.register_forward_pre_hook(self._forward_start, with_kwargs=True),
+            model.register_forward_hook(self._forward_end),
+        ]
+        self._forward_t0 = self._seg_start = self._route_end = now()
+        self._closed = False
+
+    # ---- lifecycle
+
+    def close(self) -> None:
+        """Stop the copy worker, give the experts back to the model, uninstall the hooks."""
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._handles:
+            h.remove()
+        del self.model.provider  # (a plain attribute now; assigning a Module re-registers it)
+        self.model.provider, self.model.route_hook = self._saved
+        if self.policy.offload:
+            self.engine.close()
+            self.store.give_back(self.model)
+            del self.cache  # frees the slots
+
+    def __enter__(self) -> "OffloadRuntime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reset_stats(self) -> None:
+        L = self.cfg.num_layers
+        self.stats = {"prefill": PhaseStats(L), "decode": PhaseStats(L)}
+        if self.trace is not None:
+            self.trace = Trace()
+
+    def report(self) -> dict:
+        """Per-phase summaries (see instruments.PhaseStats.summary), after all copies landed."""
+        if self.policy.offload:
+            for key, t in list(self.inflight.items()):
+                t.sync()  # SYNC: reporting only
+                self._finished(key, t)
+        return {
+            "policy": self.policy.name,
+            "expert_slots": self.num_slots,
+            "link": None
+            if self.device.type == "cuda" or not self.policy.offload
+            else {
+                "name": self.link.name,
+                "gbps": self.link.gbps,
+                "latency_us": self.link.latency_us,
+            },
+            "prefill": self.stats["prefill"].summary(),
+            "decode": self.stats["decode"].summary(),
+        }
+
+    def write_trace(self, path: str | Path) -> None:
+        """Write the Chrome/Perfetto trace of everything since the last reset_stats()."""
+        if self.trace is None:
+            raise TinyMoeError("this runtime was made with trace=False; nothing to write")
+        self.report()  # let every copy land, so the copy track is complete
+        self.trace.write(path)
+
+    # ---- timing
+
+    def _clock(self) -> float:
+        if self._sync_clock:
+            # SYNC: instrumented mode only, so a timestamp means "compute done", not "queued".
+            # Only the compute stream: copies in flight keep running.
+            torch.cuda.current_stream(self.device).synchronize()
+        return now()
+
+    def _span(self, track: str, name: str, start: float, end: float, **args: object) -> None:
+        if self.trace is not None:
+            self.trace.span(track, name, start, end, **args)
+
+    def _forward_start(self, module, args, kwargs) -> None:
+        start = kwargs.get("start", args[2] if len(args) > 2 else 0)
+        self.phase = "prefill" if start == 0 else "decode"
+        if start == 0:
+            self.hook.reset()  # a new sequence: predictors forget the previous one
+        self.hook.pending.clear()
+        self._forward_t0 = self._seg_start = self._clock()
+
+    def _forward_end(self, module, args, output) -> None:
+        t = self._clock()
+        self._span("compute", "norm + lm_head", self._seg_start, t)
+        st = self.stats[self.phase]
+        st.steps += 1
+        st.wall_s += t - self._forward_t0
+        if self.policy.offload:
+            for target in list(self.reserved):  # predictions for layers that never ran
+                self._unreserve(target)
+
+    def _route(
+        self, layer: int, resid: Tensor, u: Tensor, router: Callable[[Tensor], Routing]
+    ) -> Routing:
+        t0 = self._clock()
+        self._span("compute", f"L{layer} attention", self._seg_start, t0)
+        routing = self.hook(layer, resid, u, router)
+        self._route_end = self._clock()
+        self._span("compute", f"L{layer} router", t0, self._route_end)
+        return routing
+
+    # ---- the provider
+
+    def experts(self, layer: int, ids: list[int]) -> Iterator[tuple[int, Tensor]]:
+        """The ExpertProvider method moe_forward calls: (expert, packed weights) for each id.
+
+        Also closes the layer's time segment: compute = everything since the previous layer's
+        experts finished (attention, router, experts), minus the time stalled on copies."""
+        st = self.stats[self.phase].layers[layer]
+        stall = 0.0
+        if self.policy.offload:
+            stall = yield from self._offloaded_experts(layer, ids, st)
+        else:
+            weights = self.model.experts.weights[layer]  # (E, 3*I*D), resident
+            st.hits += len(ids)
+            for e in ids:
+                yield e, weights[e]
+        t = self._clock()
+        st.compute_s += t - self._seg_start - stall
+        self._span("compute", f"L{layer} experts", self._route_end, t, experts=len(ids))
+        self._seg_start = t
+
+    def _offloaded_experts(
+        self, layer: int, ids: list[int], st: LayerStats
+    ) -> Iterator[tuple[int, Tensor]]:
+        """Yield (expert, slot view) for each id; returns the time stalled waiting for copies."""
+        cache = self.cache
+        self._reap()
+        self._unreserve(layer)  # its prefetches arrived (or not): from now on, ordinary entries
+        ready, arriving, todo = self._sort(layer, ids, st)
+        # This layer's misses go on the link first, then the prefetch for a later layer.
+        self._issue_demand(layer, todo, arriving, st)
+        if not todo:
+            self._prefetch(layer + self.lookahead)
+        stall = 0.0
+        current = None
+        try:
+            while ready or arriving or todo:
+                if not ready and not arriving:  # streaming, every slot busy with other copies
+                    stall += self._wait_for_a_slot()
+                    self._issue_demand(layer, todo, arriving, st)
+                    if not todo:
+                        self._prefetch(layer + self.lookahead)
+                    continue
+                if not ready and not self.policy.pipeline:
+                    # The paper's on-demand: every copy issued for this layer lands before any
+                    # expert computes, so the whole wait is one stall (bookkeeping between the
+                    # copies hides behind them). Hits, if any, were computed while they copied.
+                    t0 = self._clock()
+                    while arriving:
+                        # Left in `arriving` while waiting: if the wait raises, `finally` unpins.
+                        self._land(arriving[0][2])
+                        e, slot, _ = arriving.pop(0)
+                        ready.append((e, slot))
+                    stall += self._stalled(t0, f"all copies of layer {layer}")
+                if ready:
+                    (e, slot), t = ready.pop(), None
+                else:
+                    e, slot, t = arriving.pop(0)
+                current = (e, slot)
+                if t is not None:
+                    stall += self._wait(t)
+                cache.touch((layer, e))
+                self.unused_prefetch.discard((layer, e))
+                yield e, cache.slots[slot]
+                # The caller has computed expert e's tokens: its slot may be reused.
+                current = None
+                self.engine.release(slot)
+                cache.unpin(slot)
+                if todo:
+                    self._issue_demand(layer, todo, arriving, st)
+                    if not todo:
+                        self._prefetch(layer + self.lookahead)
+        finally:  # an error (or the caller stopping early) must not leave slots pinned
+            if current is not None:
+                self.engine.release(current[1])  # kernels reading it may still be queued
+            held = ready + [(e, s) for e, s, _ in arriving] + ([current] if current else [])
+            for e, slot in held:
+                if cache.key_of[slot] == (layer, e):
+                    cache.unpin(slot)
+        st.stall_s += stall
+        return stall
+
+    def _sort(
+        self, layer: int, ids: list[int], st: LayerStats
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int, Transfer]], list[int]]:
+        """Split ids into ready (expert, slot), arriving (expert, slot, copy) and todo; count
+        hits and misses. Ready and arriving slots are pinned: held until their tokens ran."""
+        prediction = self.hook.last_prediction.get(layer)
+        predicted = None
+        if prediction is not None:
+            predicted = set(prediction.ids.unique().tolist())  # SYNC: small; ids are final now
+        ready, arriving, todo = [], [], []
+        for e in ids:
+            slot = self.cache.lookup((layer, e))
+            if slot is None:
+                todo.append(e)
+                self._count_miss(st, classify_miss(False, predicted, e, (layer, e) in self.seen))
+                continue
+            self.cache.pin(slot)
+            t = self.inflight.get((layer, e))
+            if t is None:
+                st.hits += 1
+                ready.append((e, slot))
+            else:
+                self._count_miss(st, "late")
+                arriving.append((e, slot, t))
+        arriving.sort(key=lambda a: a[2].issued_s)  # the order the link will deliver them
+        return ready, arriving, todo
+
+    # ---- copies
+
+    def _copy(self, layer: int, expert: int, slot: int, kind: str, st: LayerStats) -> Transfer:
+        key = (layer, expert)
+        tag = CopyTag(layer, expert, slot, kind, st)
+        t = self.engine.copy(self.cache.slots[slot], self.store.expert(layer, expert), slot, tag)
+        self.inflight[key] = t  # the slot stays pinned (insert pinned it) until it lands
+        self.seen.add(key)
+        st.bytes += t.nbytes
+        if kind == "prefetch":
+            st.prefetch_bytes += t.nbytes
+        return t
+
+    def _insert(self, key: Key, evict_reserved: bool) -> int | None:
+        got = self.cache.insert(key, evict_reserved)
+        if got is None:
+            return None
+        slot, evicted = got
+        if evicted in self.unused_prefetch:
+            self.unused_prefetch.discard(evicted)
+            self.stats[self.phase].layers[evicted[0]].wasted_bytes += self.store.expert_bytes
+        return slot
+
+    def _issue_demand(
+        self,
+        layer: int,
+        todo: list[int],
+        arriving: list[tuple[int, int, Transfer]],
+        st: LayerStats,
+    ) -> None:
+        """Copy as many of this layer's missing experts as there are slots to put them in."""
+        while todo:
+            slot = self._insert((layer, todo[0]), evict_reserved=True)
+            if slot is None:
+                self._reap()  # a copy that landed since frees its slot
+                slot = self._insert((layer, todo[0]), evict_reserved=True)
+            if slot is None:
+                return
+            e = todo.pop(0)
+            t = self._copy(layer, e, slot, "demand", st)
+            self.cache.pin(slot)  # and held by this layer until its tokens are computed
+            arriving.append((e, slot, t))
+
+    def _prefetch(self, target: int) -> None:
+        """Copy the experts predicted for layer `target`, into free or evictable slots only."""
+        prediction = self.hook.pending.get(target)
+        if prediction is None or target >= self.cfg.num_layers:
+            return
+        st = self.stats[self.phase].layers[target]
+        keys = self.reserved.setdefault(target, [])
+        # SYNC: the host needs the predicted ids to issue copies (computed before this layer's
+        # own ids were read, so this waits for nothing but a tiny unique kernel).
+        for e in prediction.ids.unique().tolist():
+            key = (target, e)
+            slot = self.cache.lookup(key)
+            if slot is None:
+                slot = self._insert(key, evict_reserved=False)
+                if slot is None:
+                    continue  # no room: skip it, never force; it will be a capacity miss
+                self._copy(target, e, slot, "prefetch", st)
+                self.unused_prefetch.add(key)
+            self.cache.reserve(slot)
+            keys.append(key)
+
+    def _unreserve(self, target: int) -> None:
+        for key in self.reserved.pop(target, []):
+            slot = self.cache.lookup(key)
+            if slot is not None:
+                self.cache.unreserve(slot)
+
+    def _wait(self, t: Transfer, host: bool = False) -> float:
+        """Make the compute side wait for t (host too, if `host`); returns the time stalled."""
+        t0 = self._clock()
+        self._land(t, host)
+        return self._stalled(t0, str(t.tag))
+
+    def _stalled(self, t0: float, waited_for: str) -> float:
+        t1 = now()
+        self._span("compute", "stall", t0, t1, copy=waited_for)
+        return t1 - t0
+
+    def _land(self, t: Transfer, host: bool = False) -> None:
+        key = (t.tag.layer, t.tag.expert)
+        try:
+            t.sync() if host else t.wait()
+        except TinyMoeError:
+            # Never compute with what a failed copy left in the slot: forget it, then raise.
+            self.inflight.pop(key, None)
+            self.cache.drop(key)
+            raise
+        if t.done():
+            self._finished(key, t)
+
+    def _wait_for_a_slot(self) -> float:
+        """Streaming with every slot pinned by copies in flight: wait for the oldest to land.
+
+        The host must see it land before it may reuse the slot, hence a host wait on CUDA too.
+        """
+        if not self.inflight:
+            raise RuntimeError("expert cache: all slots pinned and no copy in flight to wait for")
+        return self._wait(min(self.inflight.values(), key=lambda t: t.issued_s), host=True)
+
+    def _reap(self) -> None:
+        """Finish the bookkeeping of copies that have landed: their slots become evictable."""
+        for key, t in list(self.inflight.items()):
+            if t.done():
+                self._finished(key, t)
+
+    def _finished(self, key: Key, t: Transfer) -> None:
+        if self.inflight.pop(key, None) is None:
+            return
+        if t.error is not None:
+            self.cache.drop(key)  # as in _wait: forget the slot's contents, then raise
+            t.raise_if_failed()
+        self.cache.unpin(t.tag.slot)
+        start, end = t.interval()
+        if end >= start:  # False for NaN: untimed CUDA runs do not time their copies
+            t.tag.stats.copy_s += end - start
+            self._span("copy", f"L{key[0]} e{key[1]}", start, end, kind=t.tag.kind, bytes=t.nbytes)
+
+    def _count_miss(self, st: LayerStats, kind: str) -> None:
+        st.misses += 1
+        st.miss_kinds[kind] += 1
