@@ -13,10 +13,12 @@ from typing import NoReturn
 import torch
 
 from tinymoe import MoETransformer, TinyMoeError, generate, load_model
+from tinymoe.calibrate import load_speculation
 from tinymoe.instruments import format_layers
 from tinymoe.loader import DTYPES
 from tinymoe.offload import OffloadRuntime, OraclePredictor, record_routing
-from tinymoe.policy import BASE_POLICIES
+from tinymoe.policy import BASE_POLICIES, parse_policy
+from tinymoe.predict import PREDICTOR_NAMES, make_predictor
 from tinymoe.timing import peak_memory_bytes
 from tinymoe.tokenizer import StreamDecoder, load_tokenizer
 from tinymoe.transfer import PRESETS, LinkSpec
@@ -57,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     off = p.add_argument_group("expert offloading (see docs/offloading.md)")
-    off.add_argument("--offload-policy", choices=list(BASE_POLICIES), default="resident")
+    off.add_argument(
+        "--offload-policy",
+        choices=list(BASE_POLICIES),
+        default=None,
+        help="default: resident, or on-demand when --prefetch is given",
+    )
     off.add_argument(
         "--expert-slots",
         type=positive_int,
@@ -76,13 +83,46 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--link-gbps", type=float, default=None, help="simulated link bandwidth, GB/s")
     off.add_argument("--link-latency-us", type=float, default=None, help="per-copy latency, us")
     off.add_argument("--trace", default=None, metavar="FILE", help="write a Perfetto/Chrome trace")
+    spec = p.add_argument_group("speculating experts (see docs/speculation.md)")
+    spec.add_argument(
+        "--prefetch",
+        choices=["none", *PREDICTOR_NAMES, "oracle"],
+        default="none",
+        help="predictor that prefetches layer l+D's experts while layer l computes; combine "
+        "with --offload-policy on-demand (default then), lru or lfu",
+    )
+    spec.add_argument("--lookahead", type=positive_int, default=1, help="D (default 1)")
+    spec.add_argument(
+        "--speculate",
+        action="store_true",
+        help="run the predicted experts with the predicted weights (lossy; the paper's mode)",
+    )
     return p
+
+
+def policy_name(args: argparse.Namespace) -> str:
+    """--offload-policy, --prefetch and --speculate combined into one policy name (policy.py)."""
+    if args.offload_policy is None:
+        args.offload_policy = "resident" if args.prefetch == "none" else "on-demand"
+    if args.prefetch == "none":
+        if args.speculate:
+            raise TinyMoeError("--speculate needs a predictor: add --prefetch router (or another)")
+        return args.offload_policy
+    if args.offload_policy not in ("on-demand", "lru", "lfu"):
+        raise TinyMoeError(
+            f"--prefetch {args.prefetch} combines with --offload-policy on-demand, lru or lfu, "
+            f"not {args.offload_policy}"
+        )
+    mode = "speculative" if args.speculate else "prefetch"
+    cache = f"+{args.offload_policy}" if args.offload_policy in ("lru", "lfu") else ""
+    return f"{mode}+{args.prefetch}{cache}"
 
 
 def make_runtime(
     args: argparse.Namespace, model: MoETransformer, prompt_ids: list[int]
 ) -> OffloadRuntime:
     """The offloading runtime the flags ask for (`resident` too: it is what measures layers)."""
+    name = policy_name(args)
     link = None
     if args.link_preset or args.link_gbps is not None or args.link_latency_us is not None:
         if args.offload_policy == "resident":
@@ -94,7 +134,8 @@ def make_runtime(
             preset.name if args.link_gbps is None else "custom",
         )
     predictor = None
-    if args.offload_policy == "oracle":
+    predictor_name = parse_policy(name).predictor
+    if predictor_name == "oracle":
         # The oracle replays the routing of a resident run of this very prompt and settings.
         print("oracle: recording the routing of a resident run first", file=sys.stderr)
         _, recording = record_routing(
@@ -105,10 +146,13 @@ def make_runtime(
             top_p=args.top_p,
             seed=args.seed,
         )
-        predictor = OraclePredictor(recording)
+        predictor = OraclePredictor(recording, args.lookahead)
+    elif predictor_name is not None:
+        calibration = load_speculation(args.model, model.cfg)
+        predictor = make_predictor(predictor_name, model, calibration, args.lookahead)
     return OffloadRuntime(
         model,
-        args.offload_policy,
+        name,
         predictor=predictor,
         slots=args.expert_slots,
         budget_gb=args.expert_budget_gb,

@@ -27,7 +27,8 @@ from typing import NoReturn
 
 import torch
 
-from tinymoe import TinyMoeError, generate, load_model
+from tinymoe import TinyMoeError, generate, load_model, predict
+from tinymoe.calibrate import Calibration, load_speculation
 from tinymoe.instruments import eq1_bound_ms
 from tinymoe.loader import DTYPES
 from tinymoe.model import MoETransformer, Routing
@@ -55,14 +56,19 @@ def measure_h2d_peak_gbps(device: torch.device, nbytes: int = 256 * 2**20) -> fl
 
 
 def make_predictor(
-    policy: Policy, model: MoETransformer, recording: list[list[Routing]]
+    policy: Policy,
+    model: MoETransformer,
+    recording: list[list[Routing]],
+    calibration: Calibration | None = None,
+    lookahead: int = 1,
 ) -> Predictor | None:
-    """The predictor a policy names. The one place to teach the bench a new predictor."""
+    """The predictor a policy names: the oracle replays `recording`; the others are built by
+    predict.make_predictor from the checkpoint's calibration (default vectors, estimators)."""
     if policy.predictor is None:
         return None
     if policy.predictor == "oracle":
-        return OraclePredictor(recording)
-    raise TinyMoeError(f"--policies {policy.name}: predictor {policy.predictor!r} is unknown here")
+        return OraclePredictor(recording, lookahead)
+    return predict.make_predictor(policy.predictor, model, calibration, lookahead)
 
 
 def run_policy(
@@ -75,10 +81,12 @@ def run_policy(
     slots: int | None = None,
     budget_gb: float | None = None,
     trace: Path | None = None,
+    calibration: Calibration | None = None,
+    lookahead: int = 1,
 ) -> dict:
     """Generate once under policy `name`; return its row (before the on-demand comparisons)."""
     policy = parse_policy(name)
-    predictor = make_predictor(policy, model, recording)
+    predictor = make_predictor(policy, model, recording, calibration, lookahead)
     offload = policy.offload
     with OffloadRuntime(
         model,
@@ -173,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-tokens", type=int, default=32, help="without --prompt: this many random ids"
     )
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--lookahead", type=int, default=1, help="predict layer l+D from layer l (prefetch rows)"
+    )
     p.add_argument("--expert-slots", type=int, default=None, help="slots for every policy")
     p.add_argument("--expert-budget-gb", type=float, default=None)
     p.add_argument("--link-preset", choices=list(PRESETS), default="pcie4-x16")
@@ -231,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         names.insert(0, "on-demand")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     ids = prompt_ids(args, model.cfg.vocab_size)
+    policies = [parse_policy(n) for n in names]
+    calibration = None
+    if any(p.predictor not in (None, "oracle") for p in policies):
+        calibration = load_speculation(args.model, model.cfg)
+        for p in policies:  # build each predictor once now, so a missing file fails early
+            make_predictor(p, model, [], calibration, args.lookahead)
     log = sys.stderr
 
     # The resident run: reference tokens (exactness) and the routing the oracle replays.
@@ -274,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.expert_slots,
                 args.expert_budget_gb,
                 trace,
+                calibration,
+                args.lookahead,
             )
             row["exact"] = row.pop("tokens") == ref.tokens
             runs[name].append(row)
@@ -336,12 +355,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
     try:
-        sys.exit(main())
+        return main(argv)
     except TinyMoeError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
