@@ -223,9 +223,21 @@ class MoETransformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.experts = ResidentExperts(cfg.num_layers, cfg.num_experts, cfg.expert_numel)
-        # Where experts come from, and who decides routing. Defaults: resident experts, the router.
-        self.provider: ExpertProvider = self.experts
+        # Who decides routing (None: each layer's router) and where experts come from (see
+        # `provider`). Plain attributes, not submodules: a runtime is not part of the weights.
         self.route_hook: RouteHook | None = None
+        self._provider: ExpertProvider | None = None
+
+    @property
+    def provider(self) -> ExpertProvider:
+        """Where the MoE layers get experts: the resident ones, unless a runtime installed one."""
+        return self.experts if self._provider is None else self._provider
+
+    @provider.setter
+    def provider(self, p: ExpertProvider | None) -> None:
+        # None means the resident experts. (An nn.Module provider would be registered as a
+        # submodule by nn.Module.__setattr__ before reaching here: pass plain objects.)
+        self._provider = p
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "MoETransformer":

@@ -203,10 +203,7 @@ class OffloadRuntime:
         self.seen: set[Key] = set()  # experts ever loaded (compulsory vs capacity misses)
         self.unused_prefetch: set[Key] = set()  # prefetched, not used yet (wasted if evicted)
         # Install. The forward hooks mark where each forward pass (and the first layer) starts.
-        self._saved = (model.provider, model.route_hook)
-        # The default provider is model.experts, registered as a submodule alias, and nn.Module
-        # refuses to replace a submodule with a plain object: drop the registration first.
-        model._modules.pop("provider", None)
+        self._saved_hook = model.route_hook
         model.provider, model.route_hook = self, self._route
         self._handles = [
             model.register_forward_pre_hook(self._forward_start, with_kwargs=True),
@@ -224,8 +221,7 @@ class OffloadRuntime:
         self._closed = True
         for h in self._handles:
             h.remove()
-        del self.model.provider  # (a plain attribute now; assigning a Module re-registers it)
-        self.model.provider, self.model.route_hook = self._saved
+        self.model.provider, self.model.route_hook = None, self._saved_hook  # resident again
         if self.policy.offload:
             self.engine.close()
             self.store.give_back(self.model)
