@@ -1,14 +1,44 @@
 """Expert predictors: guess the routing of layer l+d from what layer l has computed.
 
 The offloading runtime calls a predictor after each layer's routing is decided. The prediction
-drives prefetching (exact mode) or replaces the router (speculative mode).
+drives prefetching (exact mode) or replaces the router (speculative mode). docs/speculation.md
+explains each predictor. Notation (the paper's), for source layer l and target layer t = l + d:
+
+    r_l   the residual stream after layer l's attention, before its MoE output is added (N, D)
+    g, e  layer l's routing weights and experts                                         (N, K)
+    v     default vectors: v[l, e] is the mean output of expert e at layer l           (L, E, D)
+    d_l   = sum_k g_k * v[l, e_k], a cheap stand-in for layer l's MoE output           (N, D)
+    q_l   = Norm_t(r_l + d_l), the quasi-hidden state; Norm_t is layer t's pre-MoE norm (N, D)
+
+The predictors:
+    RouterPredictor         Router-PF: layer t's own router applied to q_l (d_l optional)
+    EstimatorPredictor      a small learned network (estimator.py) from q_l to layer t's logits
+    HybridPredictor         the estimator on chosen layers, the router on the others
+    PreviousTokenPredictor  layer t's experts of the previous token, a naive baseline
+`make_predictor` builds one by name from the calibration files (calibrate.py).
 """
 
-from typing import Protocol
+import sys
+from typing import TYPE_CHECKING, Protocol
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from tinymoe.model import Routing
+from tinymoe.errors import TinyMoeError
+from tinymoe.model import MoETransformer, Routing, route_topk
+
+if TYPE_CHECKING:  # calibrate.py imports this module, so only the type checker imports it back
+    from tinymoe.calibrate import Calibration
+
+# Names make_predictor accepts. The offloading runtime adds "oracle" (the true routing) itself.
+PREDICTOR_NAMES = (
+    "router",
+    "router-nodefault",
+    "estimator",
+    "linear-estimator",
+    "hybrid",
+    "previous-token",
+)
 
 
 class Predictor(Protocol):
@@ -70,3 +100,247 @@ class PredictionHook:
             if nxt is not None:
                 self.pending[layer + self.predictor.lookahead] = nxt
         return routing
+
+
+# ---------------------------------------------------------------- the quasi-hidden state
+
+
+def quasi_hidden(
+    model: MoETransformer,
+    default_vectors: Tensor | None,
+    layer: int,
+    target: int,
+    resid: Tensor,
+    routing: Routing,
+) -> Tensor:
+    """q_l = Norm_t(r_l + d_l), with d_l = sum_k g_k * v[l, e_k] (d_l = 0 without vectors).
+
+    r_l + d_l approximates h_l, layer l's output, before its experts have run: the routing
+    weights are known, only each expert's actual output is replaced by its calibrated mean.
+    """
+    x = resid  # (N, D)
+    if default_vectors is not None:
+        v = default_vectors[layer][routing.ids]  # (N, K, D)
+        x = x + (routing.weights.to(v.dtype).unsqueeze(-1) * v).sum(dim=1)  # (N, D)
+    return model.layers[target].post_attention_layernorm(x)  # (N, D)
+
+
+def _check_lookahead(lookahead: int, num_layers: int) -> None:
+    if not 1 <= lookahead < num_layers:
+        raise TinyMoeError(
+            f"lookahead must be between 1 and {num_layers - 1} (the model has {num_layers} "
+            f"layers), got {lookahead}"
+        )
+
+
+def _as_prediction(routing: Routing) -> Routing:
+    """Drop the logits: by the Routing convention, a predicted routing has logits None."""
+    return Routing(ids=routing.ids, weights=routing.weights)
+
+
+# ---------------------------------------------------------------- predictors
+
+
+class RouterPredictor:
+    """Router-PF: layer t's own norm and router applied to r_l + d_l, with t = l + lookahead.
+
+    `default_vectors` (L, E, D) from calibration; None gives d_l = 0 ("router-nodefault").
+    For lookahead > 1 the same r_l + d_l goes through layer t's norm and router, ignoring the
+    layers in between. `predict_from(layer, x)` routes any state x (N, D) the same way: fed the
+    true post-MoE hidden state h_l, it gives the "router on the full hidden state" variant that
+    tinymoe.evaluate scores as a reference.
+    """
+
+    def __init__(
+        self, model: MoETransformer, default_vectors: Tensor | None = None, lookahead: int = 1
+    ) -> None:
+        cfg = model.cfg
+        _check_lookahead(lookahead, cfg.num_layers)
+        self.model, self.lookahead = model, lookahead
+        self.default_vectors = None
+        if default_vectors is not None:
+            expected = (cfg.num_layers, cfg.num_experts, cfg.hidden_size)
+            if tuple(default_vectors.shape) != expected:
+                raise TinyMoeError(
+                    f"default vectors have shape {tuple(default_vectors.shape)}, expected "
+                    f"{expected} (layers, experts, hidden) for this model"
+                )
+            p = model.embed_tokens.weight
+            self.default_vectors = default_vectors.to(p.device, p.dtype)
+
+    def reset(self) -> None:
+        pass  # stateless: every token is predicted from its own state
+
+    def observe(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None:
+        target = layer + self.lookahead
+        if target >= self.model.cfg.num_layers:
+            return None
+        q = quasi_hidden(self.model, self.default_vectors, layer, target, resid, routing)
+        return _as_prediction(self.model.layers[target].mlp.route(q))
+
+    def predict_from(self, layer: int, x: Tensor) -> Routing | None:
+        """Layer (layer + lookahead)'s router on Norm_t(x) for a given state x (N, D)."""
+        target = layer + self.lookahead
+        if target >= self.model.cfg.num_layers:
+            return None
+        u_t = self.model.layers[target].post_attention_layernorm(x)  # (N, D)
+        return _as_prediction(self.model.layers[target].mlp.route(u_t))
+
+
+class EstimatorPredictor:
+    """A learned estimator (estimator.py) maps q_l to layer t's router logits; then top-K.
+
+    The estimator must have been trained for this lookahead: it learned pairs (q_{t-d}, t).
+    It runs in its own dtype (fp32) on the model's device; the weights come back in the
+    activation dtype, renormalised the way the model renormalises its router's.
+    """
+
+    def __init__(
+        self,
+        model: MoETransformer,
+        estimator: nn.Module,
+        default_vectors: Tensor | None,
+        lookahead: int = 1,
+    ) -> None:
+        self.quasi = RouterPredictor(model, default_vectors, lookahead)  # shares q_l's recipe
+        self.model, self.lookahead = model, lookahead
+        self.estimator = estimator.to(model.embed_tokens.weight.device).eval()
+        self.dtype = next(estimator.parameters()).dtype
+
+    def reset(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def observe(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None:
+        target = layer + self.lookahead
+        if target >= self.model.cfg.num_layers:
+            return None
+        q = quasi_hidden(self.model, self.quasi.default_vectors, layer, target, resid, routing)
+        logits = self.estimator(q.to(self.dtype), target)  # (N, E)
+        cfg = self.model.cfg
+        return _as_prediction(route_topk(logits, cfg.top_k, cfg.norm_topk_prob, resid.dtype))
+
+
+class HybridPredictor:
+    """Hybrid-PF: the estimator for the target layers in `estimator_layers`, the router elsewhere.
+
+    calibrate.py picks those layers: where the router's hit rate is low and the estimator's is
+    higher on held-out calibration text.
+    """
+
+    def __init__(
+        self, router: RouterPredictor, estimator: EstimatorPredictor, estimator_layers: set[int]
+    ) -> None:
+        if router.lookahead != estimator.lookahead:
+            raise ValueError("hybrid: router and estimator must share one lookahead")
+        self.router, self.estimator = router, estimator
+        self.estimator_layers = set(estimator_layers)
+        self.lookahead = router.lookahead
+
+    def reset(self) -> None:
+        self.router.reset()
+        self.estimator.reset()
+
+    def observe(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None:
+        use_estimator = layer + self.lookahead in self.estimator_layers
+        chosen = self.estimator if use_estimator else self.router
+        return chosen.observe(layer, resid, u, routing)
+
+
+class PreviousTokenPredictor:
+    """Predicts that layer t uses what layer t used in the previous forward pass.
+
+    At batch 1 during decoding that is "the previous token's experts". Rows are matched when the
+    previous pass had the same number of tokens (one new token per sequence, as in a batched
+    decode); otherwise every token gets the previous pass's last token's experts (the first
+    decode step after a prefill). The first pass after reset() has no prediction: None.
+
+    In speculative mode layer t's "used" routing is this prediction itself, so after the prompt
+    the experts never change again: that is what a naive predictor costs.
+    """
+
+    def __init__(self, num_layers: int, lookahead: int = 1) -> None:
+        _check_lookahead(lookahead, num_layers)
+        self.num_layers, self.lookahead = num_layers, lookahead
+        self.previous: dict[int, Routing] = {}  # layer -> routing of the last pass
+
+    def reset(self) -> None:
+        self.previous.clear()
+
+    def observe(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None:
+        target = layer + self.lookahead
+        # Layer `target` has not run in this pass yet, so previous[target] is the last pass's.
+        before = self.previous.get(target) if target < self.num_layers else None
+        self.previous[layer] = _as_prediction(routing)
+        if before is None:
+            return None
+        N = resid.shape[0]
+        if before.ids.shape[0] == N:
+            return before
+        return Routing(
+            ids=before.ids[-1:].expand(N, -1),  # (N, K)
+            weights=before.weights[-1:].expand(N, -1),  # (N, K)
+        )
+
+
+# ---------------------------------------------------------------- scoring and the factory
+
+
+def recall_at_k(predicted: Tensor, true: Tensor) -> Tensor:
+    """Per token, the share of the true top-K experts found among the predicted ones.
+
+    predicted (N, K'), true (N, K) expert ids -> (N,) in [0, 1].
+    """
+    found = (true.unsqueeze(-1) == predicted.unsqueeze(-2)).any(dim=-1)  # (N, K)
+    return found.float().mean(dim=-1)
+
+
+def make_predictor(
+    name: str,
+    model: MoETransformer,
+    calibration: "Calibration | None",
+    lookahead: int = 1,
+) -> Predictor:
+    """Build the predictor called `name` (one of PREDICTOR_NAMES) for `model`.
+
+    `calibration` is what tinymoe.calibrate saved (load it with calibrate.load_speculation); None
+    when the checkpoint has none: then `router` runs with d_l = 0 and says so on stderr, and the
+    learned predictors raise TinyMoeError.
+    """
+    cfg = model.cfg
+    _check_lookahead(lookahead, cfg.num_layers)
+    if name not in PREDICTOR_NAMES:
+        raise TinyMoeError(
+            f"unknown predictor {name!r}; expected one of {', '.join(PREDICTOR_NAMES)}"
+        )
+    if name == "previous-token":
+        return PreviousTokenPredictor(cfg.num_layers, lookahead)
+    if name == "router-nodefault":
+        return RouterPredictor(model, None, lookahead)
+    if name == "router":
+        if calibration is None:
+            print(
+                "warning: no speculation calibration for this checkpoint; the router predictor "
+                "runs without default vectors (d_l = 0). Run `python -m tinymoe.calibrate "
+                "--model DIR --text FILE` to create them.",
+                file=sys.stderr,
+            )
+            return RouterPredictor(model, None, lookahead)
+        return RouterPredictor(model, calibration.default_vectors, lookahead)
+    if calibration is None:
+        raise TinyMoeError(
+            f"predictor {name!r} needs trained estimators, and this checkpoint has no "
+            "speculation.safetensors; run `python -m tinymoe.calibrate --model DIR --text FILE`"
+        )
+    kind = "linear" if name == "linear-estimator" else "estimator"
+    estimator = EstimatorPredictor(
+        model, calibration.estimator(kind, lookahead), calibration.default_vectors, lookahead
+    )
+    if name != "hybrid":
+        return estimator
+    if lookahead not in calibration.hybrid_layers:
+        raise TinyMoeError(
+            f"speculation.json: no hybrid layers chosen for lookahead {lookahead}; recalibrate"
+        )
+    router = RouterPredictor(model, calibration.default_vectors, lookahead)
+    return HybridPredictor(router, estimator, set(calibration.hybrid_layers[lookahead]))

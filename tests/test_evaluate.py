@@ -1,0 +1,133 @@
+"""Evaluation (evaluate.py): the JSON it reports, exactness of scoring, and its command line."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import add_tokenizer, make_checkpoint
+from test_calibrate import SETTINGS, write_text
+
+from tinymoe import load_model
+from tinymoe.calibrate import calibrate, save_speculation
+from tinymoe.evaluate import ALL_NAMES, HIDDEN, ScoringHook, cli, evaluate, teacher_forced
+from tinymoe.predict import RouterPredictor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Baby models gain nothing from threads, and on shared cores they slow down 20x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    """A baby checkpoint with a tokenizer and speculation files."""
+    path = add_tokenizer(make_checkpoint(tmp_path_factory.mktemp("ev") / "baby"))
+    model = load_model(path)
+    ids = torch.randint(
+        0, model.cfg.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0)
+    )
+    save_speculation(calibrate(model, ids, SETTINGS), path)
+    return path
+
+
+def held_out(model, B=3, T=10):
+    return torch.randint(
+        0, model.cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(9)
+    )
+
+
+def test_evaluate_reports_every_predictor_and_layer(calibrated):
+    from tinymoe.calibrate import load_speculation
+
+    model = load_model(calibrated)
+    cal = load_speculation(calibrated, model.cfg)
+    result = evaluate(model, held_out(model), cal, list(ALL_NAMES), (1, 2))
+    result = json.loads(json.dumps(result))  # what --json prints
+    assert {"tokens", "sequences", "seq_len", "lookaheads", "hit_rates", "speculative"} <= set(
+        result
+    )
+    assert set(result["hit_rates"]) == set(ALL_NAMES)
+    for name, by_d in result["hit_rates"].items():
+        for d in ("1", "2"):
+            m = by_d[d]
+            assert set(m) == {"recall", "top1", "mean_recall", "mean_top1"}
+            assert len(m["recall"]) == 3 and m["recall"][: int(d)] == [None] * int(d)
+            assert all(0 <= r <= 1 for r in m["recall"][int(d) :]), name
+            assert m["mean_top1"] <= 1
+    spec = result["speculative"]
+    assert set(spec) == ({"exact"} | set(ALL_NAMES)) - {HIDDEN}
+    assert spec["exact"]["perplexity"] > 1
+    for name in set(spec) - {"exact"}:
+        for d in ("1", "2"):
+            m = spec[name][d]
+            assert set(m) == {"perplexity", "top1_agreement", "kl"}
+            assert 0 <= m["top1_agreement"] <= 1 and m["kl"] >= 0
+
+
+def test_scoring_leaves_the_model_exact(calibrated):
+    model = load_model(calibrated)
+    ids = held_out(model)
+    plain = teacher_forced(model, ids, None, "plain")
+    predictors = {("router", 1): RouterPredictor(model, None, 1), (HIDDEN, 1): None}
+    predictors[(HIDDEN, 1)] = RouterPredictor(model, None, 1)
+    scored = teacher_forced(model, ids, ScoringHook(model, predictors, {HIDDEN}), "scored")
+    assert torch.equal(plain, scored)
+    with torch.no_grad():  # and decoding position by position matches one full forward
+        torch.testing.assert_close(plain, model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_router_on_the_true_hidden_state_is_perfect_without_attention(tmp_path):
+    """With every attention output zeroed, layer t's input is h_{t-1}: router-hidden at
+    lookahead 1 must score recall 1 on every layer, and Router-PF without d_l must not."""
+    model = load_model(make_checkpoint(tmp_path / "noattn"))
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    result = evaluate(model, held_out(model), None, [HIDDEN, "router-nodefault"], (1,), False)
+    assert result["hit_rates"][HIDDEN]["1"]["recall"][1:] == [1.0, 1.0]
+    assert result["hit_rates"]["router-nodefault"]["1"]["mean_recall"] < 1.0
+
+
+def test_cli_json_and_table(calibrated, tmp_path, capsys):
+    text = write_text(tmp_path / "held.txt", seed=1)
+    base = ["--model", str(calibrated), "--text", str(text), "--tokens", "64", "--seq-len", "16"]
+    assert cli([*base, "--lookahead", "1", "--json", "--predictors", "router,hybrid"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["hit_rates"]) == {"router", "hybrid"}
+    assert result["speculative"]["hybrid"]["1"]["perplexity"] > 1
+    assert cli([*base, "--lookahead", "2", "--skip-speculative"]) == 0
+    out = capsys.readouterr().out
+    assert "recall@k per predicted layer, lookahead 2" in out and "previous-token" in out
+
+
+def test_cli_plot(calibrated, tmp_path, capsys):
+    text = write_text(tmp_path / "held.txt", seed=1)
+    png = tmp_path / "hit.png"
+    argv = ["--model", str(calibrated), "--text", str(text), "--tokens", "32", "--seq-len", "16"]
+    argv += ["--lookahead", "1", "--skip-speculative", "--predictors", "router", "--plot", str(png)]
+    rc = cli(argv)
+    if importlib.util.find_spec("matplotlib") is None:
+        err = capsys.readouterr().err
+        assert rc == 2 and "error: --plot needs matplotlib" in err
+    else:
+        assert rc == 0 and png.stat().st_size > 0
+
+
+def test_cli_errors(calibrated, tmp_path, capsys):
+    text = write_text(tmp_path / "held.txt")
+    base = ["--model", str(calibrated), "--text", str(text), "--seq-len", "16"]
+    assert cli([*base, "--lookahead", "3"]) == 2
+    assert "error: --lookahead 3: must be below the number of layers (3)" in capsys.readouterr().err
+    bare = add_tokenizer(make_checkpoint(tmp_path / "bare"))  # no speculation files
+    assert cli(["--model", str(bare), "--text", str(text), "--predictors", "estimator"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run `python -m tinymoe.calibrate" in err[0]
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        cli([*base, "--predictors", "magic"])
+    assert e.value.code == 2 and "unknown predictor 'magic'" in capsys.readouterr().err

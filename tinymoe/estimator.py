@@ -1,0 +1,158 @@
+"""Lightweight estimators: small networks that predict layer t's router logits from q_{t-d}.
+
+Where the router applied to the quasi-hidden state q_l predicts poorly (see predict.py), the paper
+trains a small network instead. Two variants live here:
+
+- `Estimator`, the paper's design, one module shared by every predicted layer:
+      z = Down(q) + Embed[t]                 down-projection D -> D/m, plus which layer t is asked
+      z = z + W2 SiLU(W1 z)                  a feed-forward block with a residual connection
+      logits = Head(LayerNorm(z))            D/m -> E
+- `LinearEstimator`, the simplest: one (E, D) matrix per predicted layer, initialised from that
+  layer's router, so before training it *is* Router-PF and training only corrects it.
+
+`train_estimator` fits either by distillation: minimise KL(p_router || p_estimator), where
+p_router = softmax(the true router logits of layer t) recorded in an exact run (calibrate.py).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinymoe.errors import TinyMoeError
+from tinymoe.progress import Progress
+
+KINDS = ("estimator", "linear")
+
+
+@dataclass(frozen=True)
+class EstimatorConfig:
+    kind: str  # "estimator" (the paper's MLP) or "linear"
+    hidden_size: int  # D
+    num_experts: int  # E
+    num_layers: int  # L: one layer embedding (or matrix) per layer that may be predicted
+    reduction: int = 2  # m: the MLP works at width D/m
+    ffn_mult: int = 4  # the feed-forward block's hidden width, in multiples of D/m
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise TinyMoeError(f"estimator kind {self.kind!r} unknown; expected one of {KINDS}")
+        if self.reduction < 1 or self.hidden_size // self.reduction < 1:
+            raise TinyMoeError(
+                f"estimator reduction m={self.reduction} must be >= 1 and at most the hidden "
+                f"size {self.hidden_size}"
+            )
+        if self.ffn_mult < 1:
+            raise TinyMoeError(f"estimator ffn_mult must be >= 1, got {self.ffn_mult}")
+
+    @property
+    def width(self) -> int:
+        return self.hidden_size // self.reduction  # D/m
+
+
+class Estimator(nn.Module):
+    """The paper's estimator: q (N, D) and the predicted layer t -> router logits (N, E)."""
+
+    def __init__(self, cfg: EstimatorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        W = cfg.width
+        self.down = nn.Linear(cfg.hidden_size, W)
+        self.layer_embed = nn.Embedding(cfg.num_layers, W)
+        self.ff_in = nn.Linear(W, cfg.ffn_mult * W)
+        self.ff_out = nn.Linear(cfg.ffn_mult * W, W)
+        self.norm = nn.LayerNorm(W)
+        self.head = nn.Linear(W, cfg.num_experts)
+
+    def forward(self, q: Tensor, layer: int) -> Tensor:
+        z = self.down(q) + self.layer_embed.weight[layer]  # (N, D/m)
+        z = z + self.ff_out(F.silu(self.ff_in(z)))  # (N, D/m)
+        return self.head(self.norm(z))  # (N, E)
+
+
+class LinearEstimator(nn.Module):
+    """One matrix per predicted layer: logits = q @ W_t^T, W_t initialised to layer t's router."""
+
+    def __init__(self, cfg: EstimatorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.zeros(cfg.num_layers, cfg.num_experts, cfg.hidden_size))
+
+    @torch.no_grad()
+    def init_from_routers(self, routers: list[Tensor]) -> "LinearEstimator":
+        """Copy each layer's router weight (E, D): the untrained estimator equals Router-PF."""
+        for t, w in enumerate(routers):
+            self.weight[t].copy_(w)
+        return self
+
+    def forward(self, q: Tensor, layer: int) -> Tensor:
+        return F.linear(q, self.weight[layer])  # (N, E)
+
+
+def build_estimator(cfg: EstimatorConfig) -> nn.Module:
+    return Estimator(cfg) if cfg.kind == "estimator" else LinearEstimator(cfg)
+
+
+def kl_to_router(true_logits: Tensor, logits: Tensor) -> Tensor:
+    """Per token KL(softmax(true) || softmax(logits)), in nats: (N, E), (N, E) -> (N,)."""
+    log_p = F.log_softmax(true_logits.float(), dim=-1)  # (N, E)
+    log_q = F.log_softmax(logits.float(), dim=-1)  # (N, E)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+# Training data: for each predicted layer t, (q (M, D), the true router logits of layer t (M, E)).
+Pairs = dict[int, tuple[Tensor, Tensor]]
+
+
+@torch.no_grad()
+def mean_kl(estimator: nn.Module, pairs: Pairs, batch: int = 4096) -> dict[int, float]:
+    """Mean KL(router || estimator) per predicted layer, over all pairs."""
+    out = {}
+    for t, (q, true_logits) in pairs.items():
+        total = sum(
+            kl_to_router(true_logits[i : i + batch], estimator(q[i : i + batch], t)).sum().item()
+            for i in range(0, q.shape[0], batch)
+        )
+        out[t] = total / q.shape[0]
+    return out
+
+
+def train_estimator(
+    estimator: nn.Module,
+    pairs: Pairs,
+    steps: int,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    seed: int = 0,
+    desc: str = "estimator",
+) -> list[float]:
+    """Distil the router into `estimator` with AdamW and a cosine learning rate; return losses.
+
+    Each step draws `batch_size` random pairs from every predicted layer and minimises the mean
+    KL(router || estimator) over them, so every layer gets the same share of the training.
+    """
+    if steps < 1:
+        raise TinyMoeError(f"estimator steps must be >= 1, got {steps}")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(estimator.parameters(), lr=lr, weight_decay=0.0)
+    estimator.train()
+    losses: list[float] = []
+    bar = Progress(steps, desc=desc)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = torch.zeros(())
+        for t, (q, true_logits) in pairs.items():
+            idx = torch.randint(q.shape[0], (batch_size,), generator=gen)
+            loss = loss + kl_to_router(true_logits[idx], estimator(q[idx], t)).mean()
+        loss = loss / len(pairs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.update(1, info=f"KL {losses[-1]:.4f}")
+    bar.close()
+    estimator.eval()
+    return losses
