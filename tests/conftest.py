@@ -46,6 +46,16 @@ def make_checkpoint(
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Baby models gain nothing from threads, and where cores are shared (or oversubscribed)
+    OpenMP threads spin-waiting for each other make every small matmul take milliseconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def baby_dir(tmp_path: Path) -> Path:
     """A 3-layer, 8-expert, top-2 OLMoE-shaped checkpoint."""

@@ -30,15 +30,6 @@ from tinymoe.tokenizer import load_tokenizer
 SETTINGS = CalibrationSettings(lookaheads=(1, 2), steps=20, batch_size=32, val_fraction=0.25)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Baby models gain nothing from threads, and on shared cores they slow down 20x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_text(path: Path, sentences: int = 300, seed: int = 0) -> Path:
     """Sentences of the baby tokenizer's words in random order."""
     rng = random.Random(seed)

@@ -15,15 +15,6 @@ from tinymoe.evaluate import ALL_NAMES, HIDDEN, ScoringHook, cli, evaluate, teac
 from tinymoe.predict import RouterPredictor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Baby models gain nothing from threads, and on shared cores they slow down 20x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory) -> Path:
     """A baby checkpoint with a tokenizer and speculation files."""

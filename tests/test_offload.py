@@ -15,16 +15,6 @@ FAST = LinkSpec(100.0, 0.0)  # tests stay fast; the timing model has its own tes
 PROMPT = [5, 17, 3, 42, 8, 61, 23, 7, 90, 11, 2, 33]  # routes to most of the 8 experts per layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Baby matrices gain nothing from threads, and on a busy machine OpenMP threads waiting for
-    each other make every small matmul take milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory):
     from conftest import make_checkpoint

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import add_tokenizer, make_checkpoint
 
 from tinymoe import TinyMoeError, bench
@@ -16,16 +15,6 @@ run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run)
 
 LAYER_KEYS = {"compute_ms", "copy_ms", "stall_ms", "hits", "misses"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Baby matrices gain nothing from threads, and on a busy machine OpenMP threads waiting for
-    each other make every small matmul take milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

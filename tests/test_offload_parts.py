@@ -14,16 +14,6 @@ from tinymoe.offload import OffloadRuntime
 from tinymoe.transfer import LinkSpec, SimulatedLink
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Baby matrices gain nothing from threads, and on a busy machine OpenMP threads waiting for
-    each other make every small matmul take milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_cache(n: int, eviction: str = "lru") -> ExpertCache:
     return ExpertCache(n, 4, torch.device("cpu"), torch.float32, eviction)
 

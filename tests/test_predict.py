@@ -21,15 +21,6 @@ from tinymoe.predict import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Baby models gain nothing from threads, and on shared cores they slow down 20x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Recorder:
     """Route hook: the router decides; remember (resid, u, routing) per layer of the last pass."""
 

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import add_tokenizer, make_checkpoint
 
 from tinymoe import bench
@@ -14,14 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("run_speculation_cli", ROOT / "run.py")
 run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
