@@ -8,12 +8,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 
 from tinymoe import MoETransformer, TinyMoeError, generate, load_model
 from tinymoe.calibrate import load_speculation
+from tinymoe.cli import OneLineParser, positive_int, run_cli
 from tinymoe.instruments import format_layers
 from tinymoe.loader import DTYPES
 from tinymoe.offload import OffloadRuntime, OraclePredictor, record_routing
@@ -24,20 +24,6 @@ from tinymoe.tokenizer import StreamDecoder, load_tokenizer
 from tinymoe.transfer import PRESETS, LinkSpec
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "pydoc-moe"
-
-
-def positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, except that a bad flag is one `error: ...` line on stderr (no usage block)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,14 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except TinyMoeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

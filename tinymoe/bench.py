@@ -23,12 +23,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 
 from tinymoe import TinyMoeError, generate, load_model, predict
 from tinymoe.calibrate import Calibration, load_speculation
+from tinymoe.cli import OneLineParser, run_cli
 from tinymoe.instruments import eq1_bound_ms
 from tinymoe.loader import DTYPES
 from tinymoe.model import MoETransformer, Routing
@@ -159,13 +159,6 @@ def calibrate_link(
         gbps = expert_bytes / (per_copy_s - latency_us * 1e-6) / 1e9
         link = LinkSpec(gbps, latency_us, f"calibrated to copy share {share}")
     return link
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, except that a bad flag is one `error: ...` line on stderr (as run.py)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,14 +350,7 @@ def format_table(result: dict) -> str:
 
 def cli(argv: list[str] | None = None) -> int:
     """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except TinyMoeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

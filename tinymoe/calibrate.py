@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from tinymoe.cli import OneLineParser, run_cli
 from tinymoe.config import ModelConfig
 from tinymoe.errors import TinyMoeError
 from tinymoe.estimator import (
@@ -436,7 +437,7 @@ def lookahead_list(s: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
     a("--text", required=True, help="UTF-8 calibration text, e.g. the model's training split")
@@ -500,14 +501,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except TinyMoeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

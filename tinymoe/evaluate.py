@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tinymoe.calibrate import Calibration, load_speculation, lookahead_list, read_token_ids
+from tinymoe.cli import OneLineParser, run_cli
 from tinymoe.errors import TinyMoeError
 from tinymoe.kvcache import KVCache
 from tinymoe.loader import DTYPES, load_model
@@ -258,7 +259,7 @@ def predictor_list(s: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
     a("--text", required=True, help="held-out UTF-8 text (not what calibration saw)")
@@ -309,14 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except TinyMoeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
+from tinymoe.cli import OneLineParser, positive_int, run_cli
 from tinymoe.config import ModelConfig
 from tinymoe.errors import TinyMoeError
 from tinymoe.loader import load_model, save_model
@@ -526,15 +527,8 @@ def export(model: MoETransformer, tok: Tokenizer, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--corpus-dir", default=DEFAULT_CORPUS, help="Sphinx _sources folder with *.rst.txt files")
     a("--data-dir", default="data", help="where the cleaned text, tokenizer and token ids go")
@@ -660,12 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
+    return run_cli(main, argv)
+
+
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except TinyMoeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(cli())
