@@ -7,7 +7,7 @@ import torch
 
 from tinymoe import TinyMoeError, generate, load_model
 from tinymoe.kvcache import KVCache
-from tinymoe.offload import OffloadRuntime, OraclePredictor, RoutingRecorder
+from tinymoe.offload import OffloadRuntime, OraclePredictor, RoutingRecorder, record_routing
 from tinymoe.policy import parse_policy
 from tinymoe.transfer import LinkSpec
 
@@ -107,10 +107,41 @@ def test_oracle_prefetch_leaves_only_late_misses_after_layer_0(model, reference)
         rt.report()
         layers = rt.stats["decode"].layers
     assert rt.num_slots == 4  # 2 * top-k by default
-    for st in layers[1:]:  # layer 0 has nothing to predict from: it loads on demand
+    for st in layers[1:]:
         assert set(+st.miss_kinds) <= {"late"}
         assert st.hits + st.misses == 5 * 2  # five decode steps, top-2
     assert layers[0].hits + layers[0].misses == 10
+
+
+def decode_layer_0_after_first_step(model, predictor: OraclePredictor) -> dict:
+    """Generate 6 tokens; layer 0's decode stats from the second decode step on (4 steps)."""
+    with OffloadRuntime(model, "oracle", predictor=predictor, link=FAST) as rt:
+
+        def skip_first_decode_step(tok: int) -> None:
+            tokens.append(tok)
+            if len(tokens) == 2:  # the prefill streamed through every slot: nothing prefetched
+                rt.report()
+                rt.reset_stats()
+
+        tokens: list[int] = []
+        generate(model, PROMPT, 6, eos_ids=(), on_token=skip_first_decode_step)
+        rt.report()
+        st = rt.stats["decode"].layers[0]
+        leftover = dict(rt.reserved)
+    assert st.hits + st.misses == 4 * 2  # four decode steps, top-2
+    return {"kinds": set(+st.miss_kinds), "prefetched": st.prefetch_bytes, "left": leftover}
+
+
+def test_oracle_prefetches_the_next_tokens_layer_0(model):
+    _, recording = record_routing(model, PROMPT, 6, eos_ids=())
+    crossing = decode_layer_0_after_first_step(model, OraclePredictor(recording))
+    # The previous step's last layer prefetched layer 0: at worst its copy is still in flight.
+    assert crossing["kinds"] <= {"late"} and crossing["prefetched"] > 0
+    assert crossing["left"] == {}  # the last step had no next step to reserve for
+    within = OraclePredictor(recording)
+    within.crosses_tokens = False  # what every real predictor does: stop at the last layer
+    alone = decode_layer_0_after_first_step(model, within)
+    assert alone["kinds"] - {"late"} and alone["prefetched"] == 0  # layer 0 loads on demand
 
 
 def test_on_demand_has_no_reuse_across_tokens(model):

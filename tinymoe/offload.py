@@ -25,6 +25,11 @@ Slots are pinned while the layer uses them or their copy is in flight (never evi
 prefetched expert is reserved for its target layer until that layer runs (other prefetches may
 not take its slot; a demand miss may, as a last resort).
 
+Cross-token prefetch (the oracle only): the oracle knows the next decode step's routing too,
+so the last `lookahead` layers prefetch the next step's first layers, and layer 0 need not load
+on demand. Those reservations outlive the forward pass (re-keyed to the next one's layers); the
+prefetch never forces a slot, so it cannot evict what the current layer needs.
+
 The policies (which experts to keep, who predicts, the default budget) are in policy.py.
 Prefetching needs (1 + lookahead) * top-k slots; with fewer, a prefetch that finds no unpinned
 slot is skipped (counted as a capacity miss later), never forced.
@@ -87,8 +92,12 @@ class OraclePredictor:
     """Predicts layer l + lookahead's routing perfectly, by replaying a recorded resident run.
 
     Valid only for the same prompt and generation settings as the recording (then exactness
-    makes the offloaded run route identically). Layer 0 has no prediction, like any predictor.
+    makes the offloaded run route identically). Unlike a real predictor it crosses tokens: for a
+    target t >= L it predicts layer t - L of the next recorded forward pass (None after the last
+    one), so even layer 0 is prefetched. That makes it a bound for Eq. 1, which counts layer 0.
     """
+
+    crosses_tokens = True  # see the Predictor protocol
 
     def __init__(self, forwards: list[list[Routing]], lookahead: int = 1) -> None:
         self.forwards, self.lookahead = forwards, lookahead
@@ -100,11 +109,13 @@ class OraclePredictor:
     def observe(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None:
         if layer == 0:
             self.step += 1
-        target = layer + self.lookahead
-        if self.step >= len(self.forwards) or target >= len(self.forwards[self.step]):
-            return None
-        true = self.forwards[self.step][target]
-        if true.ids.shape[0] != u.shape[0]:
+        step, target = self.step, layer + self.lookahead
+        if step < len(self.forwards) and target >= len(self.forwards[step]):
+            step, target = step + 1, target - len(self.forwards[step])  # the next forward pass
+        if step >= len(self.forwards):
+            return None  # the end of the recording: no next forward
+        true = self.forwards[step][target]
+        if step == self.step and true.ids.shape[0] != u.shape[0]:
             raise TinyMoeError(
                 f"oracle: forward {self.step} has {u.shape[0]} tokens, the recording "
                 f"{true.ids.shape[0]}; record the routing with the same prompt and settings"
@@ -284,7 +295,10 @@ class OffloadRuntime:
         self.phase = "prefill" if start == 0 else "decode"
         if start == 0:
             self.hook.reset()  # a new sequence: predictors forget the previous one
-        self.hook.pending.clear()
+            if self.policy.offload:
+                for target in list(self.reserved):  # cross-token prefetches nobody will use
+                    self._unreserve(target)
+        self.hook.next_forward(self.cfg.num_layers)
         self._forward_t0 = self._seg_start = self._clock()
 
     def _forward_end(self, module, args, output) -> None:
@@ -294,8 +308,11 @@ class OffloadRuntime:
         st.steps += 1
         st.wall_s += t - self._forward_t0
         if self.policy.offload:
-            for target in list(self.reserved):  # predictions for layers that never ran
+            L = self.cfg.num_layers
+            for target in [t for t in self.reserved if t < L]:  # layers that never ran
                 self._unreserve(target)
+            # Cross-token prefetches are for the next forward pass's layers: keep them.
+            self.reserved = {t - L: keys for t, keys in self.reserved.items()}
 
     def _route(
         self, layer: int, resid: Tensor, u: Tensor, router: Callable[[Tensor], Routing]
@@ -460,22 +477,29 @@ class OffloadRuntime:
             arriving.append((e, slot, t))
 
     def _prefetch(self, target: int) -> None:
-        """Copy the experts predicted for layer `target`, into free or evictable slots only."""
+        """Copy the experts predicted for layer `target`, into free or evictable slots only.
+
+        A target >= L (only a predictor that crosses tokens makes one) is layer target - L of
+        the next forward pass, always a decode step: its bytes are charged there."""
         prediction = self.hook.pending.get(target)
-        if prediction is None or target >= self.cfg.num_layers:
+        wraps = target >= self.cfg.num_layers
+        if prediction is None or (wraps and not self.hook.crosses_tokens):
             return
-        st = self.stats[self.phase].layers[target]
+        layer, phase = target, self.phase
+        if wraps:
+            layer, phase = target - self.cfg.num_layers, "decode"
+        st = self.stats[phase].layers[layer]
         keys = self.reserved.setdefault(target, [])
         # SYNC: the host needs the predicted ids to issue copies (computed before this layer's
         # own ids were read, so this waits for nothing but a tiny unique kernel).
         for e in prediction.ids.unique().tolist():
-            key = (target, e)
+            key = (layer, e)
             slot = self.cache.lookup(key)
             if slot is None:
                 slot = self._insert(key, evict_reserved=False)
                 if slot is None:
                     continue  # no room: skip it, never force; it will be a capacity miss
-                self._copy(target, e, slot, "prefetch", st)
+                self._copy(layer, e, slot, "prefetch", st)
                 self.unused_prefetch.add(key)
             self.cache.reserve(slot)
             keys.append(key)

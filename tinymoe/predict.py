@@ -51,6 +51,9 @@ class Predictor(Protocol):
         routing: layer l's routing (ids (N, K), weights (N, K))
     Returns a Routing for layer `layer + lookahead` over the same N tokens (logits may be None),
     or None when there is nothing to predict (the target is past the last layer).
+
+    A predictor may set `crosses_tokens = True` (only the offloading runtime's oracle does): then
+    a target t >= L (num_layers) is a prediction for layer t - L of the NEXT forward pass.
     """
 
     lookahead: int
@@ -67,8 +70,10 @@ class PredictionHook:
 
     At layer l: if speculating and a prediction for l exists, layer l uses it and its router is
     never computed; otherwise the router decides. Then the predictor observes layer l and its
-    prediction for layer l + lookahead is kept in `pending` until that layer runs. Layers with no
-    prediction (the first `lookahead` layers) always use their router: "layer 0 loads on demand".
+    prediction for layer l + lookahead is kept in `pending` until that layer runs. The first
+    `lookahead` layers always use their router: "layer 0 loads on demand". A predictor that
+    crosses tokens may still predict them, from the previous forward pass (next_forward keeps
+    those predictions); they only drive prefetching, never routing.
 
     The offloading runtime reads `pending[l + lookahead]` right after layer l to start copies; the
     evaluation code uses this hook alone, on resident experts, to measure what speculation costs.
@@ -80,6 +85,7 @@ class PredictionHook:
         self.predictor = predictor
         self.speculate = speculate
         self.pending: dict[int, Routing] = {}  # target layer -> predicted routing (this forward)
+        self.crosses_tokens = getattr(predictor, "crosses_tokens", False)
         self.last_prediction: dict[int, Routing] = {}  # layer -> the prediction that layer had
 
     def reset(self) -> None:
@@ -88,17 +94,27 @@ class PredictionHook:
         if self.predictor is not None:
             self.predictor.reset()
 
+    def next_forward(self, num_layers: int) -> None:
+        """A forward pass starts: predictions that crossed into it (target >= num_layers) become
+        its own (target - num_layers); those for layers that never ran are dropped."""
+        carried = {}
+        if self.crosses_tokens:
+            carried = {t - num_layers: r for t, r in self.pending.items() if t >= num_layers}
+        self.pending = carried
+
     def __call__(self, layer: int, resid: Tensor, u: Tensor, router) -> Routing:
         predicted = self.pending.pop(layer, None)
         if predicted is not None:
             self.last_prediction[layer] = predicted
         else:
             self.last_prediction.pop(layer, None)
-        routing = predicted if (self.speculate and predicted is not None) else router(u)
+        lookahead = self.predictor.lookahead if self.predictor is not None else 0
+        speculated = self.speculate and predicted is not None and layer >= lookahead
+        routing = predicted if speculated else router(u)
         if self.predictor is not None:
             nxt = self.predictor.observe(layer, resid.reshape(u.shape), u, routing)
             if nxt is not None:
-                self.pending[layer + self.predictor.lookahead] = nxt
+                self.pending[layer + lookahead] = nxt
         return routing
 
 
