@@ -158,8 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.model).is_dir():
         raise TinyMoeError(f"--model {args.model}: not a directory (expected a checkpoint dir)")
     device = torch.device(args.device)
+    policy = parse_policy(policy_name(args))
+    # Offloading on a GPU: read the experts straight into pinned host memory, so they never
+    # have to fit on the device. The oracle is the exception: it first records a resident run.
+    to_host = device.type == "cuda" and policy.offload and policy.predictor != "oracle"
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, device=device, dtype=args.dtype)
+    model = load_model(
+        args.model, device=device, dtype=args.dtype, expert_device="cpu" if to_host else None
+    )
     prompt_ids = tokenizer.encode(args.prompt).ids
     if not prompt_ids:
         raise TinyMoeError("--prompt encodes to no tokens; give some text")

@@ -238,3 +238,17 @@ def test_parse_policy_composite_names():
     s = parse_policy("speculative+hybrid")
     assert (s.predictor, s.speculate, s.reuse) == ("hybrid", True, False)
     assert parse_policy("on-demand").pipeline is False
+
+
+def test_experts_loaded_on_the_host_are_adopted_without_a_copy(tmp_path):
+    """load_model(expert_device="cpu") puts experts where the store copies from: it keeps them."""
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m")
+    model = load_model(path, expert_device="cpu")
+    before = [w.data_ptr() for w in model.experts.weights]
+    resident = generate(load_model(path), PROMPT[:5], 4, eos_ids=()).tokens
+    with OffloadRuntime(model, "lru", slots=3) as rt:
+        assert [t.data_ptr() for t in rt.store.layers] == before  # adopted, not copied
+        assert generate(model, PROMPT[:5], 4, eos_ids=()).tokens == resident
+    assert [w.data_ptr() for w in model.experts.weights] == before  # given back home

@@ -61,3 +61,21 @@ def test_cuda_link_flags_are_refused(model):
 
     with pytest.raises(TinyMoeError, match="simulate a link"):
         OffloadRuntime(model, "on-demand", link=PRESETS["pcie4-x16"])
+
+
+def test_experts_loaded_straight_into_pinned_host_memory(model, tmp_path):
+    """run.py's offloading path on a GPU: the experts never touch the device until copied."""
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m")
+    want = generate(load_model(path, device="cuda"), PROMPT, 8, eos_ids=()).tokens
+    host = load_model(path, device="cuda", expert_device="cpu")
+    assert host.experts.weights[0].is_pinned() and host.embed_tokens.weight.is_cuda
+    pinned = [w.data_ptr() for w in host.experts.weights]
+    before = torch.cuda.memory_allocated()
+    with OffloadRuntime(host, "lru", slots=3) as rt:
+        assert [t.data_ptr() for t in rt.store.layers] == pinned  # adopted, no second copy
+        got = generate(host, PROMPT, 8, eos_ids=()).tokens
+    assert got == want
+    assert host.experts.weights[0].device.type == "cpu"  # given back to the host, not the GPU
+    assert torch.cuda.memory_allocated() <= before + 2**20

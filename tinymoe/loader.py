@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from tinymoe.config import ModelConfig
 from tinymoe.errors import TinyMoeError
@@ -139,15 +139,29 @@ def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
+    expert_device: str | torch.device | None = None,
 ) -> MoETransformer:
-    """Build a MoETransformer from a checkpoint directory, every weight on `device` in `dtype`."""
+    """Build a MoETransformer from a checkpoint directory, every weight on `device` in `dtype`.
+
+    expert_device: where the experts go (default: `device`). "cpu" with a CUDA `device` reads
+    them straight into pinned host memory, where the offloading runtime copies them from, so a
+    model whose experts do not fit on the GPU never has to.
+    """
     dtype = parse_dtype(dtype)
     device = torch.device(device)
+    expert_device = device if expert_device is None else torch.device(expert_device)
     ckpt = Checkpoint(path)
     cfg = ckpt.config
     with torch.device("meta"):
         model = MoETransformer(cfg)  # shapes only: no memory, no random init
+    experts = model.experts
+    del model.experts  # allocated on their own below: they may live on the host
     model = model.to(dtype).to_empty(device=device)
+    pin = expert_device.type == "cpu" and device.type == "cuda"
+    for i, p in enumerate(experts.weights):
+        w = torch.empty(p.shape, dtype=dtype, device=expert_device, pin_memory=pin)
+        experts.weights[i] = nn.Parameter(w)
+    model.experts = experts
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # to_empty unties; tie again
 

@@ -9,9 +9,11 @@ CUDA the rows live in pinned (page-locked) memory: only pinned memory can be cop
 
 The store takes the experts out of a loaded model layer by layer and frees each layer's
 original as it goes, so the process never holds a second full copy of the experts (at most one
-extra layer, during the move). On the CPU there is nothing to move: the store keeps the model's
-own tensors. `give_back` puts the experts back into the model, on its device. The store is
-read-only: eviction from the device cache never copies anything back.
+extra layer, during the move). Experts already on the host (on the CPU, or loaded with
+`load_model(..., expert_device="cpu")`, which reads them straight into pinned memory when the
+compute device is CUDA) are kept as they are: nothing to move. `give_back` puts the experts back
+where the model kept them. The store is read-only: eviction from the device cache never copies
+anything back.
 """
 
 import torch
@@ -21,8 +23,9 @@ from tinymoe.model import MoETransformer
 
 
 class HostExpertStore:
-    def __init__(self, layers: list[Tensor]) -> None:
+    def __init__(self, layers: list[Tensor], home: torch.device) -> None:
         self.layers = layers  # [(E, 3*I*D)] * L, on the host
+        self.home = home  # where the model kept its experts (give_back returns them there)
         self.expert_bytes = layers[0][0].numel() * layers[0].element_size()
 
     @classmethod
@@ -34,25 +37,25 @@ class HostExpertStore:
         """
         device = model.embed_tokens.weight.device
         pin = device.type == "cuda"
+        home = model.experts.weights[0].device
         layers = []
         with torch.no_grad():
             for param in model.experts.weights:
-                w = param.data  # (E, 3*I*D) on the model's device
-                if pin:
-                    host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
-                    host.copy_(w)  # SYNC: a blocking device-to-host copy, once, at setup
+                w = param.data  # (E, 3*I*D) where the loader put them
+                if w.device.type == "cpu" and (w.is_pinned() or not pin):
+                    host = w  # already where copies start from (load_model(expert_device="cpu"))
                 else:
-                    host = w  # already on the host: keep it, no copy
+                    host = torch.empty(w.shape, dtype=w.dtype, pin_memory=pin)
+                    host.copy_(w)  # SYNC: a blocking device-to-host copy, once, at setup
                 layers.append(host)
-                param.data = torch.empty(0, device=device, dtype=w.dtype)  # free the original
-        return cls(layers)
+                param.data = torch.empty(0, device=home, dtype=w.dtype)  # free the original
+        return cls(layers, home)
 
     def give_back(self, model: MoETransformer) -> None:
-        """Put the experts back into the model, on its device (needs room for all of them)."""
-        device = model.embed_tokens.weight.device
+        """Put the experts back where the model kept them (on the GPU: needs room for all)."""
         with torch.no_grad():
             for param, host in zip(model.experts.weights, self.layers, strict=True):
-                param.data = host if device.type == "cpu" else host.to(device)
+                param.data = host if self.home.type == "cpu" else host.to(self.home)
         self.layers = []
 
     @property
