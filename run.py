@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def sampling(args: argparse.Namespace) -> dict:
+    """The sampling flags as generate()'s keyword arguments."""
+    return {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+
+
 def policy_name(args: argparse.Namespace) -> str:
     """--offload-policy, --prefetch and --speculate combined into one policy name (policy.py)."""
     if args.offload_policy is None:
@@ -124,14 +129,7 @@ def make_runtime(
     if predictor_name == "oracle":
         # The oracle replays the routing of a resident run of this very prompt and settings.
         print("oracle: recording the routing of a resident run first", file=sys.stderr)
-        _, recording = record_routing(
-            model,
-            prompt_ids,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
+        _, recording = record_routing(model, prompt_ids, args.max_new_tokens, **sampling(args))
         predictor = OraclePredictor(recording, args.lookahead)
     elif predictor_name is not None:
         calibration = load_speculation(args.model, model.cfg)
@@ -177,15 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print(args.prompt, end="", flush=True)
         on_token = lambda t: print(stream.push(t), end="", flush=True)  # noqa: E731
     with runtime:
-        out = generate(
-            model,
-            prompt_ids,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            on_token=on_token,
-        )
+        out = generate(model, prompt_ids, args.max_new_tokens, **sampling(args), on_token=on_token)
         report = runtime.report()  # decode and prefill measured separately
         if args.trace:
             runtime.write_trace(args.trace)

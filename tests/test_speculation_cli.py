@@ -21,6 +21,7 @@ def baby(tmp_path_factory) -> Path:
     return add_tokenizer(make_checkpoint(tmp_path_factory.mktemp("spec") / "baby", num_layers=4))
 
 
+FAST_LINK = ["--link-gbps", "100", "--link-latency-us", "0"]
 BASE = ["--prompt", "the cat sat on the mat", "--max-new-tokens", "6", "--json"]
 
 
@@ -44,10 +45,7 @@ def test_exact_prefetch_keeps_resident_tokens(baby, capsys, predictor, lookahead
         lookahead,
         "--offload-policy",
         "lru",
-        "--link-gbps",
-        "100",
-        "--link-latency-us",
-        "0",
+        *FAST_LINK,
     )
     assert out["tokens"] == resident["tokens"]
     assert out["offload_policy"] == f"prefetch+{predictor}+lru"
@@ -63,10 +61,7 @@ def test_speculative_with_the_oracle_is_exact_and_never_misses_after_layer_0(bab
         "--prefetch",
         "oracle",
         "--speculate",
-        "--link-gbps",
-        "100",
-        "--link-latency-us",
-        "0",
+        *FAST_LINK,
     )
     assert out["offload_policy"] == "speculative+oracle"
     assert out["tokens"] == resident["tokens"]
