@@ -159,7 +159,8 @@ def moe_forward(
 
     Tokens are grouped by expert (one matmul per expert, never a gathered per-token weight), and
     the K contributions of each token are summed in a fixed order at the end, so the result is
-    bit-identical whatever order the provider yields experts in.
+    bit-identical whatever order the provider yields experts in. A single token (a decode step)
+    takes a shorter path with the same contract.
     """
     N, K = routing.ids.shape
     if N == 1:  # decode: one token, so skip the grouping machinery (per-op overhead dominates)
