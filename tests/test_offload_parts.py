@@ -149,7 +149,12 @@ def test_miss_taxonomy_on_a_hand_made_sequence(tmp_path):
     model = load_model(make_checkpoint(tmp_path / "m"))
     gate = threading.Event()
     rt = OffloadRuntime(
-        model, "prefetch+scripted", predictor=Scripted(), slots=3, link=LinkSpec(100.0)
+        model,
+        "prefetch+scripted",
+        predictor=Scripted(),
+        slots=3,
+        link=LinkSpec(100.0),
+        prefetch_depth=None,  # unthrottled: both prefetches of B go on the link at once
     )
     # Prefetch copies wait at this gate, so they are certainly in flight when first needed.
     rt.engine.before_copy = lambda t: t.tag.kind == "prefetch" and gate.wait(10)
@@ -224,3 +229,54 @@ def test_trace_span_units_are_microseconds():
 def test_eq1_bound():
     layers = [{"copy_ms": 8.0, "compute_ms": 2.0}, {"copy_ms": 1.0, "compute_ms": 3.0}]
     assert eq1_bound_ms(20.0, layers) == pytest.approx(20.0 - 2.0 - 1.0)
+
+
+class AlwaysWrong:
+    """Predicts, for layer l + 1, every expert that layer does NOT route to (from a recording)."""
+
+    lookahead = 1
+
+    def __init__(self, forwards, num_experts: int) -> None:
+        self.forwards, self.num_experts, self.step = forwards, num_experts, -1
+
+    def reset(self) -> None:
+        self.step = -1
+
+    def observe(self, layer, resid, u, routing):
+        self.step += layer == 0
+        layers = self.forwards[self.step]
+        if layer + 1 >= len(layers):
+            return None
+        wrong = sorted(set(range(self.num_experts)) - set(layers[layer + 1].ids.flatten().tolist()))
+        if not wrong:
+            return None
+        ids = torch.tensor([wrong] * u.shape[0])
+        return Routing(ids, torch.ones(ids.shape))
+
+
+@pytest.mark.parametrize("depth", [1, None])
+def test_throttled_exact_prefetch_wastes_at_most_depth_copies_per_layer(tmp_path, depth):
+    """On a slow link, a predictor that is always wrong puts at most `depth` useless copies on
+    the link per layer (unthrottled: all of them), and the output stays exact."""
+    from conftest import make_checkpoint
+
+    from tinymoe.generate import generate
+    from tinymoe.offload import record_routing
+
+    model = load_model(make_checkpoint(tmp_path / "m"))
+    prompt, n = [1, 2, 3, 4, 5], 4
+    resident, forwards = record_routing(model, prompt, n)
+    predictor = AlwaysWrong(forwards, model.cfg.num_experts)
+    link = LinkSpec(0.001)  # ~ms per expert: far slower than a layer of this model computes
+    with OffloadRuntime(
+        model, "prefetch+wrong+lru", predictor=predictor, link=link, prefetch_depth=depth
+    ) as rt:
+        out = generate(model, prompt, n)
+        decode = rt.report()["decode"]
+        expert_bytes = rt.store.expert_bytes
+    assert out.tokens == resident.tokens
+    per_step = (model.cfg.num_layers - 1) * expert_bytes  # layers 1.. are prefetched
+    if depth is None:
+        assert decode["prefetch_bytes"] > decode["steps"] * per_step
+    else:
+        assert 0 < decode["prefetch_bytes"] <= decode["steps"] * per_step

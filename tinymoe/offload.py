@@ -17,6 +17,13 @@ How an offloaded layer l runs:
        out and a prefetch queued ahead of them would delay this layer; THEN issues the prefetch
        for layer l + lookahead; then yields hits, and the rest as their copies land (waiting for
        one is a stall).
+       Exact mode throttles the prefetch: a real predictor is often wrong, and a wrong copy
+       on the link delays layer l + 1's demand copies. So the predicted experts wait in a host
+       queue (`queued`, holding no slot) and are issued only while fewer than `depth` copies
+       are in flight (plus what the link finishes in one layer's compute); the queue is topped
+       up at every route hook and expert release, and what is still queued when its layer runs
+       is dropped (needed ones become demand misses). Speculative mode and the oracle use every
+       prefetch, so they issue all at once.
     4. Streaming: when the layer needs more experts than there are free slots (a long prompt
        routes to nearly all of them), each expert's slot is released once its tokens are
        computed and the next miss is copied into it. Any budget >= top-k works for any prompt.
@@ -165,6 +172,7 @@ class OffloadRuntime:
         link: LinkSpec | None = None,
         trace: bool = False,
         timed: bool = True,
+        prefetch_depth: int | None = 1,
     ) -> None:
         self.policy = parse_policy(policy) if isinstance(policy, str) else policy
         if (self.policy.predictor is None) != (predictor is None):
@@ -182,6 +190,17 @@ class OffloadRuntime:
             )
         self.hook = PredictionHook(predictor, self.policy.speculate)
         self.lookahead = predictor.lookahead if predictor is not None else 0
+        # Throttled exact prefetch: a real predictor in exact mode is often wrong, and on a
+        # first-in-first-out link a wrong prefetch delays the next layer's demand copies. So its
+        # prefetches wait in `queued` and go on the link only while fewer than `depth` copies
+        # are in flight. Speculative mode uses every prefetch, the oracle is never wrong:
+        # both put all of theirs on the link at once (depth None).
+        exact = not self.policy.speculate and not self.hook.crosses_tokens
+        self.depth = prefetch_depth if exact else None
+        # Running means of one layer's compute and one expert's copy, to scale the depth: the
+        # runtime only gets control between layers and experts, so on a link fast next to
+        # compute a depth of 1 would leave it idle through attention (see _pump).
+        self._layer_s = self._copy_s = float("nan")
         self.stats = {"prefill": PhaseStats(cfg.num_layers), "decode": PhaseStats(cfg.num_layers)}
         self.phase = "prefill"
         self.trace = Trace() if trace else None
@@ -213,6 +232,7 @@ class OffloadRuntime:
         self.reserved: dict[int, list[Key]] = {}  # target layer -> experts prefetched for it
         self.seen: set[Key] = set()  # experts ever loaded (compulsory vs capacity misses)
         self.unused_prefetch: set[Key] = set()  # prefetched, not used yet (wasted if evicted)
+        self.queued: list[tuple[int, Key, LayerStats]] = []  # throttled: (target, key, stats)
         # Install. The forward hooks mark where each forward pass (and the first layer) starts.
         self._saved_hook = model.route_hook
         model.provider, model.route_hook = self, self._route
@@ -298,6 +318,7 @@ class OffloadRuntime:
             if self.policy.offload:
                 for target in list(self.reserved):  # cross-token prefetches nobody will use
                     self._unreserve(target)
+                self.queued.clear()
         self.hook.next_forward(self.cfg.num_layers)
         self._forward_t0 = self._seg_start = self._clock()
 
@@ -311,6 +332,7 @@ class OffloadRuntime:
             L = self.cfg.num_layers
             for target in [t for t in self.reserved if t < L]:  # layers that never ran
                 self._unreserve(target)
+            self.queued.clear()  # (throttling never crosses tokens: all were for this pass)
             # Cross-token prefetches are for the next forward pass's layers: keep them.
             self.reserved = {t - L: keys for t, keys in self.reserved.items()}
 
@@ -320,6 +342,8 @@ class OffloadRuntime:
         t0 = self._clock()
         self._span("compute", f"L{layer} attention", self._seg_start, t0)
         routing = self.hook(layer, resid, u, router)
+        if self.policy.offload:
+            self._pump()  # the link may have drained during attention
         self._route_end = self._clock()
         self._span("compute", f"L{layer} router", t0, self._route_end)
         return routing
@@ -342,6 +366,7 @@ class OffloadRuntime:
                 yield e, weights[e]
         t = self._clock()
         st.compute_s += t - self._seg_start - stall
+        self._layer_s = _mean(self._layer_s, t - self._seg_start - stall)
         self._span("compute", f"L{layer} experts", self._route_end, t, experts=len(ids))
         self._seg_start = t
 
@@ -352,6 +377,9 @@ class OffloadRuntime:
         cache = self.cache
         self._reap()
         self._unreserve(layer)  # its prefetches arrived (or not): from now on, ordinary entries
+        # Its prefetches never issued are dropped: the needed ones become ordinary demand misses
+        # (copied first, below), the mispredicted ones are never copied at all.
+        self.queued = [q for q in self.queued if q[0] > layer]
         ready, arriving, todo = self._sort(layer, ids, st)
         # This layer's misses go on the link first, then the prefetch for a later layer.
         self._issue_demand(layer, todo, arriving, st)
@@ -396,6 +424,8 @@ class OffloadRuntime:
                     self._issue_demand(layer, todo, arriving, st)
                     if not todo:
                         self._prefetch(layer + self.lookahead)
+                else:
+                    self._pump()  # a copy may have landed while expert e computed
         finally:  # an error (or the caller stopping early) must not leave slots pinned
             if current is not None:
                 self.engine.release(current[1])  # kernels reading it may still be queued
@@ -489,26 +519,48 @@ class OffloadRuntime:
         if wraps:
             layer, phase = target - self.cfg.num_layers, "decode"
         st = self.stats[phase].layers[layer]
-        keys = self.reserved.setdefault(target, [])
         # SYNC: the host needs the predicted ids to issue copies (computed before this layer's
         # own ids were read, so this waits for nothing but a tiny unique kernel).
         for e in prediction.ids.unique().tolist():
-            key = (layer, e)
-            slot = self.cache.lookup(key)
+            if self.depth is None or self.cache.lookup((layer, e)) is not None:
+                self._prefetch_one(target, (layer, e), st)
+            else:
+                self.queued.append((target, (layer, e), st))  # throttled: _pump issues it
+        self._pump()
+
+    def _prefetch_one(self, target: int, key: Key, st: LayerStats) -> None:
+        """Reserve `key` for layer `target`, copying it first if it is not in a slot."""
+        slot = self.cache.lookup(key)
+        if slot is None:
+            slot = self._insert(key, evict_reserved=False)
             if slot is None:
-                slot = self._insert(key, evict_reserved=False)
-                if slot is None:
-                    continue  # no room: skip it, never force; it will be a capacity miss
-                self._copy(layer, e, slot, "prefetch", st)
-                self.unused_prefetch.add(key)
-            self.cache.reserve(slot)
-            keys.append(key)
+                return  # no room: skip it, never force; it will be a capacity miss
+            self._copy(key[0], key[1], slot, "prefetch", st)
+            self.unused_prefetch.add(key)
+        self.cache.reserve(slot)
+        self.reserved.setdefault(target, []).append(key)
+
+    def _pump(self) -> None:
+        """Throttled prefetch: issue queued prefetches while fewer than `depth` copies are in
+        flight. done() asks without blocking (an event query on CUDA), so this never syncs."""
+        while self.queued:
+            if sum(not t.done() for t in self.inflight.values()) >= self._depth_now():
+                return
+            target, key, st = self.queued.pop(0)
+            self._prefetch_one(target, key, st)
 
     def _unreserve(self, target: int) -> None:
         for key in self.reserved.pop(target, []):
             slot = self.cache.lookup(key)
             if slot is not None:
                 self.cache.unreserve(slot)
+
+    def _depth_now(self) -> int:
+        """`depth`, plus as many copies as the link finishes in one layer's compute: those
+        would land before the next layer needs the link anyway, so they cannot delay it."""
+        if not (self._copy_s > 0 and self._layer_s >= 0):  # NaN: not measured yet, or untimed
+            return self.depth
+        return self.depth + int(min(self._layer_s / self._copy_s, 64.0))
 
     def _wait(self, t: Transfer, host: bool = False) -> float:
         """Make the compute side wait for t (host too, if `host`); returns the time stalled."""
@@ -558,8 +610,14 @@ class OffloadRuntime:
         start, end = t.interval()
         if end >= start:  # False for NaN: untimed CUDA runs do not time their copies
             t.tag.stats.copy_s += end - start
+            self._copy_s = _mean(self._copy_s, end - start)
             self._span("copy", f"L{key[0]} e{key[1]}", start, end, kind=t.tag.kind, bytes=t.nbytes)
 
     def _count_miss(self, st: LayerStats, kind: str) -> None:
         st.misses += 1
         st.miss_kinds[kind] += 1
+
+
+def _mean(old: float, new: float, weight: float = 0.1) -> float:
+    """An exponential running mean; NaN (no value yet) takes the first value as is."""
+    return new if old != old else (1 - weight) * old + weight * new
