@@ -128,6 +128,18 @@ class Routing:
     ids: Tensor  # (N, K) long
     weights: Tensor  # (N, K), in the activation dtype
     logits: Tensor | None = None  # (N, E) the router's logits; None when the routing was predicted
+    host_ids: list[list[int]] | None = None  # ids as read to the host, once (see ids_on_host)
+
+    def ids_on_host(self) -> list[list[int]]:
+        """The ids as Python lists (N lists of K), read from the device the first time only.
+
+        A predicted routing is read when its experts are prefetched, one layer early; the layer
+        that runs it (speculating) and the miss accounting reuse that read instead of syncing
+        again, so each routing costs at most one host-device sync.
+        """
+        if self.host_ids is None:
+            self.host_ids = self.ids.tolist()  # SYNC: the host needs the ids to fetch experts
+        return self.host_ids
 
 
 def route_topk(logits: Tensor, top_k: int, normalise: bool, dtype: torch.dtype) -> Routing:
@@ -164,7 +176,7 @@ def moe_forward(
     """
     N, K = routing.ids.shape
     if N == 1:  # decode: one token, so skip the grouping machinery (per-op overhead dominates)
-        ids = routing.ids[0].tolist()  # SYNC: the host needs the ids to fetch the experts
+        ids = routing.ids_on_host()[0]  # (the layer's one sync, unless already read)
         y = {e: expert_forward(w, u, expert_dim) for e, w in provider.experts(layer, sorted(ids))}
         if len(y) != K:
             raise RuntimeError(f"expert provider did not supply experts {ids} of layer {layer}")

@@ -444,7 +444,7 @@ class OffloadRuntime:
         prediction = self.hook.last_prediction.get(layer)
         predicted = None
         if prediction is not None:
-            predicted = set(prediction.ids.unique().tolist())  # SYNC: small; ids are final now
+            predicted = {e for row in prediction.ids_on_host() for e in row}  # read at prefetch
         ready, arriving, todo = [], [], []
         for e in ids:
             slot = self.cache.lookup((layer, e))
@@ -519,9 +519,10 @@ class OffloadRuntime:
         if wraps:
             layer, phase = target - self.cfg.num_layers, "decode"
         st = self.stats[phase].layers[layer]
-        # SYNC: the host needs the predicted ids to issue copies (computed before this layer's
-        # own ids were read, so this waits for nothing but a tiny unique kernel).
-        for e in prediction.ids.unique().tolist():
+        # SYNC (in ids_on_host): the host needs the predicted ids to issue copies. They were
+        # computed before this layer's own ids were read, so this waits for nothing; the read is
+        # kept on the Routing, so running or scoring the prediction later costs no second sync.
+        for e in sorted({e for row in prediction.ids_on_host() for e in row}):
             if self.depth is None or self.cache.lookup((layer, e)) is not None:
                 self._prefetch_one(target, (layer, e), st)
             else:
