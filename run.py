@@ -110,10 +110,9 @@ def policy_name(args: argparse.Namespace) -> str:
 
 
 def make_runtime(
-    args: argparse.Namespace, model: MoETransformer, prompt_ids: list[int]
+    args: argparse.Namespace, model: MoETransformer, prompt_ids: list[int], name: str
 ) -> OffloadRuntime:
-    """The offloading runtime the flags ask for (`resident` too: it is what measures layers)."""
-    name = policy_name(args)
+    """The runtime for policy `name` (`resident` too: it is what measures layers)."""
     link = None
     if args.link_preset or args.link_gbps is not None or args.link_latency_us is not None:
         if args.offload_policy == "resident":
@@ -156,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.model).is_dir():
         raise TinyMoeError(f"--model {args.model}: not a directory (expected a checkpoint dir)")
     device = torch.device(args.device)
-    policy = parse_policy(policy_name(args))
+    name = policy_name(args)
+    policy = parse_policy(name)
     # Offloading on a GPU: read the experts straight into pinned host memory, so they never
     # have to fit on the device. The oracle is the exception: it first records a resident run.
     to_host = device.type == "cuda" and policy.offload and policy.predictor != "oracle"
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if not prompt_ids:
         raise TinyMoeError("--prompt encodes to no tokens; give some text")
 
-    runtime = make_runtime(args, model, prompt_ids)
+    runtime = make_runtime(args, model, prompt_ids, name)
     stream = StreamDecoder(tokenizer)
     on_token = None
     if not args.json:
