@@ -1,4 +1,4 @@
-"""Timing helpers: a wall clock that is honest on CUDA, summary statistics, peak memory."""
+"""Timing helpers: a wall clock, summary statistics, peak memory."""
 
 import resource
 import statistics
@@ -6,12 +6,6 @@ import sys
 import time
 
 import torch
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued device work so a timestamp means "done", not "enqueued"."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # SYNC: only for timing; generation syncs per token anyway
 
 
 def now() -> float:
