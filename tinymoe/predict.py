@@ -149,6 +149,21 @@ def _check_lookahead(lookahead: int, num_layers: int) -> None:
         )
 
 
+def _on_model(model: MoETransformer, default_vectors: Tensor | None) -> Tensor | None:
+    """Check default vectors (L, E, D) against the model; move them to its device and dtype."""
+    if default_vectors is None:
+        return None
+    cfg = model.cfg
+    expected = (cfg.num_layers, cfg.num_experts, cfg.hidden_size)
+    if tuple(default_vectors.shape) != expected:
+        raise TinyMoeError(
+            f"default vectors have shape {tuple(default_vectors.shape)}, expected "
+            f"{expected} (layers, experts, hidden) for this model"
+        )
+    p = model.embed_tokens.weight
+    return default_vectors.to(p.device, p.dtype)
+
+
 def _as_prediction(routing: Routing) -> Routing:
     """Drop the logits: by the Routing convention, a predicted routing has logits None."""
     return Routing(ids=routing.ids, weights=routing.weights)
@@ -170,19 +185,9 @@ class RouterPredictor:
     def __init__(
         self, model: MoETransformer, default_vectors: Tensor | None = None, lookahead: int = 1
     ) -> None:
-        cfg = model.cfg
-        _check_lookahead(lookahead, cfg.num_layers)
+        _check_lookahead(lookahead, model.cfg.num_layers)
         self.model, self.lookahead = model, lookahead
-        self.default_vectors = None
-        if default_vectors is not None:
-            expected = (cfg.num_layers, cfg.num_experts, cfg.hidden_size)
-            if tuple(default_vectors.shape) != expected:
-                raise TinyMoeError(
-                    f"default vectors have shape {tuple(default_vectors.shape)}, expected "
-                    f"{expected} (layers, experts, hidden) for this model"
-                )
-            p = model.embed_tokens.weight
-            self.default_vectors = default_vectors.to(p.device, p.dtype)
+        self.default_vectors = _on_model(model, default_vectors)
 
     def reset(self) -> None:
         pass  # stateless: every token is predicted from its own state
@@ -218,8 +223,9 @@ class EstimatorPredictor:
         default_vectors: Tensor | None,
         lookahead: int = 1,
     ) -> None:
-        self.quasi = RouterPredictor(model, default_vectors, lookahead)  # shares q_l's recipe
+        _check_lookahead(lookahead, model.cfg.num_layers)
         self.model, self.lookahead = model, lookahead
+        self.default_vectors = _on_model(model, default_vectors)
         self.estimator = estimator.to(model.embed_tokens.weight.device).eval()
         self.dtype = next(estimator.parameters()).dtype
 
@@ -231,7 +237,7 @@ class EstimatorPredictor:
         target = layer + self.lookahead
         if target >= self.model.cfg.num_layers:
             return None
-        q = quasi_hidden(self.model, self.quasi.default_vectors, layer, target, resid, routing)
+        q = quasi_hidden(self.model, self.default_vectors, layer, target, resid, routing)
         logits = self.estimator(q.to(self.dtype), target)  # (N, E)
         cfg = self.model.cfg
         return _as_prediction(route_topk(logits, cfg.top_k, cfg.norm_topk_prob, resid.dtype))
