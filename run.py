@@ -14,14 +14,14 @@ import torch
 from tinymoe import MoETransformer, TinyMoeError, generate, load_model
 from tinymoe.calibrate import load_speculation
 from tinymoe.cli import OneLineParser, positive_int, run_cli
-from tinymoe.instruments import format_layers
-from tinymoe.loader import DTYPES
-from tinymoe.offload import OffloadRuntime, OraclePredictor, record_routing
-from tinymoe.policy import BASE_POLICIES, parse_policy
-from tinymoe.predict import PREDICTOR_NAMES, make_predictor
-from tinymoe.timing import peak_memory_bytes
-from tinymoe.tokenizer import StreamDecoder, load_tokenizer
-from tinymoe.transfer import PRESETS, LinkSpec
+from tinymoe.engine.loader import DTYPES
+from tinymoe.engine.timing import peak_memory_bytes
+from tinymoe.engine.tokenizer import StreamDecoder, load_tokenizer
+from tinymoe.offload.instruments import format_layers
+from tinymoe.offload.policy import BASE_POLICIES, parse_policy
+from tinymoe.offload.runtime import OffloadRuntime, OraclePredictor, record_routing
+from tinymoe.offload.transfer import PRESETS, LinkSpec
+from tinymoe.speculation.predictors import PREDICTOR_NAMES, make_predictor
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "pydoc-moe"
 

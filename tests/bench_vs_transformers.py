@@ -24,8 +24,8 @@ from transformers import OlmoeConfig, OlmoeForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 import tinymoe
-from tinymoe.experts import expert_forward
-from tinymoe.generate import generate
+from tinymoe.engine.experts import expert_forward
+from tinymoe.engine.generate import generate
 
 PROMPT_LEN, NEW_TOKENS = 32, 64
 

@@ -22,10 +22,10 @@ from tinymoe.calibrate import (
     record_trace,
     save_speculation,
 )
-from tinymoe.estimator import EstimatorConfig, build_estimator, mean_kl, train_estimator
-from tinymoe.experts import expert_forward
-from tinymoe.predict import make_predictor
-from tinymoe.tokenizer import load_tokenizer
+from tinymoe.engine.experts import expert_forward
+from tinymoe.engine.tokenizer import load_tokenizer
+from tinymoe.speculation.estimator import EstimatorConfig, build_estimator, mean_kl, train_estimator
+from tinymoe.speculation.predictors import make_predictor
 
 SETTINGS = CalibrationSettings(lookaheads=(1, 2), steps=20, batch_size=32, val_fraction=0.25)
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import add_tokenizer, make_checkpoint
 
 import tinymoe
-from tinymoe.tokenizer import load_tokenizer
+from tinymoe.engine.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("run_cli", ROOT / "run.py")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tinymoe import MoETransformer, load_model
-from tinymoe.tokenizer import load_tokenizer
+from tinymoe.engine.tokenizer import load_tokenizer
 from tinymoe.train import EOS, clean_rst
 from tinymoe.train import main as train_main
 

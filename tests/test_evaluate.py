@@ -12,7 +12,7 @@ from test_calibrate import SETTINGS, write_text
 from tinymoe import load_model
 from tinymoe.calibrate import calibrate, save_speculation
 from tinymoe.evaluate import ALL_NAMES, HIDDEN, ScoringHook, cli, evaluate, teacher_forced
-from tinymoe.predict import RouterPredictor
+from tinymoe.speculation.predictors import RouterPredictor
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from conftest import make_checkpoint
 
 import tinymoe
-from tinymoe.kvcache import KVCache
+from tinymoe.engine.kvcache import KVCache
 
 SEQ = 14
 CASES = {

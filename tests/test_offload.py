@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tinymoe import TinyMoeError, generate, load_model
-from tinymoe.kvcache import KVCache
-from tinymoe.offload import OffloadRuntime, OraclePredictor, RoutingRecorder, record_routing
-from tinymoe.policy import parse_policy
-from tinymoe.transfer import LinkSpec
+from tinymoe.engine.kvcache import KVCache
+from tinymoe.offload.policy import parse_policy
+from tinymoe.offload.runtime import OffloadRuntime, OraclePredictor, RoutingRecorder, record_routing
+from tinymoe.offload.transfer import LinkSpec
 
 FAST = LinkSpec(100.0, 0.0)  # tests stay fast; the timing model has its own test
 PROMPT = [5, 17, 3, 42, 8, 61, 23, 7, 90, 11, 2, 33]  # routes to most of the 8 experts per layer

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tinymoe import TinyMoeError, generate, load_model
-from tinymoe.offload import OffloadRuntime, OraclePredictor, record_routing
+from tinymoe.offload.runtime import OffloadRuntime, OraclePredictor, record_routing
 
 pytestmark = [
     pytest.mark.cuda,
@@ -57,7 +57,7 @@ def test_cuda_failed_copy_raises_where_used(model):
 
 
 def test_cuda_link_flags_are_refused(model):
-    from tinymoe.transfer import PRESETS
+    from tinymoe.offload.transfer import PRESETS
 
     with pytest.raises(TinyMoeError, match="simulate a link"):
         OffloadRuntime(model, "on-demand", link=PRESETS["pcie4-x16"])

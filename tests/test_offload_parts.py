@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tinymoe import load_model
-from tinymoe.cache import ExpertCache
-from tinymoe.instruments import Trace, classify_miss, eq1_bound_ms
-from tinymoe.model import Routing
-from tinymoe.offload import OffloadRuntime
-from tinymoe.transfer import LinkSpec, SimulatedLink
+from tinymoe.engine.model import Routing
+from tinymoe.offload.cache import ExpertCache
+from tinymoe.offload.instruments import Trace, classify_miss, eq1_bound_ms
+from tinymoe.offload.runtime import OffloadRuntime
+from tinymoe.offload.transfer import LinkSpec, SimulatedLink
 
 
 def make_cache(n: int, eviction: str = "lru") -> ExpertCache:
@@ -260,8 +260,8 @@ def test_throttled_exact_prefetch_wastes_at_most_depth_copies_per_layer(tmp_path
     the link per layer (unthrottled: all of them), and the output stays exact."""
     from conftest import make_checkpoint
 
-    from tinymoe.generate import generate
-    from tinymoe.offload import record_routing
+    from tinymoe.engine.generate import generate
+    from tinymoe.offload.runtime import record_routing
 
     model = load_model(make_checkpoint(tmp_path / "m"))
     prompt, n = [1, 2, 3, 4, 5], 4

@@ -6,10 +6,10 @@ from conftest import make_checkpoint
 
 from tinymoe import TinyMoeError, load_model
 from tinymoe.calibrate import Calibration
-from tinymoe.estimator import EstimatorConfig, build_estimator
-from tinymoe.experts import expert_forward
-from tinymoe.model import Routing
-from tinymoe.predict import (
+from tinymoe.engine.experts import expert_forward
+from tinymoe.engine.model import Routing
+from tinymoe.speculation.estimator import EstimatorConfig, build_estimator
+from tinymoe.speculation.predictors import (
     PREDICTOR_NAMES,
     EstimatorPredictor,
     HybridPredictor,

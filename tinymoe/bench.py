@@ -26,16 +26,17 @@ from pathlib import Path
 
 import torch
 
-from tinymoe import TinyMoeError, generate, load_model, predict
+from tinymoe import TinyMoeError, generate, load_model
 from tinymoe.calibrate import Calibration, load_speculation
 from tinymoe.cli import OneLineParser, run_cli
-from tinymoe.instruments import eq1_bound_ms
-from tinymoe.loader import DTYPES
-from tinymoe.model import MoETransformer, Routing
-from tinymoe.offload import OffloadRuntime, OraclePredictor, record_routing
-from tinymoe.policy import Policy, parse_policy
-from tinymoe.predict import Predictor
-from tinymoe.transfer import PRESETS, LinkSpec
+from tinymoe.engine.loader import DTYPES
+from tinymoe.engine.model import MoETransformer, Routing
+from tinymoe.offload.instruments import eq1_bound_ms
+from tinymoe.offload.policy import Policy, parse_policy
+from tinymoe.offload.runtime import OffloadRuntime, OraclePredictor, record_routing
+from tinymoe.offload.transfer import PRESETS, LinkSpec
+from tinymoe.speculation import predictors as predict
+from tinymoe.speculation.predictors import Predictor
 
 FAST_LINK = LinkSpec(1e6, 0.0, "unlimited")  # for measuring compute alone
 
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prompt_ids(args: argparse.Namespace, vocab_size: int) -> list[int]:
     if args.prompt is not None:
-        from tinymoe.tokenizer import load_tokenizer
+        from tinymoe.engine.tokenizer import load_tokenizer
 
         ids = load_tokenizer(args.model).encode(args.prompt).ids
         if not ids:

@@ -27,9 +27,14 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from tinymoe.cli import OneLineParser, run_cli
-from tinymoe.config import ModelConfig
+from tinymoe.engine.config import ModelConfig
+from tinymoe.engine.experts import expert_forward
+from tinymoe.engine.loader import DTYPES, load_model
+from tinymoe.engine.model import MoETransformer, Routing
+from tinymoe.engine.tokenizer import load_tokenizer
 from tinymoe.errors import TinyMoeError
-from tinymoe.estimator import (
+from tinymoe.progress import Progress
+from tinymoe.speculation.estimator import (
     EstimatorConfig,
     LinearEstimator,
     Pairs,
@@ -37,12 +42,7 @@ from tinymoe.estimator import (
     mean_kl,
     train_estimator,
 )
-from tinymoe.experts import expert_forward
-from tinymoe.loader import DTYPES, load_model
-from tinymoe.model import MoETransformer, Routing
-from tinymoe.predict import RouterPredictor, quasi_hidden, recall_at_k
-from tinymoe.progress import Progress
-from tinymoe.tokenizer import load_tokenizer
+from tinymoe.speculation.predictors import RouterPredictor, quasi_hidden, recall_at_k
 
 TENSORS_FILE, META_FILE = "speculation.safetensors", "speculation.json"
 FORMAT_VERSION = 1

@@ -29,11 +29,12 @@ from torch import Tensor
 
 from tinymoe.calibrate import Calibration, load_speculation, lookahead_list, read_token_ids
 from tinymoe.cli import OneLineParser, run_cli
+from tinymoe.engine.kvcache import KVCache
+from tinymoe.engine.loader import DTYPES, load_model
+from tinymoe.engine.model import MoETransformer, Routing, moe_forward
 from tinymoe.errors import TinyMoeError
-from tinymoe.kvcache import KVCache
-from tinymoe.loader import DTYPES, load_model
-from tinymoe.model import MoETransformer, Routing, moe_forward
-from tinymoe.predict import (
+from tinymoe.progress import Progress
+from tinymoe.speculation.predictors import (
     PREDICTOR_NAMES,
     PredictionHook,
     Predictor,
@@ -41,7 +42,6 @@ from tinymoe.predict import (
     make_predictor,
     recall_at_k,
 )
-from tinymoe.progress import Progress
 
 HIDDEN = "router-hidden"  # router on the true post-MoE state: scored, never speculated with
 ALL_NAMES = (*PREDICTOR_NAMES[:2], HIDDEN, *PREDICTOR_NAMES[2:])

@@ -30,10 +30,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
 from tinymoe.cli import OneLineParser, positive_int, run_cli
-from tinymoe.config import ModelConfig
+from tinymoe.engine.config import ModelConfig
+from tinymoe.engine.loader import load_model, save_model
+from tinymoe.engine.model import MoETransformer, Routing
 from tinymoe.errors import TinyMoeError
-from tinymoe.loader import load_model, save_model
-from tinymoe.model import MoETransformer, Routing
 from tinymoe.progress import Progress
 
 EOS = "<|endoftext|>"  # the one special token; also separates documents in the token stream

@@ -49,16 +49,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tinymoe.cache import ExpertCache, Key
+from tinymoe.engine.generate import GenerationResult, generate
+from tinymoe.engine.model import MoETransformer, Routing
+from tinymoe.engine.timing import now
 from tinymoe.errors import TinyMoeError
-from tinymoe.generate import GenerationResult, generate
-from tinymoe.instruments import LayerStats, PhaseStats, Trace, classify_miss
-from tinymoe.model import MoETransformer, Routing
-from tinymoe.policy import Policy, parse_policy, resolve_slots
-from tinymoe.predict import PredictionHook, Predictor
-from tinymoe.store import HostExpertStore
-from tinymoe.timing import now
-from tinymoe.transfer import PRESETS, CudaCopyEngine, LinkSpec, SimulatedLink, Transfer
+from tinymoe.offload.cache import ExpertCache, Key
+from tinymoe.offload.instruments import LayerStats, PhaseStats, Trace, classify_miss
+from tinymoe.offload.policy import Policy, parse_policy, resolve_slots
+from tinymoe.offload.store import HostExpertStore
+from tinymoe.offload.transfer import PRESETS, CudaCopyEngine, LinkSpec, SimulatedLink, Transfer
+from tinymoe.speculation.predictors import PredictionHook, Predictor
 
 DEFAULT_LINK = "pcie4-x16"
 

@@ -17,7 +17,7 @@ as soon as its copy lands (`Policy.pipeline`). Prefetching needs room for two la
 
 from dataclasses import dataclass
 
-from tinymoe.config import ModelConfig
+from tinymoe.engine.config import ModelConfig
 from tinymoe.errors import TinyMoeError
 
 

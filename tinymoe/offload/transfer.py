@@ -31,8 +31,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from tinymoe.engine.timing import now
 from tinymoe.errors import TinyMoeError
-from tinymoe.timing import now
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 
+from tinymoe.engine.model import MoETransformer, Routing, route_topk
 from tinymoe.errors import TinyMoeError
-from tinymoe.model import MoETransformer, Routing, route_topk
 
 if TYPE_CHECKING:  # calibrate.py imports this module, so only the type checker imports it back
     from tinymoe.calibrate import Calibration

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tinymoe.config import ModelConfig
-from tinymoe.experts import ExpertProvider, ResidentExperts, expert_forward
-from tinymoe.kvcache import KVCache
+from tinymoe.engine.config import ModelConfig
+from tinymoe.engine.experts import ExpertProvider, ResidentExperts, expert_forward
+from tinymoe.engine.kvcache import KVCache
 
 
 class RMSNorm(nn.Module):

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinymoe.timing import now
+from tinymoe.engine.timing import now
 
 MISS_KINDS = ("compulsory", "capacity", "late", "mispredicted")
 

@@ -19,7 +19,7 @@ anything back.
 import torch
 from torch import Tensor
 
-from tinymoe.model import MoETransformer
+from tinymoe.engine.model import MoETransformer
 
 
 class HostExpertStore:

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tinymoe.engine.kvcache import KVCache
+from tinymoe.engine.model import MoETransformer
+from tinymoe.engine.timing import now, summarize_ms
 from tinymoe.errors import TinyMoeError
-from tinymoe.kvcache import KVCache
-from tinymoe.model import MoETransformer
-from tinymoe.timing import now, summarize_ms
 
 
 @dataclass

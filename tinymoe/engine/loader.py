@@ -22,10 +22,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from tinymoe.config import ModelConfig
+from tinymoe.engine.config import ModelConfig
+from tinymoe.engine.experts import expert_views
+from tinymoe.engine.model import MoETransformer
 from tinymoe.errors import TinyMoeError
-from tinymoe.experts import expert_views
-from tinymoe.model import MoETransformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Per-expert tensor names: (gate, up, down) for each architecture's published layout.

@@ -1,0 +1,1 @@
+"""The engine: config, checkpoint loading, the decoder, experts, KV cache, generation."""

@@ -1,0 +1,1 @@
+"""Speculating experts: predictors of the next layers' routing, estimators, calibration files."""
