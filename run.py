@@ -19,8 +19,9 @@ from tinymoe.engine.timing import peak_memory_bytes
 from tinymoe.engine.tokenizer import StreamDecoder, load_tokenizer
 from tinymoe.offload.instruments import format_layers
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy
-from tinymoe.offload.runtime import OffloadRuntime, OraclePredictor, record_routing
+from tinymoe.offload.runtime import OffloadRuntime
 from tinymoe.offload.transfer import PRESETS, LinkSpec
+from tinymoe.speculation.oracle import OraclePredictor, record_routing
 from tinymoe.speculation.predictors import PREDICTOR_NAMES, make_predictor
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "pydoc-moe"

@@ -8,8 +8,9 @@ import torch
 from tinymoe import TinyMoeError, generate, load_model
 from tinymoe.engine.kvcache import KVCache
 from tinymoe.offload.policy import parse_policy
-from tinymoe.offload.runtime import OffloadRuntime, OraclePredictor, RoutingRecorder, record_routing
+from tinymoe.offload.runtime import OffloadRuntime
 from tinymoe.offload.transfer import LinkSpec
+from tinymoe.speculation.oracle import OraclePredictor, RoutingRecorder, record_routing
 
 FAST = LinkSpec(100.0, 0.0)  # tests stay fast; the timing model has its own test
 PROMPT = [5, 17, 3, 42, 8, 61, 23, 7, 90, 11, 2, 33]  # routes to most of the 8 experts per layer

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tinymoe import TinyMoeError, generate, load_model
-from tinymoe.offload.runtime import OffloadRuntime, OraclePredictor, record_routing
+from tinymoe.offload.runtime import OffloadRuntime
+from tinymoe.speculation.oracle import OraclePredictor, record_routing
 
 pytestmark = [
     pytest.mark.cuda,

@@ -261,7 +261,7 @@ def test_throttled_exact_prefetch_wastes_at_most_depth_copies_per_layer(tmp_path
     from conftest import make_checkpoint
 
     from tinymoe.engine.generate import generate
-    from tinymoe.offload.runtime import record_routing
+    from tinymoe.speculation.oracle import record_routing
 
     model = load_model(make_checkpoint(tmp_path / "m"))
     prompt, n = [1, 2, 3, 4, 5], 4

@@ -33,9 +33,10 @@ from tinymoe.engine.loader import DTYPES
 from tinymoe.engine.model import MoETransformer, Routing
 from tinymoe.offload.instruments import eq1_bound_ms
 from tinymoe.offload.policy import Policy, parse_policy
-from tinymoe.offload.runtime import OffloadRuntime, OraclePredictor, record_routing
+from tinymoe.offload.runtime import OffloadRuntime
 from tinymoe.offload.transfer import PRESETS, LinkSpec
 from tinymoe.speculation import predictors as predict
+from tinymoe.speculation.oracle import OraclePredictor, record_routing
 from tinymoe.speculation.predictors import Predictor
 
 FAST_LINK = LinkSpec(1e6, 0.0, "unlimited")  # for measuring compute alone

@@ -49,7 +49,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tinymoe.engine.generate import GenerationResult, generate
 from tinymoe.engine.model import MoETransformer, Routing
 from tinymoe.engine.timing import now
 from tinymoe.errors import TinyMoeError
@@ -61,74 +60,6 @@ from tinymoe.offload.transfer import PRESETS, CudaCopyEngine, LinkSpec, Simulate
 from tinymoe.speculation.predictors import PredictionHook, Predictor
 
 DEFAULT_LINK = "pcie4-x16"
-
-# ---------------------------------------------------------------- the oracle
-
-
-class RoutingRecorder:
-    """A route hook that records every layer's true routing, forward pass by forward pass."""
-
-    def __init__(self) -> None:
-        self.forwards: list[list[Routing]] = []  # [forward][layer]
-
-    def __call__(
-        self, layer: int, resid: Tensor, u: Tensor, router: Callable[[Tensor], Routing]
-    ) -> Routing:
-        routing = router(u)
-        if layer == 0:
-            self.forwards.append([])
-        self.forwards[-1].append(Routing(routing.ids.clone(), routing.weights.clone()))
-        return routing
-
-
-def record_routing(
-    model: MoETransformer, input_ids: list[int], max_new_tokens: int, **generate_kwargs
-) -> tuple[GenerationResult, list[list[Routing]]]:
-    """Generate with resident experts and record the routing, for OraclePredictor to replay."""
-    saved = model.route_hook
-    recorder = RoutingRecorder()
-    model.route_hook = recorder
-    try:
-        out = generate(model, input_ids, max_new_tokens, **generate_kwargs)
-    finally:
-        model.route_hook = saved
-    return out, recorder.forwards
-
-
-class OraclePredictor:
-    """Predicts layer l + lookahead's routing perfectly, by replaying a recorded resident run.
-
-    Valid only for the same prompt and generation settings as the recording (then exactness
-    makes the offloaded run route identically). Unlike a real predictor it crosses tokens: for a
-    target t >= L it predicts layer t - L of the next recorded forward pass (None after the last
-    one), so even layer 0 is prefetched. That makes it a bound for Eq. 1, which counts layer 0.
-    """
-
-    crosses_tokens = True  # see the Predictor protocol
-
-    def __init__(self, forwards: list[list[Routing]], lookahead: int = 1) -> None:
-        self.forwards, self.lookahead = forwards, lookahead
-        self.step = -1  # which forward pass of the recording we are in
-
-    def reset(self) -> None:
-        self.step = -1
-
-    def observe(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None:
-        if layer == 0:
-            self.step += 1
-        step, target = self.step, layer + self.lookahead
-        if step < len(self.forwards) and target >= len(self.forwards[step]):
-            step, target = step + 1, target - len(self.forwards[step])  # the next forward pass
-        if step >= len(self.forwards):
-            return None  # the end of the recording: no next forward
-        true = self.forwards[step][target]
-        if step == self.step and true.ids.shape[0] != u.shape[0]:
-            raise TinyMoeError(
-                f"oracle: forward {self.step} has {u.shape[0]} tokens, the recording "
-                f"{true.ids.shape[0]}; record the routing with the same prompt and settings"
-            )
-        return Routing(true.ids, true.weights)
-
 
 # ---------------------------------------------------------------- the runtime
 
