@@ -9,11 +9,11 @@ from tinymoe.calibrate import Calibration
 from tinymoe.engine.experts import expert_forward
 from tinymoe.engine.model import Routing
 from tinymoe.speculation.estimator import EstimatorConfig, build_estimator
+from tinymoe.speculation.hook import PredictionHook
 from tinymoe.speculation.predictors import (
     PREDICTOR_NAMES,
     EstimatorPredictor,
     HybridPredictor,
-    PredictionHook,
     PreviousTokenPredictor,
     RouterPredictor,
     make_predictor,

@@ -34,9 +34,9 @@ from tinymoe.engine.loader import DTYPES, load_model
 from tinymoe.engine.model import MoETransformer, Routing, moe_forward
 from tinymoe.errors import TinyMoeError
 from tinymoe.progress import Progress
+from tinymoe.speculation.hook import PredictionHook
 from tinymoe.speculation.predictors import (
     PREDICTOR_NAMES,
-    PredictionHook,
     Predictor,
     RouterPredictor,
     make_predictor,

@@ -57,7 +57,8 @@ from tinymoe.offload.instruments import LayerStats, PhaseStats, Trace, classify_
 from tinymoe.offload.policy import Policy, parse_policy, resolve_slots
 from tinymoe.offload.store import HostExpertStore
 from tinymoe.offload.transfer import PRESETS, CudaCopyEngine, LinkSpec, SimulatedLink, Transfer
-from tinymoe.speculation.predictors import PredictionHook, Predictor
+from tinymoe.speculation.hook import PredictionHook
+from tinymoe.speculation.predictors import Predictor
 
 DEFAULT_LINK = "pcie4-x16"
 

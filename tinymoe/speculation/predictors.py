@@ -65,59 +65,6 @@ class Predictor(Protocol):
     def observe(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None: ...
 
 
-class PredictionHook:
-    """A model route hook that runs a predictor and, in speculative mode, routes with it.
-
-    At layer l: if speculating and a prediction for l exists, layer l uses it and its router is
-    never computed; otherwise the router decides. Then the predictor observes layer l and its
-    prediction for layer l + lookahead is kept in `pending` until that layer runs. The first
-    `lookahead` layers always use their router: "layer 0 loads on demand". A predictor that
-    crosses tokens may still predict them, from the previous forward pass (next_forward keeps
-    those predictions); they only drive prefetching, never routing.
-
-    The offloading runtime reads `pending[l + lookahead]` right after layer l to start copies; the
-    evaluation code uses this hook alone, on resident experts, to measure what speculation costs.
-    """
-
-    def __init__(self, predictor: Predictor | None, speculate: bool = False) -> None:
-        if speculate and predictor is None:
-            raise ValueError("speculative execution needs a predictor")
-        self.predictor = predictor
-        self.speculate = speculate
-        self.pending: dict[int, Routing] = {}  # target layer -> predicted routing (this forward)
-        self.crosses_tokens = getattr(predictor, "crosses_tokens", False)
-        self.last_prediction: dict[int, Routing] = {}  # layer -> the prediction that layer had
-
-    def reset(self) -> None:
-        self.pending.clear()
-        self.last_prediction.clear()
-        if self.predictor is not None:
-            self.predictor.reset()
-
-    def next_forward(self, num_layers: int) -> None:
-        """A forward pass starts: predictions that crossed into it (target >= num_layers) become
-        its own (target - num_layers); those for layers that never ran are dropped."""
-        carried = {}
-        if self.crosses_tokens:
-            carried = {t - num_layers: r for t, r in self.pending.items() if t >= num_layers}
-        self.pending = carried
-
-    def __call__(self, layer: int, resid: Tensor, u: Tensor, router) -> Routing:
-        predicted = self.pending.pop(layer, None)
-        if predicted is not None:
-            self.last_prediction[layer] = predicted
-        else:
-            self.last_prediction.pop(layer, None)
-        lookahead = self.predictor.lookahead if self.predictor is not None else 0
-        speculated = self.speculate and predicted is not None and layer >= lookahead
-        routing = predicted if speculated else router(u)
-        if self.predictor is not None:
-            nxt = self.predictor.observe(layer, resid.reshape(u.shape), u, routing)
-            if nxt is not None:
-                self.pending[layer + lookahead] = nxt
-        return routing
-
-
 # ---------------------------------------------------------------- the quasi-hidden state
 
 
