@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from tinymoe import MoETransformer, TinyMoeError, generate, load_model
-from tinymoe.calibrate import load_speculation
+from tinymoe.speculation.calibration import load_speculation
 from tinymoe.cli import OneLineParser, positive_int, run_cli
 from tinymoe.engine.loader import DTYPES
 from tinymoe.engine.timing import peak_memory_bytes

@@ -197,3 +197,50 @@ def test_greedy_generation_matches_transformers(arch, tmp_path):
     assert len(out.tokens) == 32 and len(want) == 32
     assert len(set(out.tokens)) > 1, "a constant continuation would hide most bugs"
     assert out.tokens == want
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_bf16_moe_layers_match_transformers_bit_for_bit(arch, tmp_path):
+    """In bf16, every MoE layer gives transformers' output bit for bit, on both moe_forward paths.
+
+    tinymoe's router and experts get the very inputs transformers' MoE blocks saw (captured with
+    forward hooks) and must return the same bf16 output: the grouped path over all tokens, and
+    the one-token decode path token by token. This is where the routing weights' dtype shows:
+    Mixtral scales expert outputs by fp32 weights and rounds the sum once, OLMoE and Qwen3-MoE
+    round the weights to bf16 first. (Whole-model bf16 logits differ anyway, by attention's
+    rounding, which would hide this.) transformers 5's default experts implementation,
+    grouped_mm, is pinned; its eager loop rounds Mixtral's K contributions one by one instead.
+    """
+    from tinymoe.engine.model import Routing, moe_forward
+
+    hf = copy.deepcopy(oracle(arch).hf).to(torch.bfloat16)
+    hf.set_experts_implementation("grouped_mm")
+    seen = []
+    hooks = [
+        block.mlp.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+        for block in hf.model.layers
+    ]
+    with torch.no_grad():
+        hf(oracle(arch).ids)
+    for h in hooks:
+        h.remove()
+    model = tinymoe.load_model(save(hf, tmp_path, "single"), dtype=torch.bfloat16)
+    I = model.cfg.expert_dim
+    with torch.no_grad():
+        for layer, (u, want) in enumerate(seen):
+            u, want = u.flatten(0, 1), want.flatten(0, 1)  # (N, D) each
+            r = model.layers[layer].mlp.route(u)
+            grouped = moe_forward(u, r, model.provider, layer, I)
+            one = [
+                moe_forward(
+                    u[i : i + 1],
+                    Routing(r.ids[i : i + 1], r.weights[i : i + 1]),
+                    model.provider,
+                    layer,
+                    I,
+                )
+                for i in range(len(u))
+            ]
+            assert grouped.dtype == torch.bfloat16
+            assert torch.equal(grouped, want), f"layer {layer}, grouped path"
+            assert torch.equal(torch.cat(one), want), f"layer {layer}, one-token path"

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from tinymoe import TinyMoeError, generate, load_model
-from tinymoe.calibrate import Calibration, load_speculation
+from tinymoe.speculation.calibration import Calibration, load_speculation
 from tinymoe.cli import OneLineParser, run_cli
 from tinymoe.engine.loader import DTYPES
 from tinymoe.engine.model import MoETransformer, Routing

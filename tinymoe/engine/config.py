@@ -85,6 +85,12 @@ class ModelConfig:
             raise TinyMoeError(f"qk_norm must be 'none', 'full' or 'head', got {self.qk_norm!r}")
 
     @property
+    def fp32_routing_weights(self) -> bool:
+        """Scale expert outputs by fp32 routing weights (Mixtral) instead of rounding them to
+        the activation dtype first (OLMoE, Qwen3-MoE), as each model's transformers code does."""
+        return self.model_type == "mixtral"
+
+    @property
     def expert_numel(self) -> int:
         """Elements in one expert's packed buffer: gate and up (2I x D), then down (D x I)."""
         return 3 * self.expert_dim * self.hidden_size

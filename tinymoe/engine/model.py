@@ -12,6 +12,11 @@ Per layer (pre-norm residual):
     u = RMSNorm_moe(r)                          the pre-MoE norm; the router reads u
     x = r + sum_k g_k * Expert_{e_k}(u)         g, e: top-K of softmax(router(u))
 
+The weights g are computed in fp32. Mixtral scales the experts' outputs by them in fp32 and
+rounds the sum to the activation dtype once; OLMoE and Qwen3-MoE round g to the activation dtype
+first (as transformers does; `ModelConfig.fp32_routing_weights` names the switch). In fp32 the
+two agree; in bf16 they differ in the last bit, and tinymoe matches each bit for bit.
+
 Routing goes through a hook (`route_hook`) so that the offloading and speculation code can see
 each layer's state and, in speculative mode, replace the router's choice; experts come from an
 `ExpertProvider` (see experts.py) so they can live off the device. With neither set, this file is
@@ -126,7 +131,7 @@ class Routing:
     """Which experts each token uses, and with what weights."""
 
     ids: Tensor  # (N, K) long
-    weights: Tensor  # (N, K), in the activation dtype
+    weights: Tensor  # (N, K), in routing_weights_dtype (fp32 for Mixtral, else the activations')
     logits: Tensor | None = None  # (N, E) the router's logits; None when the routing was predicted
     host_ids: list[list[int]] | None = None  # ids as read to the host, once (see ids_on_host)
 
@@ -142,8 +147,16 @@ class Routing:
         return self.host_ids
 
 
+def routing_weights_dtype(cfg: ModelConfig, activation_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the routing weights scale expert outputs in (pass it to route_topk)."""
+    return torch.float32 if cfg.fp32_routing_weights else activation_dtype
+
+
 def route_topk(logits: Tensor, top_k: int, normalise: bool, dtype: torch.dtype) -> Routing:
-    """fp32 softmax over all E experts, top-K, optionally renormalised over the K."""
+    """fp32 softmax over all E experts, top-K, optionally renormalised over the K.
+
+    dtype: the weights' dtype, from routing_weights_dtype (the ids do not depend on it).
+    """
     probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
     weights, ids = torch.topk(probs, top_k, dim=-1)  # (N, K) each
     if normalise:
@@ -161,7 +174,8 @@ class MoE(nn.Module):
 
     def route(self, u: Tensor) -> Routing:
         """u: (N, D) normed hidden states -> the router's top-K routing."""
-        return route_topk(self.gate(u), self.cfg.top_k, self.cfg.norm_topk_prob, u.dtype)
+        dtype = routing_weights_dtype(self.cfg, u.dtype)
+        return route_topk(self.gate(u), self.cfg.top_k, self.cfg.norm_topk_prob, dtype)
 
 
 def moe_forward(
@@ -173,6 +187,10 @@ def moe_forward(
     the K contributions of each token are summed in a fixed order at the end, so the result is
     bit-identical whatever order the provider yields experts in. A single token (a decode step)
     takes a shorter path with the same contract.
+
+    Each contribution and the sum are in the dtype of expert output times routing weight: fp32
+    when the weights are fp32 (Mixtral), rounded to u's dtype once at the end, as transformers
+    does; else u's dtype throughout (the final cast is then a no-op).
     """
     N, K = routing.ids.shape
     if N == 1:  # decode: one token, so skip the grouping machinery (per-op overhead dominates)
@@ -181,7 +199,7 @@ def moe_forward(
         if len(y) != K:
             raise RuntimeError(f"expert provider did not supply experts {ids} of layer {layer}")
         ys = torch.stack([y[e] for e in ids])  # (K, 1, D) in k order, whatever the yield order
-        return (ys * routing.weights.view(K, 1, 1)).sum(dim=0)  # (1, D)
+        return (ys * routing.weights.view(K, 1, 1)).sum(dim=0).to(u.dtype)  # (1, D)
     flat = routing.ids.reshape(-1)  # (N*K,)
     order = torch.argsort(flat, stable=True)  # (N*K,) slots grouped by expert
     # SYNC: the host must know which experts are used (and how many tokens each) to fetch them.
@@ -200,7 +218,7 @@ def moe_forward(
         raise RuntimeError(f"expert provider did not supply experts {missing} of layer {layer}")
     y_sorted = torch.cat([parts[e] for e in used])  # (N*K, D) in sorted-slot order
     y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # (N*K, D) in (token, k) order
-    return y.view(N, K, -1).sum(dim=1)  # (N, D)
+    return y.view(N, K, -1).sum(dim=1).to(u.dtype)  # (N, D)
 
 
 class RouteHook(Protocol):
