@@ -7,9 +7,9 @@ import torch
 
 from tinymoe import TinyMoeError, generate, load_model
 from tinymoe.engine.kvcache import KVCache
+from tinymoe.offload.link import LinkSpec
 from tinymoe.offload.policy import parse_policy
 from tinymoe.offload.runtime import OffloadRuntime
-from tinymoe.offload.transfer import LinkSpec
 from tinymoe.speculation.oracle import OraclePredictor, RoutingRecorder, record_routing
 
 FAST = LinkSpec(100.0, 0.0)  # tests stay fast; the timing model has its own test
@@ -128,7 +128,7 @@ def decode_layer_0_after_first_step(model, predictor: OraclePredictor) -> dict:
         generate(model, PROMPT, 6, eos_ids=(), on_token=skip_first_decode_step)
         rt.report()
         st = rt.stats["decode"].layers[0]
-        leftover = dict(rt.reserved)
+        leftover = dict(rt.scheduler.reserved)
     assert st.hits + st.misses == 4 * 2  # four decode steps, top-2
     return {"kinds": set(+st.miss_kinds), "prefetched": st.prefetch_bytes, "left": leftover}
 
@@ -229,7 +229,7 @@ def test_budget_in_gb_sets_the_slot_count(model):
 
 def test_parse_policy_composite_names():
     p = parse_policy("prefetch+router+lfu")
-    assert (p.predictor, p.speculate, p.eviction, p.reuse, p.pipeline) == (
+    assert (p.predictor, p.speculate, p.eviction, p.cache_across_tokens, p.pipeline) == (
         "router",
         False,
         "lfu",
@@ -237,7 +237,7 @@ def test_parse_policy_composite_names():
         True,
     )
     s = parse_policy("speculative+hybrid")
-    assert (s.predictor, s.speculate, s.reuse) == ("hybrid", True, False)
+    assert (s.predictor, s.speculate, s.cache_across_tokens) == ("hybrid", True, False)
     assert parse_policy("on-demand").pipeline is False
 
 

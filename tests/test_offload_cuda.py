@@ -58,7 +58,7 @@ def test_cuda_failed_copy_raises_where_used(model):
 
 
 def test_cuda_link_flags_are_refused(model):
-    from tinymoe.offload.transfer import PRESETS
+    from tinymoe.offload.link import PRESETS
 
     with pytest.raises(TinyMoeError, match="simulate a link"):
         OffloadRuntime(model, "on-demand", link=PRESETS["pcie4-x16"])

@@ -9,9 +9,10 @@ import torch
 from tinymoe import load_model
 from tinymoe.engine.model import Routing
 from tinymoe.offload.cache import ExpertCache
-from tinymoe.offload.instruments import Trace, classify_miss, eq1_bound_ms
+from tinymoe.offload.link import LinkSpec, SimulatedLink
+from tinymoe.offload.meter import classify_miss, eq1_bound_ms
 from tinymoe.offload.runtime import OffloadRuntime
-from tinymoe.offload.transfer import LinkSpec, SimulatedLink
+from tinymoe.offload.trace import PerfettoTrace
 
 
 def make_cache(n: int, eviction: str = "lru") -> ExpertCache:
@@ -19,10 +20,9 @@ def make_cache(n: int, eviction: str = "lru") -> ExpertCache:
 
 
 def load(cache: ExpertCache, *keys) -> None:
-    """Insert each key and finish its (pretend) copy, so it is held but evictable."""
+    """Insert each key: held, unpinned, so evictable."""
     for key in keys:
-        slot, _ = cache.insert(key)
-        cache.unpin(slot)
+        cache.insert(key)
 
 
 # ---------------------------------------------------------------- the cache
@@ -30,8 +30,10 @@ def load(cache: ExpertCache, *keys) -> None:
 
 def test_cache_never_evicts_pinned_slots():
     cache = make_cache(2)
-    a, _ = cache.insert((0, 0))  # pinned: its copy is "in flight"
+    a, _ = cache.insert((0, 0))
     b, _ = cache.insert((0, 1))
+    cache.pin(a)  # a layer is computing with both
+    cache.pin(b)
     assert cache.insert((0, 2)) is None  # both pinned: no victim, never a forced eviction
     cache.unpin(b)
     assert cache.insert((0, 2)) == (b, (0, 1))
@@ -56,13 +58,10 @@ def test_lfu_evicts_least_frequently_used_and_remembers_history():
     cache.touch((0, 1))  # most recent, but still the least frequent (2 < 3): LRU would keep it
     slot, evicted = cache.insert((1, 0))
     assert evicted == (0, 2)  # counts: (0,0) 3, (0,1) 2, (0,2) 2 -> tie broken by recency
-    cache.unpin(slot)
     # (1,0) is new (0 uses): the next victim, although it is the most recent.
     assert cache.insert((1, 1))[1] == (1, 0)
-    cache.unpin(cache.lookup((1, 1)))
     slot, evicted = cache.insert((0, 2))  # (0,2) comes back, in place of (1,1) (0 uses)
     assert evicted == (1, 1)
-    cache.unpin(slot)
     # Counts survive eviction: (0,2) still has 2 uses, so the tie with (0,1) goes by recency
     # and (0,1) leaves. Had its count restarted at 0, (0,2) would be the victim.
     assert cache.insert((2, 0))[1] == (0, 1)
@@ -89,9 +88,9 @@ def test_simulated_link_takes_the_modelled_time_first_in_first_out():
     try:
         ts = [link.copy(d, src, i, f"copy {i}") for i, d in enumerate(dst)]
         for t in ts:
-            t.wait()
+            t.compute_wait()
         assert all(torch.equal(d, src) for d in dst)  # the bytes really moved
-        (s0, e0), (s1, _) = ts[0].interval(), ts[1].interval()
+        (s0, e0), (s1, _) = ts[0].stamps(), ts[1].stamps()
         assert e0 - s0 >= spec.seconds(1_000_000) - 1e-9  # (rounding of start + busy - start)
         assert s1 >= e0  # the second copy queued behind the first
         assert ts[1].done()
@@ -112,19 +111,19 @@ def test_closed_link_fails_queued_copies_instead_of_hanging():
     closer.start()
     gate.set()
     closer.join(10)
-    first.wait()  # already running when close came: it completes
+    first.compute_wait()  # already running when close came: it completes
     with pytest.raises(Exception, match="closed"):
-        second.wait()
+        second.compute_wait()
 
 
 # ---------------------------------------------------------------- the miss taxonomy
 
 
 def test_classify_miss_rules():
-    assert classify_miss(True, {1}, 2, True) == "late"  # in flight beats everything
-    assert classify_miss(False, {1}, 2, False) == "mispredicted"
-    assert classify_miss(False, {2}, 2, False) == "compulsory"
-    assert classify_miss(False, None, 2, True) == "capacity"
+    assert classify_miss({1}, 2, False) == "mispredicted"
+    assert classify_miss({1}, 2, True) == "mispredicted"  # a wrong guess beats the history
+    assert classify_miss({2}, 2, False) == "compulsory"
+    assert classify_miss(None, 2, True) == "capacity"
 
 
 class Scripted:
@@ -220,7 +219,7 @@ def test_trace_json_has_a_compute_and_a_copy_track(tmp_path):
 
 
 def test_trace_span_units_are_microseconds():
-    tr = Trace()
+    tr = PerfettoTrace()
     tr.span("copy", "x", tr.t0 + 1.0, tr.t0 + 1.5)
     (ev,) = [e for e in tr.to_json()["traceEvents"] if e["ph"] == "X"]
     assert ev["ts"] == pytest.approx(1e6) and ev["dur"] == pytest.approx(5e5)

@@ -2,12 +2,14 @@
 
     slots     (S, 3*I*D) one packed expert per row, on the device   (S = the slot budget)
     slot_of   (layer, expert) -> slot index, for the experts currently held
-    pins      per slot, how many users hold it: the layer computing with it, or its copy in flight
+    pins      per slot, how many users hold it: the layer computing with its expert right now
     reserved  per slot, whether it holds a prefetched expert whose layer has not run yet
 
 The cache only decides *where* an expert goes and *which* expert leaves; the transfer engine
-(transfer.py) moves the bytes and the runtime (offload.py) decides *when*. Experts are read-only,
-so an evicted expert is simply forgotten: nothing is ever copied back to the host.
+(transfer.py) moves the bytes and the scheduler (scheduler.py) decides *when*. A slot whose copy
+is still in flight is NOT pinned: copies run first in, first out, so a newer copy into the same
+slot lands after it, and the compute side always waits for the newest copy into a slot.
+Experts are read-only, so an evicted expert is simply forgotten: nothing is copied back.
 
 Eviction picks, among the unpinned slots, the least recently used expert (`lru`), or the least
 frequently used one (`lfu`, ties broken by recency). LFU counts every use of an expert since the
@@ -43,7 +45,12 @@ class ExpertCache:
         if eviction not in EVICTIONS:
             raise TinyMoeError(f"eviction {eviction!r} is unknown; expected one of {EVICTIONS}")
         self.eviction = eviction
-        self.slots = torch.empty(num_slots, expert_numel, device=device, dtype=dtype)  # (S, 3*I*D)
+        # Ordinary tensors even when made inside torch.inference_mode(): the copy worker's thread
+        # is not in inference mode, and an inference tensor may only be written inside one.
+        with torch.inference_mode(False):
+            self.slots = torch.empty(
+                num_slots, expert_numel, device=device, dtype=dtype
+            )  # (S, 3*I*D)
         self.slot_of: dict[Key, int] = {}
         self.key_of: list[Key | None] = [None] * num_slots
         self.pins = [0] * num_slots
@@ -81,10 +88,10 @@ class ExpertCache:
         self.reserved[slot] = False
 
     def insert(self, key: Key, evict_reserved: bool = True) -> tuple[int, Key | None] | None:
-        """Give `key` a slot (pinned once, for the copy the caller is about to issue).
+        """Give `key` a slot, for the copy the caller is about to issue.
 
         Returns (slot, evicted key or None), or None when every candidate slot is pinned (or
-        reserved, unless evict_reserved): the caller must wait for a slot to be released
+        reserved, unless evict_reserved): the caller must first release a slot it uses
         (streaming) or give up (a prefetch). Never evicts a pinned slot.
         """
         if key in self.slot_of:
@@ -100,7 +107,6 @@ class ExpertCache:
         self.slot_of[key] = slot
         self._clock += 1
         self.last_use[slot] = self._clock  # a fresh load is "recent", so it is not the next victim
-        self.pins[slot] += 1
         return slot, evicted
 
     def drop(self, key: Key) -> None:

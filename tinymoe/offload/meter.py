@@ -1,41 +1,103 @@
-"""Instruments: where each millisecond goes, per layer, and a trace anyone can open.
+"""The meter: where each millisecond goes, per layer, measured beside the scheduler.
 
-Per layer, kept separately for prefill and decode (offload.py fills them in):
-    compute_s   wall time in attention + router + experts, stalls excluded
+The scheduler (scheduler.py) decides from state alone; the meter only watches. It counts what the
+scheduler reports (hits, misses, bytes) as it happens, and it takes timestamps with a clock:
+
+    HostClock   the host's wall clock. On the CPU compute runs on the calling thread, so "now"
+                after a layer means "that layer's compute is done".
+    CudaClock   CUDA events recorded on the compute stream. A host timestamp would only say when
+                kernels were *queued*; an event says when the GPU reached that point. Recording
+                is not a sync: the events are read back once they have completed, at the start
+                of the next forward pass (after the sampled token's one sync) or at report().
+
+Per layer, kept separately for prefill and decode:
+    compute_s   time in attention + router + experts, stalls excluded
     stall_s     time the compute side sat waiting for this layer's copies
     copy_s      time the link was busy copying this layer's experts (demand and prefetch)
     bytes       bytes copied for this layer
-    hits        expert uses served from a slot whose copy had already finished
+    hits        expert uses served from a slot whose copy had already landed
     misses      every other use, by kind (the miss taxonomy, first matching rule wins):
-        late          a copy of it was in flight when the layer needed it (a prefetch too late)
+        late          its copy was still in flight when the layer needed it (a prefetch too late)
         mispredicted  the layer had a prediction, and the prediction did not include it
         compulsory    never loaded before: any cache misses it (first use)
         capacity      loaded before, then evicted (or its prefetch found no free slot)
     wasted prefetch bytes: prefetched experts evicted before anyone used them.
 
-`Trace` writes Chrome trace-event JSON (open it in ui.perfetto.dev or chrome://tracing): a
-"compute" track with each layer's attention, router and experts, and the stalls nested inside
-the experts; and a "copy" track with every transfer on the link. Where the two tracks overlap,
-copying is hidden behind compute; a stall is a copy the compute had to wait for.
+A stall is measured between two stamps on the compute side, one before and one after the wait
+for a copy: on CUDA both are events on the compute stream, so the difference is exactly how long
+the GPU sat waiting for the copy stream. Whether a use was a hit or "late" is asked of the copy
+without blocking (an event query): measurement only, no decision depends on it.
 """
 
-import json
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import NamedTuple
+
+import torch
 
 from tinymoe.engine.timing import now
+from tinymoe.offload.trace import PerfettoTrace
+from tinymoe.offload.transfer import Transfer
 
 MISS_KINDS = ("compulsory", "capacity", "late", "mispredicted")
 
 
-def classify_miss(in_flight: bool, predicted: set[int] | None, expert: int, seen: bool) -> str:
-    """The kind of a miss (see the module docstring). predicted: None when there was no guess."""
-    if in_flight:
-        return "late"
+def classify_miss(predicted: set[int] | None, expert: int, seen: bool) -> str:
+    """The kind of a miss that found nothing in a slot (see the module docstring; "late" is
+    decided where the slot is found). predicted: None when the layer had no prediction."""
     if predicted is not None and expert not in predicted:
         return "mispredicted"
     return "capacity" if seen else "compulsory"
+
+
+# ---------------------------------------------------------------- clocks
+
+
+class HostClock:
+    """Stamps are host seconds (timing.now()), ready at once."""
+
+    def stamp(self) -> float:
+        return now()
+
+    def ready(self, stamp: object) -> bool:
+        return True
+
+    def wait(self, stamp: object) -> None:
+        pass
+
+    def seconds(self, stamp: object) -> float:
+        return stamp  # type: ignore[return-value]
+
+
+class CudaClock:
+    """Stamps are CUDA events on the current (compute) stream; read back once completed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)  # SYNC: once, at setup: a common origin for the events
+        self.base.record(torch.cuda.current_stream(device))
+        self.base.synchronize()  # SYNC: once, at setup
+        self.base_s = now()
+
+    def stamp(self) -> torch.cuda.Event:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))  # not a sync: queued with the kernels
+        return ev
+
+    def ready(self, stamp: object) -> bool:
+        return stamp.query()  # type: ignore[attr-defined]
+
+    def wait(self, stamp: object) -> None:
+        stamp.synchronize()  # type: ignore[attr-defined]  # SYNC: report() only
+
+    def seconds(self, stamp: object) -> float:
+        return self.base_s + self.base.elapsed_time(stamp) / 1e3  # type: ignore[arg-type]
+
+
+def clock_for(device: torch.device) -> HostClock | CudaClock:
+    return CudaClock(device) if device.type == "cuda" else HostClock()
 
 
 @dataclass
@@ -119,45 +181,148 @@ def format_layers(summary: dict) -> str:
     return "\n".join(lines)
 
 
-class Trace:
-    """Collects spans on two tracks and writes them as Chrome trace-event JSON."""
+# ---------------------------------------------------------------- the meter
 
-    TRACKS = {"compute": 1, "copy": 2}
 
-    def __init__(self) -> None:
-        self.t0 = now()
-        self.events: list[dict] = []
+class _Span(NamedTuple):
+    """A span recorded as raw stamps; folded into `stats.field` once `end` is readable."""
 
-    def span(self, track: str, name: str, start_s: float, end_s: float, **args: object) -> None:
-        self.events.append(
-            {
-                "name": name,
-                "ph": "X",  # a complete event: start and duration
-                "pid": 1,
-                "tid": self.TRACKS[track],
-                "ts": (start_s - self.t0) * 1e6,  # microseconds, as the format wants
-                "dur": max(end_s - start_s, 0.0) * 1e6,
-                "args": args,
-            }
-        )
+    stats: LayerStats | PhaseStats
+    field: str  # compute_s | stall_s | wall_s (PhaseStats: the pass from `since` to `end`)
+    track: str
+    name: str
+    start: object
+    end: object
+    args: dict
+    since: object = None
 
-    def to_json(self) -> dict:
-        meta = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "tinymoe"}}]
-        for track, tid in self.TRACKS.items():
-            meta.append(
-                {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": track}}
-            )
-            meta.append(
-                {
-                    "name": "thread_sort_index",
-                    "ph": "M",
-                    "pid": 1,
-                    "tid": tid,
-                    "args": {"sort_index": tid},
-                }
-            )
-        events = sorted(self.events, key=lambda e: (e["tid"], e["ts"]))
-        return {"traceEvents": meta + events, "displayTimeUnit": "ms"}
 
-    def write(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json()))
+class Meter:
+    """Counts and times one runtime's forward passes; `stats[phase].layers[l]` are the totals.
+
+    The runtime calls, per forward pass: forward_start, then per layer route_start, route_end,
+    (stall_start, stall_end around each wait for a copy), experts_end; then forward_end. Spans
+    are kept as raw stamps and folded into the totals once their stamps can be read.
+    """
+
+    def __init__(self, num_layers: int, clock: HostClock | CudaClock, trace: bool = False) -> None:
+        self.num_layers, self.clock = num_layers, clock
+        self.trace = PerfettoTrace() if trace else None
+        self.stats: dict[str, PhaseStats] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything measured so far (spans not yet folded included)."""
+        L = self.num_layers
+        self.stats = {"prefill": PhaseStats(L), "decode": PhaseStats(L)}
+        self.phase = "prefill"
+        self._spans: list[_Span] = []  # recorded, not yet folded
+        self._copies: list[tuple[Transfer, LayerStats]] = []  # copies whose times are unread
+        # The latest marks (set here too, so a layer driven without a forward pass has them).
+        self._t_forward = self._t_segment = self._t_route = self._t_experts = self.clock.stamp()
+        if self.trace is not None:
+            self.trace = PerfettoTrace()
+
+    def layer(self, layer: int, phase: str | None = None) -> LayerStats:
+        return self.stats[phase or self.phase].layers[layer]
+
+    # ---- the compute side's marks
+
+    def forward_start(self, phase: str) -> None:
+        self.fold()  # the previous pass ended with the sampled token's sync: its stamps are ready
+        self.phase = phase
+        self._t_forward = self._t_segment = self.clock.stamp()
+        self.stats[phase].steps += 1
+
+    def route_start(self, layer: int) -> None:
+        self._t_route = self.clock.stamp()
+        self._span("compute", f"L{layer} attention", self._t_segment, self._t_route, layer)
+
+    def route_end(self, layer: int) -> None:
+        self._t_experts = self.clock.stamp()
+        self._span("compute", f"L{layer} router", self._t_route, self._t_experts, layer)
+
+    def stall_start(self) -> object:
+        return self.clock.stamp()
+
+    def stall_end(self, layer: int, start: object, waited_for: Transfer) -> None:
+        end = self.clock.stamp()
+        self._span("compute", "stall", start, end, layer, "stall_s", copy=str(waited_for.tag))
+
+    def experts_end(self, layer: int, experts: int) -> None:
+        t = self.clock.stamp()
+        self._span("compute", f"L{layer} experts", self._t_experts, t, layer, experts=experts)
+        self._t_segment = t
+
+    def forward_end(self) -> None:
+        t = self.clock.stamp()
+        self._spans.append(
+            _Span(self.stats[self.phase], "wall_s", "compute", "norm + lm_head",
+                  self._t_segment, t, {}, since=self._t_forward)
+        )  # fmt: skip
+
+    # ---- what the scheduler reports
+
+    def hit(self, st: LayerStats) -> None:
+        st.hits += 1
+
+    def miss(self, st: LayerStats, kind: str) -> None:
+        st.misses += 1
+        st.miss_kinds[kind] += 1
+
+    def copied(self, st: LayerStats, t: Transfer, prefetch: bool) -> None:
+        st.bytes += t.nbytes
+        if prefetch:
+            st.prefetch_bytes += t.nbytes
+        self._copies.append((t, st))
+
+    def wasted(self, layer: int, nbytes: int) -> None:
+        self.layer(layer).wasted_bytes += nbytes
+
+    # ---- reading the stamps
+
+    def _span(
+        self, track: str, name: str, start: object, end: object, layer: int,
+        field: str = "compute_s", **args: object,
+    ) -> None:  # fmt: skip
+        self._spans.append(_Span(self.layer(layer), field, track, name, start, end, args))
+
+    def fold(self, block: bool = False) -> None:
+        """Add every span and copy whose stamps are readable to the totals (and the trace).
+        block=True waits for all of them (SYNC on CUDA: report() only)."""
+        clock, trace = self.clock, self.trace
+        n = 0
+        for sp in self._spans:
+            if not clock.ready(sp.end):
+                if not block:
+                    break  # stamps complete in order: the rest are not ready either
+                clock.wait(sp.end)
+            a, b = clock.seconds(sp.start), clock.seconds(sp.end)
+            st = sp.stats
+            if sp.field == "wall_s":  # the pass's last span closes the whole pass
+                st.wall_s += b - clock.seconds(sp.since)
+            else:
+                setattr(st, sp.field, getattr(st, sp.field) + (b - a))
+                if sp.field == "stall_s":  # stalls sit inside the experts span: not compute
+                    st.compute_s -= b - a
+            if trace is not None:
+                trace.span(sp.track, sp.name, a, b, **sp.args)
+            n += 1
+        del self._spans[:n]
+        n = 0
+        for t, st in self._copies:
+            if t.error is None and not t.done():
+                if not block:
+                    break
+                # A failed copy has no time on the link (whoever used it has raised already).
+                with contextlib.suppress(Exception):
+                    t.host_wait()
+            if t.error is None:
+                start, end = (clock.seconds(s) for s in t.stamps())
+                st.copy_s += end - start
+                if trace is not None:
+                    tag = t.tag
+                    trace.span("copy", f"L{tag.layer} e{tag.expert}", start, end,
+                               kind=tag.kind, bytes=t.nbytes)  # fmt: skip
+            n += 1
+        del self._copies[:n]

@@ -4,7 +4,7 @@
     on-demand   the paper's baseline: copy the routed experts, wait for all of them, compute.
                 Default budget top-k slots, so nothing survives from one token to the next.
     lru / lfu   on-demand plus a cache across tokens. Default budget: a quarter of all experts.
-    oracle      prefetch each layer's true experts one layer ahead (offload.OraclePredictor).
+    oracle      prefetch each layer's true experts one layer ahead (speculation/oracle.py).
                 Default budget 2*top-k: the current layer's experts and the next layer's.
     prefetch+P[+lru|lfu]     predictor P drives prefetching; the router still decides (exact)
     speculative+P[+lru|lfu]  layer l+1 runs P's predicted experts and weights (the paper's mode)
@@ -28,7 +28,7 @@ class Policy:
     name: str
     offload: bool = True  # False: "resident", experts stay on the device
     eviction: str = "lru"  # "lru" | "lfu"
-    reuse: bool = False  # a cache across tokens: only changes the default budget
+    cache_across_tokens: bool = False  # sized to keep experts across tokens (default budget)
     predictor: str | None = None  # name of the predictor that drives prefetching
     speculate: bool = False  # route with the prediction instead of the router (lossy)
     # Compute each expert as soon as its copy lands (True), or wait until all of the layer's
@@ -39,8 +39,8 @@ class Policy:
 BASE_POLICIES = {
     "resident": Policy("resident", offload=False),
     "on-demand": Policy("on-demand", pipeline=False),
-    "lru": Policy("lru", reuse=True, pipeline=False),
-    "lfu": Policy("lfu", eviction="lfu", reuse=True, pipeline=False),
+    "lru": Policy("lru", cache_across_tokens=True, pipeline=False),
+    "lfu": Policy("lfu", eviction="lfu", cache_across_tokens=True, pipeline=False),
     "oracle": Policy("oracle", predictor="oracle"),
 }
 
@@ -57,7 +57,7 @@ def parse_policy(name: str) -> Policy:
             return Policy(
                 name,
                 eviction=cache or "lru",
-                reuse=cache is not None,
+                cache_across_tokens=cache is not None,
                 predictor=parts[1],
                 speculate=parts[0] == "speculative",
             )
@@ -85,7 +85,7 @@ def resolve_slots(
         slots = int(budget_gb * 1e9 // expert_bytes)  # GB = 1e9 bytes
     if slots is None:
         slots = (1 + lookahead) * K  # room for this layer and the one being prefetched
-        if policy.reuse:
+        if policy.cache_across_tokens:
             slots = max(slots, all_experts // 4)
         elif policy.predictor is None:
             slots = K  # on-demand: exactly one layer's experts, no reuse across tokens

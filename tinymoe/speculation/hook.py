@@ -4,6 +4,7 @@ The model calls its `route_hook` at every layer (model.py); this hook is the one
 runtime installs (and tinymoe.evaluate uses on its own to measure what speculation costs).
 """
 
+import torch
 from torch import Tensor
 
 from tinymoe.engine.model import Routing
@@ -22,13 +23,21 @@ class PredictionHook:
 
     The offloading runtime reads `pending[l + lookahead]` right after layer l to start copies; the
     evaluation code uses this hook alone, on resident experts, to measure what speculation costs.
+
+    read_ids (the offloading runtime): the host needs both layer l's ids (to fetch its experts)
+    and the prediction's (to prefetch them), so for a decode step both are read to the host in
+    ONE transfer, and kept on the Routings (Routing.ids_on_host). The runtime switches
+    `speculate` off for prefill passes (see OffloadRuntime._forward_start).
     """
 
-    def __init__(self, predictor: Predictor | None, speculate: bool = False) -> None:
+    def __init__(
+        self, predictor: Predictor | None, speculate: bool = False, read_ids: bool = False
+    ) -> None:
         if speculate and predictor is None:
             raise ValueError("speculative execution needs a predictor")
         self.predictor = predictor
         self.speculate = speculate
+        self.read_ids = read_ids
         self.pending: dict[int, Routing] = {}  # target layer -> predicted routing (this forward)
         self.crosses_tokens = getattr(predictor, "crosses_tokens", False)
         self.last_prediction: dict[int, Routing] = {}  # layer -> the prediction that layer had
@@ -60,4 +69,15 @@ class PredictionHook:
             nxt = self.predictor.observe(layer, resid.reshape(u.shape), u, routing)
             if nxt is not None:
                 self.pending[layer + lookahead] = nxt
+                if self.read_ids and routing.host_ids is None and u.shape[0] == 1:
+                    read_together(routing, nxt)
         return routing
+
+
+def read_together(a: Routing, b: Routing) -> None:
+    """Read two routings' ids to the host in one transfer (one sync instead of two)."""
+    # SYNC: the layer's one host read of expert ids (flattened: a guess may name more than K).
+    flat = torch.cat([a.ids.flatten(), b.ids.flatten()]).tolist()
+    n, ka, kb = a.ids.numel(), a.ids.shape[-1], b.ids.shape[-1]
+    a.host_ids = [flat[i : i + ka] for i in range(0, n, ka)]
+    b.host_ids = [flat[i : i + kb] for i in range(n, len(flat), kb)]

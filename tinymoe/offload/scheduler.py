@@ -1,0 +1,250 @@
+"""The scheduler: which experts to copy, into which slot, and in what order, from state alone.
+
+Every decision here reads only state: the layer's routed ids, the prediction, the cache's
+contents, pins and reservations, and the copies it has issued. It never reads a clock and never
+asks whether a copy has landed, so the same run makes the same decisions on an idle machine and
+on a busy one, and on the CPU and the GPU. (The meter, meter.py, measures beside it.)
+
+How an offloaded layer l runs (`run_layer`, called with the ids its router, or a prediction,
+chose; the model computes each yielded expert before asking for the next):
+    1. Its prefetched experts stop being reserved: from now on they are ordinary cache entries.
+    2. Every id found in a slot is a hit (pinned: held until its tokens are computed); the rest
+       are misses, classified against the prediction and what was ever loaded (meter.py).
+    3. The misses' copies are issued FIRST, because the link is first in, first out and a
+       prefetch queued ahead of them would delay this layer; THEN the prefetch for layer
+       l + lookahead, into free or unreserved unpinned slots only (a guess never evicts a guess,
+       never forces anything).
+    4. Hits are yielded first (they compute while this layer's copies fly), then the copied
+       experts in the order the link delivers them. Using an expert whose copy is in flight makes
+       the compute side wait for that copy and only that copy (Transfer.compute_wait).
+       The paper's on-demand baseline (`pipeline=False`) instead waits for all of the layer's
+       copies before computing any of them: its Eq. 1 is derived for that.
+    5. Streaming: when the layer needs more experts than there are slots it may take (a long
+       prompt routes to nearly all of them), each expert's slot is released as soon as its tokens
+       are computed and the next miss is copied into it. Any budget >= top-k works.
+
+Exact prefetch is throttled: a real predictor is often wrong, and a wrong copy on a first-in
+first-out link delays the next layer's demand copies. So at most `depth` prefetch copies are
+issued per layer, the most confident first (top-k order); the rest of the guess stays off the
+link. `depth` is fixed when the runtime is built, from the link's and the model's known
+characteristics (see OffloadRuntime), never from measured times. Speculative mode and the oracle
+use every prefetch, so they issue all of them (depth None).
+
+Copies in flight hold no pin. Copies run first in, first out on one queue (transfer.py), so a
+slot may be given to another expert while a copy into it is still queued: that copy lands first,
+and whoever uses the slot waits for the newest copy into it (`landing[slot]`). A prefetched
+expert is reserved for its target layer until that layer runs; a demand miss may take a reserved
+slot, as a last resort, a prefetch never.
+
+Cross-token prefetch (the oracle only): the last `lookahead` layers may prefetch the next forward
+pass's first layers (targets >= L); those reservations are re-keyed at the end of each pass.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from tinymoe.offload.cache import ExpertCache, Key
+from tinymoe.offload.meter import LayerStats, Meter, classify_miss
+from tinymoe.offload.store import HostExpertStore
+from tinymoe.offload.transfer import Transfer, TransferEngine
+
+
+@dataclass
+class CopyTag:
+    """What a copy is for; it rides along on the Transfer (for errors and the trace)."""
+
+    layer: int
+    expert: int
+    slot: int
+    kind: str  # "demand" | "prefetch"
+
+    def __str__(self) -> str:
+        return f"layer {self.layer} expert {self.expert} ({self.kind} copy into slot {self.slot})"
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """A guess to act on: experts of layer `target`, most confident first."""
+
+    target: int  # a layer of this forward pass, or (crossing tokens) L + a layer of the next
+    experts: list[int]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cache: ExpertCache,
+        store: HostExpertStore,
+        engine: TransferEngine,
+        meter: Meter,
+        num_layers: int,
+        *,
+        pipeline: bool = True,
+        depth: int | None = None,
+    ) -> None:
+        self.cache, self.store, self.engine, self.meter = cache, store, engine, meter
+        self.num_layers, self.pipeline, self.depth = num_layers, pipeline, depth
+        self.landing: dict[int, Transfer] = {}  # slot -> newest copy into it nobody waited for
+        self.reserved: dict[int, list[Key]] = {}  # target layer -> experts prefetched for it
+        self.seen: set[Key] = set()  # experts ever copied (compulsory vs capacity misses)
+        self.unused_prefetch: set[Key] = set()  # prefetched, not used yet (wasted if evicted)
+
+    # ---- forward-pass boundaries
+
+    def new_sequence(self) -> None:
+        """A new prompt: reservations for a next pass of the old sequence are void."""
+        for target in list(self.reserved):
+            self._unreserve(target)
+
+    def end_forward(self) -> None:
+        """Drop reservations for layers that never ran; re-key cross-token ones (t >= L) to the
+        next pass's layers (t - L)."""
+        L = self.num_layers
+        for target in [t for t in self.reserved if t < L]:
+            self._unreserve(target)
+        self.reserved = {t - L: keys for t, keys in self.reserved.items()}
+
+    # ---- one layer
+
+    def run_layer(
+        self,
+        layer: int,
+        ids: list[int],
+        predicted: set[int] | None = None,
+        prefetch: Prefetch | None = None,
+    ) -> Iterator[tuple[int, Tensor]]:
+        """Yield (expert, slot view) for each id (see the top). predicted: the experts the
+        layer's prediction named (None without one), for the miss taxonomy; prefetch: the guess
+        for a later layer, issued once this layer's own copies are on the link."""
+        cache, meter = self.cache, self.meter
+        st = meter.layer(layer)
+        self._unreserve(layer)
+        ready: list[tuple[int, int]] = []  # (expert, slot), pinned: hits and earlier copies
+        todo: list[int] = []  # misses not yet given a slot
+        for e in ids:
+            slot = cache.lookup((layer, e))
+            if slot is None:
+                todo.append(e)
+                meter.miss(st, classify_miss(predicted, e, (layer, e) in self.seen))
+                continue
+            cache.pin(slot)
+            ready.append((e, slot))
+            t = self.landing.get(slot)
+            # Measurement only: whether the copy has landed changes no decision below.
+            if t is not None and not t.done():
+                meter.miss(st, "late")
+            else:
+                meter.hit(st)
+        arriving = self._issue_demand(layer, todo, st)
+        if not todo:
+            self._prefetch(prefetch)
+        current = None
+        try:
+            while ready or arriving:
+                if not ready and not self.pipeline:
+                    for e, slot in arriving:  # the paper's on-demand: land them all first
+                        self._land(layer, e, slot)
+                    ready, arriving = arriving, []
+                e, slot = current = ready.pop(0) if ready else arriving.pop(0)
+                self._land(layer, e, slot)
+                cache.touch((layer, e))
+                self.unused_prefetch.discard((layer, e))
+                yield e, cache.slots[slot]
+                # The caller has computed expert e's tokens: its slot may be reused.
+                current = None
+                self.engine.release(slot)
+                cache.unpin(slot)
+                if todo:
+                    arriving += self._issue_demand(layer, todo, st)
+                    if not todo:
+                        self._prefetch(prefetch)
+        finally:  # an error (or the caller stopping early) must not leave slots pinned
+            held = ready + arriving + ([current] if current else [])
+            for e, slot in held:
+                if cache.key_of[slot] == (layer, e):
+                    cache.unpin(slot)
+
+    def _land(self, layer: int, expert: int, slot: int) -> None:
+        """Make the compute side wait for the newest copy into `slot`, if nobody has yet."""
+        t = self.landing.pop(slot, None)
+        if t is None:
+            return
+        start = self.meter.stall_start()
+        try:
+            t.compute_wait()
+        except BaseException:
+            # Never compute with what a failed copy left in the slot: forget it, then raise.
+            self.cache.drop((layer, expert))
+            raise
+        self.meter.stall_end(layer, start, t)
+
+    # ---- copies
+
+    def _issue_demand(self, layer: int, todo: list[int], st: LayerStats) -> list[tuple[int, int]]:
+        """Copy as many of this layer's missing experts as there are slots to put them in;
+        returns them as (expert, slot), pinned, and removes them from todo."""
+        issued = []
+        while todo:
+            slot = self._insert((layer, todo[0]), evict_reserved=True)
+            if slot is None:
+                break  # every slot is in use by this layer: stream (see run_layer)
+            e = todo.pop(0)
+            self._copy(layer, e, slot, "demand", st)
+            self.cache.pin(slot)
+            issued.append((e, slot))
+        return issued
+
+    def _prefetch(self, prefetch: Prefetch | None) -> None:
+        """Reserve the guessed experts for their target layer, copying at most `depth` of them."""
+        if prefetch is None:
+            return
+        layer, phase = prefetch.target, None
+        if layer >= self.num_layers:  # crossing tokens: the next pass, always a decode step
+            layer, phase = layer - self.num_layers, "decode"
+        st = self.meter.layer(layer, phase)
+        copies = 0
+        for e in prefetch.experts:
+            key = (layer, e)
+            slot = self.cache.lookup(key)
+            if slot is None:
+                if self.depth is not None and copies >= self.depth:
+                    continue  # throttled: this guess stays off the link
+                slot = self._insert(key, evict_reserved=False)
+                if slot is None:
+                    continue  # no room: skip it, never force; it will be a capacity miss
+                self._copy(layer, e, slot, "prefetch", st)
+                self.unused_prefetch.add(key)
+                copies += 1
+            self.cache.reserve(slot)
+            self.reserved.setdefault(prefetch.target, []).append(key)
+
+    def _copy(self, layer: int, expert: int, slot: int, kind: str, st: LayerStats) -> None:
+        tag = CopyTag(layer, expert, slot, kind)
+        t = self.engine.copy(self.cache.slots[slot], self.store.expert(layer, expert), slot, tag)
+        self.landing[slot] = t  # replaces an older copy into this slot: that one lands first
+        self.seen.add((layer, expert))
+        self.meter.copied(st, t, prefetch=kind == "prefetch")
+
+    def _insert(self, key: Key, evict_reserved: bool) -> int | None:
+        got = self.cache.insert(key, evict_reserved)
+        if got is None:
+            return None
+        slot, evicted = got
+        if evicted in self.unused_prefetch:
+            self.unused_prefetch.discard(evicted)
+            self.meter.wasted(evicted[0], self.store.expert_bytes)
+        return slot
+
+    def _unreserve(self, target: int) -> None:
+        for key in self.reserved.pop(target, []):
+            slot = self.cache.lookup(key)
+            if slot is not None:
+                self.cache.unreserve(slot)
+
+    def wait_all(self) -> None:
+        """Block the host until every copy issued has landed (reporting and shutdown)."""
+        for t in self.landing.values():
+            if t.error is None:
+                t.host_wait()  # SYNC: reporting only
