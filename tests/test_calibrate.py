@@ -1,4 +1,5 @@
-"""Calibration (calibrate.py, estimator.py): default vectors, estimator training, files."""
+"""Calibration (calibrate.py, speculation/estimator.py, speculation/calibration.py): default
+vectors, estimator training, the files."""
 
 import json
 import random
@@ -10,20 +11,23 @@ from conftest import TOKENIZER_TEXT, add_tokenizer, make_checkpoint
 
 from tinymoe import TinyMoeError, load_model
 from tinymoe.calibrate import (
-    META_FILE,
-    TENSORS_FILE,
     CalibrationSettings,
     calibrate,
     cli,
     default_vectors,
-    load_speculation,
     quasi_pairs,
-    read_token_ids,
-    record_trace,
-    save_speculation,
+    record_exact_run,
 )
+from tinymoe.corpus import read_token_ids
 from tinymoe.engine.experts import expert_forward
 from tinymoe.engine.tokenizer import load_tokenizer
+from tinymoe.speculation.calibration import (
+    FORMAT_VERSION,
+    META_FILE,
+    TENSORS_FILE,
+    load_speculation,
+    save_speculation,
+)
 from tinymoe.speculation.estimator import EstimatorConfig, build_estimator, mean_kl, train_estimator
 from tinymoe.speculation.predictors import make_predictor
 
@@ -52,16 +56,16 @@ def token_rows(model, B=8, T=16, seed=0):
 
 def test_default_vectors_are_mean_expert_outputs(baby):
     model = load_model(baby)
-    trace = record_trace(model, token_rows(model), batch=3)
-    dv = default_vectors(trace)
+    run = record_exact_run(model, token_rows(model), batch=3)
+    dv = default_vectors(run)
     cfg = model.cfg
     assert dv.shape == (cfg.num_layers, cfg.num_experts, cfg.hidden_size)
-    assert int(trace.expert_count.sum()) == cfg.num_layers * 8 * 16 * cfg.top_k
+    assert int(run.expert_count.sum()) == cfg.num_layers * 8 * 16 * cfg.top_k
     layer = 1
     with torch.no_grad():  # recompute layer 1's default vectors from scratch, from r_1
-        u = model.layers[layer].post_attention_layernorm(trace.resid[layer])
+        u = model.layers[layer].post_attention_layernorm(run.resid[layer])
         for e in range(cfg.num_experts):
-            rows = (trace.ids[layer] == e).any(-1)
+            rows = (run.ids[layer] == e).any(-1)
             if rows.any():
                 y = expert_forward(model.experts.weights[layer][e], u[rows], cfg.expert_dim)
                 torch.testing.assert_close(dv[layer, e], y.mean(0), atol=1e-5, rtol=1e-4)
@@ -71,8 +75,8 @@ def test_default_vectors_are_mean_expert_outputs(baby):
 
 def test_estimator_training_lowers_kl_on_held_in_data(baby):
     model = load_model(baby)
-    trace = record_trace(model, token_rows(model))
-    pairs = quasi_pairs(model, default_vectors(trace), trace, 1)
+    run = record_exact_run(model, token_rows(model))
+    pairs = quasi_pairs(model, default_vectors(run), run, 1)
     cfg = model.cfg
     for kind in ("estimator", "linear"):
         torch.manual_seed(0)
@@ -126,6 +130,20 @@ def test_load_speculation_errors(baby, tmp_path):
     (tmp_path / META_FILE).write_text("{not json")
     with pytest.raises(TinyMoeError, match="not a valid speculation metadata"):
         load_speculation(tmp_path)
+
+
+def test_load_speculation_refuses_another_format_version(baby, tmp_path):
+    model = load_model(baby)
+    save_speculation(calibrate(model, token_rows(model), SETTINGS), tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    for version in (FORMAT_VERSION + 1, None):
+        meta["format_version"] = version
+        (tmp_path / META_FILE).write_text(json.dumps(meta))
+        with pytest.raises(TinyMoeError) as e:
+            load_speculation(tmp_path, model.cfg)
+        message = str(e.value)
+        assert str(tmp_path / META_FILE) in message and f"{version!r} is not supported" in message
+        assert f"reads version {FORMAT_VERSION}" in message
 
 
 def test_read_token_ids(baby, tmp_path):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from tinymoe import MoETransformer, load_model
+from tinymoe.corpus import EOS, clean_rst
 from tinymoe.engine.tokenizer import load_tokenizer
-from tinymoe.train import EOS, clean_rst
 from tinymoe.train import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent

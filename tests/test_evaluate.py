@@ -10,8 +10,9 @@ from conftest import add_tokenizer, make_checkpoint
 from test_calibrate import SETTINGS, write_text
 
 from tinymoe import load_model
-from tinymoe.calibrate import calibrate, save_speculation
+from tinymoe.calibrate import calibrate
 from tinymoe.evaluate import ALL_NAMES, HIDDEN, ScoringHook, cli, evaluate, teacher_forced
+from tinymoe.speculation.calibration import load_speculation, save_speculation
 from tinymoe.speculation.predictors import RouterPredictor
 
 
@@ -34,8 +35,6 @@ def held_out(model, B=3, T=10):
 
 
 def test_evaluate_reports_every_predictor_and_layer(calibrated):
-    from tinymoe.calibrate import load_speculation
-
     model = load_model(calibrated)
     cal = load_speculation(calibrated, model.cfg)
     result = evaluate(model, held_out(model), cal, list(ALL_NAMES), (1, 2))

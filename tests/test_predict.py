@@ -1,13 +1,13 @@
-"""Predictors (predict.py): shapes, a hand-checked Router-PF, speculation with a perfect guess."""
+"""Predictors (speculation/predictors.py): shapes, a hand-checked Router-PF, speculation with a perfect guess."""
 
 import pytest
 import torch
 from conftest import make_checkpoint
 
 from tinymoe import TinyMoeError, load_model
-from tinymoe.calibrate import Calibration
 from tinymoe.engine.experts import expert_forward
 from tinymoe.engine.model import Routing
+from tinymoe.speculation.calibration import Calibration
 from tinymoe.speculation.estimator import EstimatorConfig, build_estimator
 from tinymoe.speculation.hook import PredictionHook
 from tinymoe.speculation.predictors import (

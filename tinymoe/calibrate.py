@@ -1,39 +1,44 @@
 """Calibration for speculation: `python -m tinymoe.calibrate --model DIR --text FILE`.
 
-What the predictors in predict.py need from data, measured once per checkpoint. The calibration
-sequences are split: most for measuring and training, the rest (--val-fraction) held back.
+What the predictors (speculation/predictors.py) need from data, measured once per checkpoint.
+The calibration sequences are split: most for measuring and training, the rest (--val-fraction)
+held back.
     1. an exact run over calibration text records every layer's r_l, routing and router logits,
-       and sums each expert's output over the tokens routed to it;
+       and sums each expert's output over the tokens routed to it (`record_exact_run`, through
+       the one route recorder, speculation/recording.py);
     2. default vectors v[l, e] = that sum / that count (the mean output of expert e at layer l;
        an expert never routed keeps the zero vector);
-    3. the estimators (estimator.py) are trained on pairs (q_{t-d}, true logits of layer t),
-       for each lookahead d;
+    3. the estimators (speculation/estimator.py) are trained on pairs (q_{t-d}, true logits of
+       layer t), for each lookahead d;
     4. on the held-back sequences, every predictor's recall per layer is measured, and the hybrid
        predictor's estimator layers are chosen: layers where the router's recall is below a
        threshold and the estimator's is higher.
 Everything is saved as speculation.safetensors (tensors) + speculation.json (metadata) beside
-the checkpoint, or in --out; `load_speculation` reads them back for the runtime.
+the checkpoint, or in --out. The file format, and `load_speculation` that the runtime reads them
+back with, live in speculation/calibration.py: this module is the tool that produces them.
 """
 
 import argparse
-import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from tinymoe.cli import OneLineParser, run_cli
-from tinymoe.engine.config import ModelConfig
+from tinymoe.cli import OneLineParser, lookahead_list, run_cli
+from tinymoe.corpus import read_token_ids
 from tinymoe.engine.experts import expert_forward
 from tinymoe.engine.loader import DTYPES, load_model
 from tinymoe.engine.model import MoETransformer, Routing
-from tinymoe.engine.tokenizer import load_tokenizer
 from tinymoe.errors import TinyMoeError
 from tinymoe.progress import Progress
+from tinymoe.speculation.calibration import (
+    META_FILE,
+    TENSORS_FILE,
+    Calibration,
+    save_speculation,
+)
 from tinymoe.speculation.estimator import (
     EstimatorConfig,
     LinearEstimator,
@@ -43,50 +48,13 @@ from tinymoe.speculation.estimator import (
     train_estimator,
 )
 from tinymoe.speculation.predictors import RouterPredictor, quasi_hidden, recall_at_k
-
-TENSORS_FILE, META_FILE = "speculation.safetensors", "speculation.json"
-FORMAT_VERSION = 1
-CHARS_PER_TOKEN = 200  # how much text read_token_ids reads: ~50x more tokens than it keeps
-
-# ---------------------------------------------------------------- calibration text
-
-
-def read_token_ids(
-    model_dir: str | Path, text_path: str | Path, tokens: int, seq_len: int
-) -> Tensor:
-    """`tokens` tokens of a UTF-8 file as (B, seq_len) windows, B = tokens // seq_len.
-
-    The windows are spread evenly over the text (at most its first CHARS_PER_TOKEN * tokens
-    characters), so they sample many documents rather than the first few.
-    """
-    if seq_len < 2:
-        raise TinyMoeError(f"--seq-len must be >= 2, got {seq_len}")
-    if tokens < seq_len:
-        raise TinyMoeError(f"--tokens ({tokens}) must be at least --seq-len ({seq_len})")
-    tok = load_tokenizer(model_dir)
-    path = Path(text_path)
-    if not path.is_file():
-        raise TinyMoeError(f"--text {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(CHARS_PER_TOKEN * tokens)
-    except UnicodeDecodeError as e:
-        raise TinyMoeError(f"--text {path}: not UTF-8 text ({e})") from None
-    ids = torch.tensor(tok.encode(text).ids)  # (n,)
-    B = min(len(ids), tokens) // seq_len
-    if B == 0:
-        raise TinyMoeError(
-            f"--text {path}: encodes to {len(ids)} tokens, fewer than one --seq-len ({seq_len})"
-        )
-    starts = torch.linspace(0, len(ids) - seq_len, B).long().tolist()  # never overlapping
-    return torch.stack([ids[s : s + seq_len] for s in starts])  # (B, T)
-
+from tinymoe.speculation.recording import RouteRecorder
 
 # ---------------------------------------------------------------- the exact run, recorded
 
 
 @dataclass
-class Trace:
+class ExactRunRecord:
     """Every layer's state over N = B*T tokens of an exact run, on the host, in fp32."""
 
     resid: list[Tensor]  # per layer: r_l (N, D)
@@ -97,8 +65,12 @@ class Trace:
     expert_count: Tensor  # (L, E) how many tokens were routed to expert e
 
 
-class _Recorder:
-    """A route hook that lets the router decide and writes down what each layer saw."""
+class _ExactRunLog:
+    """What a RouteRecorder hands over, layer by layer, gathered into an ExactRunRecord.
+
+    States go to the host as they come (a long run would not fit on the device); the expert
+    output sums stay on the device in fp64 until the end.
+    """
 
     def __init__(self, model: MoETransformer) -> None:
         cfg = model.cfg
@@ -112,10 +84,8 @@ class _Recorder:
         self.expert_sum = torch.zeros(L, E, D, dtype=torch.float64, device=device)
         self.expert_count = torch.zeros(L, E, dtype=torch.long)
 
-    @torch.no_grad()
-    def __call__(self, layer: int, resid: Tensor, u: Tensor, router) -> Routing:
-        routing = router(u)
-        self.resid[layer].append(resid.reshape(u.shape).float().cpu())
+    def keep(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> None:
+        self.resid[layer].append(resid.float().cpu())
         self.ids[layer].append(routing.ids.cpu())
         self.weights[layer].append(routing.weights.float().cpu())
         self.logits[layer].append(routing.logits.float().cpu())
@@ -127,10 +97,9 @@ class _Recorder:
             y = expert_forward(w, u[rows], self.model.cfg.expert_dim)  # (n_e, D)
             self.expert_sum[layer, e] += y.double().sum(dim=0)
             self.expert_count[layer, e] += y.shape[0]
-        return routing
 
-    def trace(self) -> Trace:
-        return Trace(
+    def record(self) -> ExactRunRecord:
+        return ExactRunRecord(
             resid=[torch.cat(x) for x in self.resid],
             ids=[torch.cat(x) for x in self.ids],
             weights=[torch.cat(x) for x in self.weights],
@@ -141,123 +110,25 @@ class _Recorder:
 
 
 @torch.no_grad()
-def record_trace(model: MoETransformer, ids: Tensor, batch: int = 8) -> Trace:
+def record_exact_run(model: MoETransformer, ids: Tensor, batch: int = 8) -> ExactRunRecord:
     """Run `ids` (B, T) through the model in exact mode, `batch` sequences at a time."""
-    recorder = _Recorder(model)
-    previous_hook, model.route_hook = model.route_hook, recorder
+    log = _ExactRunLog(model)
     device = model.embed_tokens.weight.device
     bar = Progress(ids.shape[0], desc="exact run")
     try:
-        for i in range(0, ids.shape[0], batch):
-            model(ids[i : i + batch].to(device))
-            bar.update(min(batch, ids.shape[0] - i))
+        with RouteRecorder(log.keep).installed(model):
+            for i in range(0, ids.shape[0], batch):
+                model(ids[i : i + batch].to(device))
+                bar.update(min(batch, ids.shape[0] - i))
     finally:
-        model.route_hook = previous_hook
         bar.close()
-    return recorder.trace()
+    return log.record()
 
 
-def default_vectors(trace: Trace) -> Tensor:
+def default_vectors(run: ExactRunRecord) -> Tensor:
     """v[l, e] = mean output of expert e at layer l over its routed tokens; zero if never routed."""
-    count = trace.expert_count.clamp(min=1).unsqueeze(-1)  # (L, E, 1)
-    return (trace.expert_sum / count).float()  # (L, E, D)
-
-
-# ---------------------------------------------------------------- what gets saved
-
-
-@dataclass
-class Calibration:
-    """Everything the learned and default-vector predictors need for one checkpoint."""
-
-    default_vectors: Tensor  # (L, E, D) fp32: v[l, e], the mean output of expert e at layer l
-    expert_counts: Tensor  # (L, E) calibration tokens routed to each expert
-    estimators: dict[tuple[str, int], nn.Module]  # (kind, lookahead) -> trained estimator
-    hybrid_layers: dict[int, list[int]]  # lookahead -> predicted layers that use the estimator
-    meta: dict = field(default_factory=dict)  # what speculation.json records besides
-
-    def estimator(self, kind: str, lookahead: int) -> nn.Module:
-        if (kind, lookahead) not in self.estimators:
-            have = sorted(d for k, d in self.estimators if k == kind)
-            raise TinyMoeError(
-                f"{META_FILE}: no {kind} trained for lookahead {lookahead} (have: "
-                f"{have or 'none'}); rerun `python -m tinymoe.calibrate --lookahead ...`"
-            )
-        return self.estimators[(kind, lookahead)]
-
-
-def save_speculation(cal: Calibration, out_dir: str | Path) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {"default_vectors": cal.default_vectors, "expert_counts": cal.expert_counts}
-    entries = []
-    for (kind, d), est in cal.estimators.items():
-        for name, p in est.state_dict().items():
-            tensors[f"{kind}.d{d}.{name}"] = p.detach().float().cpu().contiguous()
-        params = sum(p.numel() for p in est.parameters())
-        entries.append({"kind": kind, "lookahead": d, "config": asdict(est.cfg), "params": params})
-    save_file(tensors, str(out / TENSORS_FILE), metadata={"format": "pt"})
-    meta = {
-        **cal.meta,
-        "format_version": FORMAT_VERSION,
-        "estimators": entries,
-        "hybrid_layers": {str(d): layers for d, layers in cal.hybrid_layers.items()},
-    }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def load_speculation(path: str | Path, cfg: ModelConfig | None = None) -> Calibration | None:
-    """Read speculation.{json,safetensors} from directory `path`; None if neither is there.
-
-    With `cfg`, every tensor's shape is checked against the model it will be used with.
-    """
-    path = Path(path)
-    meta_path, tensors_path = path / META_FILE, path / TENSORS_FILE
-    if not meta_path.exists() and not tensors_path.exists():
-        return None
-    for p in (meta_path, tensors_path):
-        if not p.exists():
-            raise TinyMoeError(f"{p}: missing (the two speculation files go together)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        entries = meta.pop("estimators")
-        hybrid = {int(d): list(v) for d, v in meta.pop("hybrid_layers").items()}
-    except (json.JSONDecodeError, KeyError, AttributeError, ValueError) as e:
-        raise TinyMoeError(f"{meta_path}: not a valid speculation metadata file ({e})") from None
-    try:
-        with safe_open(str(tensors_path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError) as e:
-        raise TinyMoeError(f"{tensors_path}: not a readable safetensors file ({e})") from None
-    for key in ("default_vectors", "expert_counts"):
-        if key not in tensors:
-            raise TinyMoeError(f"{tensors_path}: missing tensor {key!r}")
-    dv = tensors["default_vectors"]
-    if cfg is not None:
-        expected = (cfg.num_layers, cfg.num_experts, cfg.hidden_size)
-        if tuple(dv.shape) != expected:
-            raise TinyMoeError(
-                f"{tensors_path}: default_vectors has shape {tuple(dv.shape)}, expected "
-                f"{expected} (layers, experts, hidden) for this model; recalibrate"
-            )
-    estimators = {}
-    for entry in entries:
-        try:
-            kind, d = entry["kind"], int(entry["lookahead"])
-            est = build_estimator(EstimatorConfig(**entry["config"]))
-        except (KeyError, TypeError, ValueError, TinyMoeError) as e:
-            raise TinyMoeError(f"{meta_path}: bad estimator entry {entry!r} ({e})") from None
-        prefix = f"{kind}.d{d}."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            est.load_state_dict(state)
-        except RuntimeError as e:
-            raise TinyMoeError(f"{tensors_path}: {kind} for lookahead {d}: {e}") from None
-        shape = (est.cfg.num_layers, est.cfg.num_experts, est.cfg.hidden_size)
-        if cfg is not None and shape != (cfg.num_layers, cfg.num_experts, cfg.hidden_size):
-            raise TinyMoeError(f"{tensors_path}: {kind} for lookahead {d} is for another model")
-        estimators[(kind, d)] = est.eval()
-    return Calibration(dv, tensors["expert_counts"], estimators, hybrid, meta)
+    count = run.expert_count.clamp(min=1).unsqueeze(-1)  # (L, E, 1)
+    return (run.expert_sum / count).float()  # (L, E, D)
 
 
 # ---------------------------------------------------------------- training and choosing
@@ -284,17 +155,17 @@ class CalibrationSettings:
 
 
 @torch.no_grad()
-def quasi_pairs(model: MoETransformer, dv: Tensor, trace: Trace, lookahead: int) -> Pairs:
+def quasi_pairs(model: MoETransformer, dv: Tensor, run: ExactRunRecord, lookahead: int) -> Pairs:
     """For each target layer t >= d: (q_{t-d}, the true router logits of layer t), every token."""
     device = model.embed_tokens.weight.device
     dv = dv.to(device, model.embed_tokens.weight.dtype)
     pairs: Pairs = {}
     for t in range(lookahead, model.cfg.num_layers):
         l = t - lookahead
-        routing = Routing(trace.ids[l].to(device), trace.weights[l].to(device))
-        resid = trace.resid[l].to(device, dv.dtype)
+        routing = Routing(run.ids[l].to(device), run.weights[l].to(device))
+        resid = run.resid[l].to(device, dv.dtype)
         q = quasi_hidden(model, dv, l, t, resid, routing).float()  # (N, D)
-        pairs[t] = (q, trace.logits[t].to(device))
+        pairs[t] = (q, run.logits[t].to(device))
     return pairs
 
 
@@ -309,7 +180,7 @@ def estimator_recall(estimator: nn.Module, pairs: Pairs, top_k: int) -> dict[int
 
 @torch.no_grad()
 def router_recall(
-    model: MoETransformer, dv: Tensor | None, trace: Trace, lookahead: int
+    model: MoETransformer, dv: Tensor | None, run: ExactRunRecord, lookahead: int
 ) -> dict[int, float]:
     """Recall@K of Router-PF (with the given default vectors) per target layer."""
     device = model.embed_tokens.weight.device
@@ -317,10 +188,10 @@ def router_recall(
     out = {}
     for t in range(lookahead, model.cfg.num_layers):
         l = t - lookahead
-        routing = Routing(trace.ids[l].to(device), trace.weights[l].to(device))
-        resid = trace.resid[l].to(device, model.embed_tokens.weight.dtype)
+        routing = Routing(run.ids[l].to(device), run.weights[l].to(device))
+        resid = run.resid[l].to(device, model.embed_tokens.weight.dtype)
         pred = predictor.observe(l, resid, resid, routing)  # (u is not read by Router-PF)
-        out[t] = recall_at_k(pred.ids.cpu(), trace.ids[t]).mean().item()
+        out[t] = recall_at_k(pred.ids.cpu(), run.ids[t]).mean().item()
     return out
 
 
@@ -337,10 +208,10 @@ def calibrate(model: MoETransformer, ids: Tensor, s: CalibrationSettings) -> Cal
     for d in s.lookaheads:
         if not 1 <= d < L:
             raise TinyMoeError(f"--lookahead {d}: must be between 1 and {L - 1} for {L} layers")
-    trace = record_trace(model, ids[:-n_val], s.forward_batch)  # default vectors, training
-    held = record_trace(model, ids[-n_val:], s.forward_batch)  # hit rates, hybrid choice
-    dv = default_vectors(trace)
-    never = int((trace.expert_count == 0).sum())
+    run = record_exact_run(model, ids[:-n_val], s.forward_batch)  # default vectors, training
+    held = record_exact_run(model, ids[-n_val:], s.forward_batch)  # hit rates, hybrid choice
+    dv = default_vectors(run)
+    never = int((run.expert_count == 0).sum())
     if never:
         print(
             f"calibrate: {never} of {L * cfg.num_experts} experts were never routed; "
@@ -356,7 +227,7 @@ def calibrate(model: MoETransformer, ids: Tensor, s: CalibrationSettings) -> Cal
     hit_rates: dict[str, dict[str, list[float | None]]] = {}
     kl: dict[str, dict[str, float]] = {}
     for d in s.lookaheads:
-        train, val = quasi_pairs(model, dv, trace, d), quasi_pairs(model, dv, held, d)
+        train, val = quasi_pairs(model, dv, run, d), quasi_pairs(model, dv, held, d)
         rates = {
             "router": router_recall(model, dv, held, d),
             "router-nodefault": router_recall(model, None, held, d),
@@ -405,7 +276,7 @@ def calibrate(model: MoETransformer, ids: Tensor, s: CalibrationSettings) -> Cal
         "val_recall_at_k": hit_rates,
         "val_kl": kl,
     }
-    return Calibration(dv, trace.expert_count, estimators, hybrid, meta)
+    return Calibration(dv, run.expert_count, estimators, hybrid, meta)
 
 
 # ---------------------------------------------------------------- command line
@@ -424,16 +295,6 @@ def summary(cal: Calibration) -> str:
             use = "estimator" if t in cal.hybrid_layers[int(d)] else "router"
             lines.append(f"{t:>5}  {row}   {use}")
     return "\n".join(lines)
-
-
-def lookahead_list(s: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"lookaheads must be >= 1, got {s!r}")
-    return values
 
 
 def build_parser() -> argparse.ArgumentParser:

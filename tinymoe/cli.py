@@ -27,6 +27,17 @@ def positive_int(s: str) -> int:
     return v
 
 
+def lookahead_list(s: str) -> tuple[int, ...]:
+    """argparse type: comma-separated lookaheads such as "1" or "1,2,3", each >= 1."""
+    try:
+        values = tuple(int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"lookaheads must be >= 1, got {s!r}")
+    return values
+
+
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Call main(argv); turn TinyMoeError into one stderr line and exit status 2."""
     try:

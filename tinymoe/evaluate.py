@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinymoe.calibrate import Calibration, load_speculation, lookahead_list, read_token_ids
-from tinymoe.cli import OneLineParser, run_cli
+from tinymoe.cli import OneLineParser, lookahead_list, run_cli
+from tinymoe.corpus import read_token_ids
 from tinymoe.engine.kvcache import KVCache
 from tinymoe.engine.loader import DTYPES, load_model
 from tinymoe.engine.model import MoETransformer, Routing, moe_forward
 from tinymoe.errors import TinyMoeError
 from tinymoe.progress import Progress
+from tinymoe.speculation.calibration import Calibration, load_speculation
 from tinymoe.speculation.hook import PredictionHook
 from tinymoe.speculation.predictors import (
     PREDICTOR_NAMES,

@@ -1,7 +1,7 @@
 """Lightweight estimators: small networks that predict layer t's router logits from q_{t-d}.
 
-Where the router applied to the quasi-hidden state q_l predicts poorly (see predict.py), the paper
-trains a small network instead. Two variants live here:
+Where the router applied to the quasi-hidden state q_l predicts poorly (see predictors.py), the
+paper trains a small network instead. Two variants live here:
 
 - `Estimator`, the paper's design, one module shared by every predicted layer:
       z = Down(q) + Embed[t]                 down-projection D -> D/m, plus which layer t is asked
@@ -11,7 +11,8 @@ trains a small network instead. Two variants live here:
   layer's router, so before training it *is* Router-PF and training only corrects it.
 
 `train_estimator` fits either by distillation: minimise KL(p_router || p_estimator), where
-p_router = softmax(the true router logits of layer t) recorded in an exact run (calibrate.py).
+p_router = softmax(the true router logits of layer t) recorded in an exact run (by
+tinymoe.calibrate).
 """
 
 import math

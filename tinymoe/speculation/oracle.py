@@ -5,42 +5,23 @@ recording (then exactness makes the offloaded run route identically). `record_ro
 recording; `OraclePredictor` replays it one layer (or `lookahead` layers) ahead.
 """
 
-from collections.abc import Callable
-
 from torch import Tensor
 
 from tinymoe.engine.generate import GenerationResult, generate
 from tinymoe.engine.model import MoETransformer, Routing
 from tinymoe.errors import TinyMoeError
+from tinymoe.speculation.recording import RouteRecorder
 
-
-class RoutingRecorder:
-    """A route hook that records every layer's true routing, forward pass by forward pass."""
-
-    def __init__(self) -> None:
-        self.forwards: list[list[Routing]] = []  # [forward][layer]
-
-    def __call__(
-        self, layer: int, resid: Tensor, u: Tensor, router: Callable[[Tensor], Routing]
-    ) -> Routing:
-        routing = router(u)
-        if layer == 0:
-            self.forwards.append([])
-        self.forwards[-1].append(Routing(routing.ids.clone(), routing.weights.clone()))
-        return routing
+# The old name of the recorder, still imported by tests/test_offload.py; use RouteRecorder.
+RoutingRecorder = RouteRecorder
 
 
 def record_routing(
     model: MoETransformer, input_ids: list[int], max_new_tokens: int, **generate_kwargs
 ) -> tuple[GenerationResult, list[list[Routing]]]:
     """Generate with resident experts and record the routing, for OraclePredictor to replay."""
-    saved = model.route_hook
-    recorder = RoutingRecorder()
-    model.route_hook = recorder
-    try:
+    with RouteRecorder().installed(model) as recorder:
         out = generate(model, input_ids, max_new_tokens, **generate_kwargs)
-    finally:
-        model.route_hook = saved
     return out, recorder.forwards
 
 
@@ -56,6 +37,13 @@ class OraclePredictor:
     crosses_tokens = True  # see the Predictor protocol
 
     def __init__(self, forwards: list[list[Routing]], lookahead: int = 1) -> None:
+        num_layers = len(forwards[0]) if forwards else None
+        if num_layers is not None and not 1 <= lookahead < num_layers:
+            # Past L - 1 the target would skip a whole forward pass: no predictor looks that far.
+            raise TinyMoeError(
+                f"lookahead must be between 1 and {num_layers - 1} (the model has {num_layers} "
+                f"layers), got {lookahead}"
+            )
         self.forwards, self.lookahead = forwards, lookahead
         self.step = -1  # which forward pass of the recording we are in
 

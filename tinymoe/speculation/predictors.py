@@ -15,22 +15,23 @@ The predictors:
     EstimatorPredictor      a small learned network (estimator.py) from q_l to layer t's logits
     HybridPredictor         the estimator on chosen layers, the router on the others
     PreviousTokenPredictor  layer t's experts of the previous token, a naive baseline
-`make_predictor` builds one by name from the calibration files (calibrate.py).
+`make_predictor` builds any predictor by name, these from the calibration files (calibration.py)
+and the oracle (oracle.py, a bound, not a method) from a recorded run.
 """
 
 import sys
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from tinymoe.engine.model import MoETransformer, Routing, route_topk
 from tinymoe.errors import TinyMoeError
+from tinymoe.speculation.calibration import Calibration
+from tinymoe.speculation.oracle import OraclePredictor
 
-if TYPE_CHECKING:  # calibrate.py imports this module, so only the type checker imports it back
-    from tinymoe.calibrate import Calibration
-
-# Names make_predictor accepts. The offloading runtime adds "oracle" (the true routing) itself.
+# The predictors that work on any text. make_predictor also builds "oracle", which replays a
+# recorded run of the very same prompt.
 PREDICTOR_NAMES = (
     "router",
     "router-nodefault",
@@ -52,7 +53,7 @@ class Predictor(Protocol):
     Returns a Routing for layer `layer + lookahead` over the same N tokens (logits may be None),
     or None when there is nothing to predict (the target is past the last layer).
 
-    A predictor may set `crosses_tokens = True` (only the offloading runtime's oracle does): then
+    A predictor may set `crosses_tokens = True` (only the oracle does, oracle.py): then
     a target t >= L (num_layers) is a prediction for layer t - L of the NEXT forward pass.
     """
 
@@ -88,7 +89,8 @@ def quasi_hidden(
     return model.layers[target].post_attention_layernorm(x)  # (N, D)
 
 
-def _check_lookahead(lookahead: int, num_layers: int) -> None:
+def check_lookahead(lookahead: int, num_layers: int) -> None:
+    """Every predictor looks 1 to L - 1 layers ahead; a TinyMoeError names the range."""
     if not 1 <= lookahead < num_layers:
         raise TinyMoeError(
             f"lookahead must be between 1 and {num_layers - 1} (the model has {num_layers} "
@@ -132,7 +134,7 @@ class RouterPredictor:
     def __init__(
         self, model: MoETransformer, default_vectors: Tensor | None = None, lookahead: int = 1
     ) -> None:
-        _check_lookahead(lookahead, model.cfg.num_layers)
+        check_lookahead(lookahead, model.cfg.num_layers)
         self.model, self.lookahead = model, lookahead
         self.default_vectors = _on_model(model, default_vectors)
 
@@ -170,7 +172,7 @@ class EstimatorPredictor:
         default_vectors: Tensor | None,
         lookahead: int = 1,
     ) -> None:
-        _check_lookahead(lookahead, model.cfg.num_layers)
+        check_lookahead(lookahead, model.cfg.num_layers)
         self.model, self.lookahead = model, lookahead
         self.default_vectors = _on_model(model, default_vectors)
         self.estimator = estimator.to(model.embed_tokens.weight.device).eval()
@@ -193,7 +195,7 @@ class EstimatorPredictor:
 class HybridPredictor:
     """Hybrid-PF: the estimator for the target layers in `estimator_layers`, the router elsewhere.
 
-    calibrate.py picks those layers: where the router's hit rate is low and the estimator's is
+    tinymoe.calibrate picks those layers: where the router's hit rate is low and the estimator's is
     higher on held-out calibration text.
     """
 
@@ -229,7 +231,7 @@ class PreviousTokenPredictor:
     """
 
     def __init__(self, num_layers: int, lookahead: int = 1) -> None:
-        _check_lookahead(lookahead, num_layers)
+        check_lookahead(lookahead, num_layers)
         self.num_layers, self.lookahead = num_layers, lookahead
         self.previous: dict[int, Routing] = {}  # layer -> routing of the last pass
 
@@ -267,20 +269,30 @@ def recall_at_k(predicted: Tensor, true: Tensor) -> Tensor:
 def make_predictor(
     name: str,
     model: MoETransformer,
-    calibration: "Calibration | None",
+    calibration: Calibration | None = None,
     lookahead: int = 1,
+    *,
+    recording: list[list[Routing]] | None = None,
 ) -> Predictor:
-    """Build the predictor called `name` (one of PREDICTOR_NAMES) for `model`.
+    """Build the predictor called `name` (one of PREDICTOR_NAMES, or "oracle") for `model`.
 
-    `calibration` is what tinymoe.calibrate saved (load it with calibrate.load_speculation); None
-    when the checkpoint has none: then `router` runs with d_l = 0 and says so on stderr, and the
-    learned predictors raise TinyMoeError.
+    `calibration` is what tinymoe.calibrate saved (read it with calibration.load_speculation);
+    None when the checkpoint has none: then `router` runs with d_l = 0 and says so on stderr, and
+    the learned predictors raise TinyMoeError. "oracle" replays `recording`, the routing of a
+    resident run of the same prompt and settings (oracle.record_routing).
     """
     cfg = model.cfg
-    _check_lookahead(lookahead, cfg.num_layers)
+    check_lookahead(lookahead, cfg.num_layers)
+    if name == "oracle":
+        if recording is None:
+            raise TinyMoeError(
+                "predictor 'oracle' needs the recorded routing of a resident run "
+                "(oracle.record_routing)"
+            )
+        return OraclePredictor(recording, lookahead)
     if name not in PREDICTOR_NAMES:
         raise TinyMoeError(
-            f"unknown predictor {name!r}; expected one of {', '.join(PREDICTOR_NAMES)}"
+            f"unknown predictor {name!r}; expected one of {', '.join(PREDICTOR_NAMES)} or oracle"
         )
     if name == "previous-token":
         return PreviousTokenPredictor(cfg.num_layers, lookahead)
