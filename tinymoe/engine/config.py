@@ -8,7 +8,9 @@ Two spellings of config.json exist in the wild and both are accepted:
 - the published hub form: top-level `rope_theta`, `torch_dtype`, `num_local_experts` (Mixtral)
   or `num_experts` (OLMoE, Qwen3-MoE);
 - the form transformers 5 writes: a `rope_parameters` dict, `dtype`, `head_dim: null`.
-Unknown keys are ignored, as mlx-lm does.
+Unknown keys are ignored, as mlx-lm does. A field config.json leaves out takes the default of the
+architecture's transformers config class where that matters to the numbers: `rms_norm_eps` is
+1e-5 for Mixtral and OLMoE, 1e-6 for Qwen3-MoE.
 """
 
 import json
@@ -19,6 +21,8 @@ from typing import Any
 from tinymoe.errors import TinyMoeError
 
 SUPPORTED = ("mixtral", "olmoe", "qwen3_moe")
+# The RMSNorm epsilon when config.json does not give one: each transformers config class's default.
+DEFAULT_RMS_NORM_EPS = {"mixtral": 1e-5, "olmoe": 1e-5, "qwen3_moe": 1e-6}
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,9 @@ class ModelConfig:
     num_experts: int  # E
     top_k: int  # K, experts activated per token
     expert_dim: int  # I, each expert's SwiGLU width
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = (
+        1e-6  # from_dict: DEFAULT_RMS_NORM_EPS[model_type] if config.json has none
+    )
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to one
@@ -162,7 +168,9 @@ class ModelConfig:
             num_experts=int(experts),
             top_k=int(need("num_experts_per_tok")),
             expert_dim=int(expert_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(d["rms_norm_eps"])
+            if d.get("rms_norm_eps") is not None
+            else DEFAULT_RMS_NORM_EPS[mt],
             rope_theta=float(theta),
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             norm_topk_prob=norm_topk,
