@@ -50,7 +50,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
-    dtype: str = "float32"  # the checkpoint's storage dtype, for information
+    dtype: str | None = None  # the storage dtype config.json states (None: it states none)
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED:
@@ -181,7 +181,7 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             eos_token_ids=eos_ids,
             bos_token_id=d.get("bos_token_id"),
-            dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
+            dtype=_dtype_name(d.get("dtype") or d.get("torch_dtype")),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -257,3 +257,8 @@ class ModelConfig:
             return cls.from_dict(d, source=str(path))
         except (TypeError, ValueError) as e:  # e.g. "hidden_size": "big" fails in int()
             raise TinyMoeError(f"{path}: a field has a value of the wrong type ({e})") from None
+
+
+def _dtype_name(value: Any) -> str | None:
+    """config.json's dtype as torch names it ("bfloat16"); old exporters wrote "torch.bfloat16"."""
+    return None if value is None else str(value).removeprefix("torch.")

@@ -4,6 +4,10 @@ Reads `model.safetensors`, or the shards a `model.safetensors.index.json` lists,
 one tensor at a time, cast straight into the model's preallocated parameters (so peak host memory
 is the model plus one tensor). Safetensors only: a pickle is never unpickled.
 
+The dtype to compute in is resolved here, so entry points only pass the name: "auto" (the
+default) is the checkpoint's dtype (config.json's, else the file's) on a GPU and float32 on the
+CPU; see resolve_dtype for why.
+
 Key mapping (checkpoint key -> tinymoe name): drop the leading `model.`; Mixtral's
 `block_sparse_moe` is our `mlp`. Experts come in two layouts, both packed into one contiguous
 buffer per expert (see experts.py):
@@ -27,7 +31,11 @@ from tinymoe.engine.experts import expert_views
 from tinymoe.engine.model import MoETransformer
 from tinymoe.errors import TinyMoeError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The --dtype choices. "auto" is resolved per checkpoint and device by resolve_dtype.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# safetensors header dtype names -> torch's, for the ones tinymoe computes in
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # Per-expert tensor names: (gate, up, down) for each architecture's published layout.
 EXPERT_NAMES = {
     "mixtral": ("w1", "w3", "w2"),
@@ -37,12 +45,31 @@ EXPERT_NAMES = {
 _EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.")
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(
+    name: str | torch.dtype, checkpoint_dtype: str, device: str | torch.device
+) -> torch.dtype:
+    """The dtype to compute in: `name`, where "auto" means the checkpoint's own dtype on an
+    accelerator and float32 on the CPU.
+
+    Why float32 on the CPU: bf16 matmuls there are slow (often emulated) and not every CPU kernel
+    supports bf16 well. Why the checkpoint's dtype on a GPU: widening bf16 to fp32 would double
+    the memory and the bytes of every expert copy, for no accuracy gained over the stored weights.
+    checkpoint_dtype: e.g. "bfloat16", as Checkpoint.storage_dtype names it.
+    """
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
         raise TinyMoeError(f"dtype {name!r} is not supported; expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name != "auto":
+        return _TORCH_DTYPES[name]
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    if checkpoint_dtype not in _TORCH_DTYPES:
+        raise TinyMoeError(
+            f"dtype 'auto': the checkpoint stores {checkpoint_dtype}, which tinymoe does not "
+            f"compute in; choose one of {', '.join(_TORCH_DTYPES)} (--dtype)"
+        )
+    return _TORCH_DTYPES[checkpoint_dtype]
 
 
 class Checkpoint:
@@ -131,6 +158,23 @@ class Checkpoint:
             gate_up[I:].copy_(self.get(f"{prefix}{e}.{up}.weight", (I, D)))
             down_view.copy_(self.get(f"{prefix}{e}.{down}.weight", (D, I)))
 
+    def storage_dtype(self) -> str:
+        """The checkpoint's dtype: what config.json states, else the embedding's in the file.
+
+        Like transformers' dtype="auto". The file's dtype is read from the safetensors header,
+        without reading the tensor.
+        """
+        if self.config.dtype is not None:
+            return self.config.dtype
+        name = "embed_tokens.weight"
+        if name not in self.where:
+            raise TinyMoeError(f"{self.path}: missing tensor {name!r}")
+        f, key = self.where[name]
+        with open(f, "rb") as fh:  # the header: 8 bytes of length, then JSON
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        stored = header[key]["dtype"]  # e.g. "BF16"
+        return _SAFETENSORS_DTYPES.get(stored, stored)
+
     def expert_names(self, layer: int) -> set[str]:
         return {n for n in self.where if n.startswith(f"layers.{layer}.mlp.experts.")}
 
@@ -138,19 +182,22 @@ class Checkpoint:
 def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",
-    dtype: str | torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "auto",
     expert_device: str | torch.device | None = None,
 ) -> MoETransformer:
     """Build a MoETransformer from a checkpoint directory, every weight on `device` in `dtype`.
+
+    dtype: a torch dtype or one of DTYPES; "auto" (the default) is the checkpoint's dtype on a
+    GPU and float32 on the CPU (see resolve_dtype).
 
     expert_device: where the experts go (default: `device`). "cpu" with a CUDA `device` reads
     them straight into pinned host memory, where the offloading runtime copies them from, so a
     model whose experts do not fit on the GPU never has to.
     """
-    dtype = parse_dtype(dtype)
     device = torch.device(device)
     expert_device = device if expert_device is None else torch.device(expert_device)
     ckpt = Checkpoint(path)
+    dtype = resolve_dtype(dtype, ckpt.storage_dtype(), device)
     cfg = ckpt.config
     with torch.device("meta"):
         model = MoETransformer(cfg)  # shapes only: no memory, no random init
