@@ -7,6 +7,7 @@ import torch
 
 from tinymoe import TinyMoeError, generate, load_model
 from tinymoe.engine.kvcache import KVCache
+from tinymoe.engine.model import Routing
 from tinymoe.offload.link import LinkSpec
 from tinymoe.offload.policy import parse_policy
 from tinymoe.offload.runtime import OffloadRuntime
@@ -253,3 +254,100 @@ def test_experts_loaded_on_the_host_are_adopted_without_a_copy(tmp_path):
         assert [t.data_ptr() for t in rt.store.layers] == before  # adopted, not copied
         assert generate(model, PROMPT[:5], 4, eos_ids=()).tokens == resident
     assert [w.data_ptr() for w in model.experts.weights] == before  # given back home
+
+
+def test_decode_reads_ids_to_the_host_once_per_layer(model, monkeypatch):
+    """The host-device syncs of a decode step: one read of expert ids per layer (the layer's own
+    and the prediction's together) and the sampled token. Counted on the CPU by wrapping the two
+    calls that read a tensor to the host; on CUDA the same test runs with sync debug mode."""
+    from tinymoe.speculation.predictors import RouterPredictor
+
+    L, n = model.cfg.num_layers, 5
+    calls = {"tolist": 0, "item": 0}
+    for name in calls:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            calls[_name] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counting = []
+
+    def start_counting_after_prefill(tok: int) -> None:
+        if not counting:
+            counting.append(True)
+            calls.update(tolist=0, item=0)
+
+    predictor = RouterPredictor(model, None, 1)
+    with OffloadRuntime(model, "prefetch+router+lru", predictor=predictor, link=FAST) as rt:
+        generate(model, PROMPT, n, eos_ids=(), on_token=start_counting_after_prefill)
+        assert rt.report()["decode"]["prefetch_bytes"] >= 0
+    assert calls == {"tolist": (n - 1) * L, "item": n - 1}
+
+
+def test_runtime_built_inside_inference_mode_generates(model):
+    want = generate(model, PROMPT, 6, eos_ids=()).tokens
+    with torch.inference_mode(), OffloadRuntime(model, "lru", slots=3, link=FAST):
+        got = generate(model, PROMPT, 6, eos_ids=()).tokens
+    assert got == want
+
+
+def test_speculation_is_off_during_prefill(model, reference):
+    """Speculating with a predictor that is always wrong changes decode steps, never the prompt:
+    the prefill's logits (and so its KV cache) are exactly resident's."""
+    logits, recording = reference
+
+    class Wrong:
+        lookahead = 1
+
+        def reset(self) -> None:
+            pass
+
+        def observe(self, layer, resid, u, routing):
+            if layer + 1 >= model.cfg.num_layers:
+                return None
+            ids = (routing.ids + 1) % model.cfg.num_experts  # never the router's choice
+            return Routing(ids, routing.weights)
+
+    with OffloadRuntime(model, "speculative+wrong", predictor=Wrong(), link=FAST):
+        got = step_logits(model, PROMPT, 3)
+    assert torch.equal(got[0], logits[0])  # the prompt: exact
+    assert not torch.equal(got[1], logits[1])  # a decode step: speculated
+
+
+def test_failed_prefetch_that_is_never_used_does_not_abort(model, reference):
+    """Every prefetch copy fails, and the predictor is always wrong, so none is ever used: the
+    run completes and is exact (a failed copy matters only where its expert is used)."""
+    logits, recording = reference
+
+    class Wrong:
+        lookahead = 1
+
+        def reset(self) -> None:
+            pass
+
+        def observe(self, layer, resid, u, routing):
+            if layer + 1 >= model.cfg.num_layers:
+                return None
+            true = recording_step[0][layer + 1].ids.flatten().tolist()
+            wrong = [e for e in range(model.cfg.num_experts) if e not in true][:2]
+            return Routing(torch.tensor([wrong] * u.shape[0]), torch.ones(u.shape[0], 2))
+
+    recording_step = [recording[0]]
+    rt = OffloadRuntime(model, "prefetch+wrong+lru", predictor=Wrong(), link=FAST)
+    failed = []
+
+    def fail_prefetches(t):
+        if t.tag.kind == "prefetch":
+            failed.append(t.tag)
+            raise OSError("injected link failure")
+
+    rt.engine.before_copy = fail_prefetches
+    try:
+        # The prompt only: its routing is the recording's first forward, so "wrong" is wrong.
+        got = step_logits(model, PROMPT, 1)
+    finally:
+        rt.close()
+    assert failed  # prefetches were issued and failed
+    assert torch.equal(got[0], logits[0])

@@ -60,7 +60,8 @@ class Transfer:
 
 
 class TransferEngine(Protocol):
-    # Test hook: called with each transfer before it is issued; raise to make that copy fail.
+    # Test hook: called with each transfer before its copy (CUDA: with the copy stream current,
+    # so `torch.cuda._sleep` delays the copy on its stream); raise to make that copy fail.
     before_copy: Callable[[Transfer], None] | None
 
     def copy(self, dst: Tensor, src: Tensor, slot: int, tag: object) -> Transfer:
@@ -119,13 +120,13 @@ class CudaCopyEngine:
             raise TinyMoeError(f"copy of {tag}: the transfer engine is closed")
         t = CudaTransfer(dst, src, tag, torch.cuda.Event(enable_timing=True))
         try:
-            if self.before_copy is not None:
-                self.before_copy(t)
             with torch.cuda.stream(self.stream):
                 if self.read_done[slot] is not None:
                     # WAIT: the copy stream must not overwrite the slot while a kernel queued
                     # earlier on the compute stream may still be reading the expert it held.
                     self.stream.wait_event(self.read_done[slot])
+                if self.before_copy is not None:  # (on the copy stream: tests delay it here)
+                    self.before_copy(t)
                 t.start_ev.record(self.stream)
                 # Pinned source + non_blocking: the DMA engine copies while the GPU computes.
                 dst.copy_(src, non_blocking=True)
