@@ -227,7 +227,8 @@ class OffloadRuntime:
             target = layer + self.lookahead
             nxt = hook.pending.get(target) if self.lookahead else None
             if nxt is not None and (target < self.cfg.num_layers or hook.crosses_tokens):
-                # Read with this layer's own ids (PredictionHook.read_ids): no second sync.
+                # A decode step read these with the layer's own ids (PredictionHook.read_ids),
+                # so no second sync; a prefill pass reads them here (a sync, once per layer).
                 rows = nxt.ids_on_host()
                 prefetch = Prefetch(target, list(dict.fromkeys(e for row in rows for e in row)))
             yield from self.scheduler.run_layer(layer, ids, predicted, prefetch)

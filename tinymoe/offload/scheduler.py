@@ -242,9 +242,3 @@ class Scheduler:
             slot = self.cache.lookup(key)
             if slot is not None:
                 self.cache.unreserve(slot)
-
-    def wait_all(self) -> None:
-        """Block the host until every copy issued has landed (reporting and shutdown)."""
-        for t in self.landing.values():
-            if t.error is None:
-                t.host_wait()  # SYNC: reporting only
