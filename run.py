@@ -9,41 +9,44 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from tinymoe import MoETransformer, TinyMoeError, generate, load_model
-from tinymoe.speculation.calibration import load_speculation
-from tinymoe.cli import OneLineParser, positive_int, run_cli
-from tinymoe.engine.loader import DTYPES
+from tinymoe.cli import (
+    OneLineParser,
+    add_device_flags,
+    add_link_flags,
+    add_model_flag,
+    device_from_args,
+    link_from_args,
+    model_dir_from_args,
+    positive_int,
+    run_cli,
+)
 from tinymoe.engine.timing import peak_memory_bytes
 from tinymoe.engine.tokenizer import StreamDecoder, load_tokenizer
-from tinymoe.offload.instruments import format_layers
+from tinymoe.offload.meter import format_layers
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy
 from tinymoe.offload.runtime import OffloadRuntime
-from tinymoe.offload.transfer import PRESETS, LinkSpec
-from tinymoe.speculation.oracle import OraclePredictor, record_routing
-from tinymoe.speculation.predictors import PREDICTOR_NAMES, make_predictor
+from tinymoe.speculation.calibration import load_speculation
+from tinymoe.speculation.oracle import record_routing
+from tinymoe.speculation.predictors import (
+    PREDICTOR_NAMES,
+    Predictor,
+    check_lookahead,
+    make_predictor,
+)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "pydoc-moe"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--model",
-        default=str(DEFAULT_MODEL),
-        help="checkpoint directory (config.json, safetensors, tokenizer.json); "
-        "default: the shipped demo model, weights/pydoc-moe",
-    )
+    add_model_flag(p, default=str(DEFAULT_MODEL))
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    add_device_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     off = p.add_argument_group("expert offloading (see docs/offloading.md)")
     off.add_argument(
@@ -61,14 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument(
         "--expert-budget-gb", type=float, default=None, help="or a budget in GB (1e9 B)"
     )
-    off.add_argument(
-        "--link-preset",
-        choices=list(PRESETS),
-        default=None,
-        help="simulated link, CPU only (pcie4-x16)",
-    )
-    off.add_argument("--link-gbps", type=float, default=None, help="simulated link bandwidth, GB/s")
-    off.add_argument("--link-latency-us", type=float, default=None, help="per-copy latency, us")
+    add_link_flags(off)
     off.add_argument("--trace", default=None, metavar="FILE", help="write a Perfetto/Chrome trace")
     spec = p.add_argument_group("speculating experts (see docs/speculation.md)")
     spec.add_argument(
@@ -110,30 +106,32 @@ def policy_name(args: argparse.Namespace) -> str:
     return f"{mode}+{args.prefetch}{cache}"
 
 
+def predictor_for(
+    args: argparse.Namespace, model: MoETransformer, prompt_ids: list[int], name: str
+) -> Predictor:
+    """--prefetch's predictor: built from the calibration files, or the oracle's recording."""
+    check_lookahead(args.lookahead, model.cfg.num_layers)  # before the oracle's recording run
+    calibration = recording = None
+    if name == "oracle":
+        # The oracle replays the routing of a resident run of this very prompt and settings.
+        print("oracle: recording the routing of a resident run first", file=sys.stderr)
+        _, recording = record_routing(model, prompt_ids, args.max_new_tokens, **sampling(args))
+    else:
+        calibration = load_speculation(args.model, model.cfg)
+    return make_predictor(name, model, calibration, args.lookahead, recording=recording)
+
+
 def make_runtime(
     args: argparse.Namespace, model: MoETransformer, prompt_ids: list[int], name: str
 ) -> OffloadRuntime:
     """The runtime for policy `name` (`resident` too: it is what measures layers)."""
-    link = None
-    if args.link_preset or args.link_gbps is not None or args.link_latency_us is not None:
-        if args.offload_policy == "resident":
-            raise TinyMoeError("--link-* flags need an offloading --offload-policy")
-        preset = PRESETS[args.link_preset or "pcie4-x16"]
-        link = LinkSpec(
-            preset.gbps if args.link_gbps is None else args.link_gbps,
-            preset.latency_us if args.link_latency_us is None else args.link_latency_us,
-            preset.name if args.link_gbps is None else "custom",
-        )
-    predictor = None
+    link = link_from_args(args)
+    if link is not None and args.offload_policy == "resident":
+        raise TinyMoeError("--link-* flags need an offloading --offload-policy")
     predictor_name = parse_policy(name).predictor
-    if predictor_name == "oracle":
-        # The oracle replays the routing of a resident run of this very prompt and settings.
-        print("oracle: recording the routing of a resident run first", file=sys.stderr)
-        _, recording = record_routing(model, prompt_ids, args.max_new_tokens, **sampling(args))
-        predictor = OraclePredictor(recording, args.lookahead)
-    elif predictor_name is not None:
-        calibration = load_speculation(args.model, model.cfg)
-        predictor = make_predictor(predictor_name, model, calibration, args.lookahead)
+    predictor = None
+    if predictor_name is not None:
+        predictor = predictor_for(args, model, prompt_ids, predictor_name)
     return OffloadRuntime(
         model,
         name,
@@ -151,11 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         raise TinyMoeError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise TinyMoeError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise TinyMoeError("--device cuda: no CUDA device is available; use --device cpu")
-    if not Path(args.model).is_dir():
-        raise TinyMoeError(f"--model {args.model}: not a directory (expected a checkpoint dir)")
-    device = torch.device(args.device)
+    device = device_from_args(args)
+    model_dir_from_args(args)
     name = policy_name(args)
     policy = parse_policy(name)
     # Offloading on a GPU: read the experts straight into pinned host memory, so they never

@@ -130,6 +130,7 @@ def test_missing_tokenizer(tmp_path, capsys):
         (["--max-new-tokens", "many"], ["--max-new-tokens", "many"]),
         (["--dtype", "int8"], ["--dtype", "int8"]),
         (["--device", "tpu"], ["--device", "tpu"]),
+        (["--threads", "0"], ["--threads", "must be >= 1, got 0"]),
         (["--no-such-flag"], ["--no-such-flag"]),
     ],
 )
@@ -143,3 +144,22 @@ def test_bad_flag_value(baby, capsys, flags, words):
 def test_missing_required_flag(capsys):
     rc, _, err = call(["--model", "x"], capsys)
     assert_one_error_line(rc, err, "--prompt")
+
+
+def test_shared_flags_in_help(capsys):
+    """--dtype auto (the default) and --threads, with the reasons a user needs to choose."""
+    with pytest.raises(SystemExit):
+        run.cli(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
+    assert (
+        "auto: the checkpoint's dtype on CUDA, float32 on CPU (CPU bf16 matmuls are slow)" in text
+    )
+    assert "1 thread can be 10-60x faster" in text
+
+
+def test_threads_and_dtype_flags_run(baby, capsys):
+    argv = ["--model", str(baby), "--prompt", PROMPT, "--max-new-tokens", "3", "--json"]
+    rc, out, _ = call([*argv, "--threads", "1", "--dtype", "auto"], capsys)
+    assert rc == 0
+    rc, out32, _ = call([*argv, "--dtype", "float32"], capsys)
+    assert rc == 0 and json.loads(out)["tokens"] == json.loads(out32)["tokens"]  # auto on CPU

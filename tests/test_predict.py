@@ -1,4 +1,5 @@
-"""Predictors (speculation/predictors.py): shapes, a hand-checked Router-PF, speculation with a perfect guess."""
+"""Predictors (speculation/predictors.py): shapes, a hand-checked Router-PF, speculation with a
+perfect guess, the one factory (oracle included)."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from tinymoe.engine.model import Routing
 from tinymoe.speculation.calibration import Calibration
 from tinymoe.speculation.estimator import EstimatorConfig, build_estimator
 from tinymoe.speculation.hook import PredictionHook
+from tinymoe.speculation.oracle import OraclePredictor
 from tinymoe.speculation.predictors import (
     PREDICTOR_NAMES,
     EstimatorPredictor,
@@ -19,6 +21,7 @@ from tinymoe.speculation.predictors import (
     make_predictor,
     recall_at_k,
 )
+from tinymoe.speculation.recording import RouteRecorder
 
 
 class Recorder:
@@ -245,6 +248,23 @@ def test_make_predictor_errors_and_warning(model4, capsys):
     p = make_predictor("router", model4, None)
     assert p.default_vectors is None
     assert "d_l = 0" in capsys.readouterr().err
+
+
+def test_make_predictor_builds_the_oracle_from_a_recording(model4):
+    ids = torch.arange(6).view(1, 6)
+    with RouteRecorder().installed(model4) as recorder, torch.no_grad():
+        model4(ids)
+    with pytest.raises(TinyMoeError, match="'oracle' needs the recorded routing"):
+        make_predictor("oracle", model4, None)
+    with pytest.raises(TinyMoeError, match="lookahead must be between 1 and 3"):
+        make_predictor("oracle", model4, None, 4, recording=recorder.forwards)
+    with pytest.raises(TinyMoeError, match="lookahead must be between 1 and 3"):
+        OraclePredictor(recorder.forwards, 4)  # also when built directly
+    oracle = make_predictor("oracle", model4, None, 2, recording=recorder.forwards)
+    assert isinstance(oracle, OraclePredictor) and oracle.lookahead == 2
+    routing = recorder.forwards[0][0]
+    predicted = oracle.observe(0, torch.zeros(6, 32), torch.zeros(6, 32), routing)
+    assert torch.equal(predicted.ids, recorder.forwards[0][2].ids)
 
 
 def test_recall_at_k():

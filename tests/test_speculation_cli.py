@@ -87,6 +87,8 @@ def test_router_without_calibration_warns(baby, capsys):
         (["--prefetch", "router", "--offload-policy", "resident"], "combines with"),
         (["--prefetch", "estimator"], "calibrate"),
         (["--prefetch", "nonsense"], "invalid choice"),
+        (["--prefetch", "oracle", "--lookahead", "99"], "lookahead must be between 1 and 3"),
+        (["--prefetch", "router", "--lookahead", "4"], "lookahead must be between 1 and 3"),
     ],
 )
 def test_bad_combinations_are_one_line_errors(baby, capsys, flags, message):

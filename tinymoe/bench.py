@@ -16,7 +16,8 @@ the link is set so that n copies take S / (1 - S) * C. The on-demand row then sh
 actually achieved. Every row also checks that its tokens equal resident's ("exact").
 
 Policy names go through policy.parse_policy, so composite names (prefetch+P+lru,
-speculative+P) become rows as soon as `make_predictor` below knows predictor P.
+speculative+P) become rows as soon as speculation/predictors.py's `make_predictor` knows
+predictor P. The oracle replays the resident run that gives the reference tokens.
 """
 
 import argparse
@@ -27,17 +28,26 @@ from pathlib import Path
 import torch
 
 from tinymoe import TinyMoeError, generate, load_model
-from tinymoe.speculation.calibration import Calibration, load_speculation
-from tinymoe.cli import OneLineParser, run_cli
-from tinymoe.engine.loader import DTYPES
+from tinymoe.cli import (
+    DEFAULT_LINK,
+    OneLineParser,
+    add_device_flags,
+    add_link_flags,
+    add_model_flag,
+    device_from_args,
+    link_from_args,
+    model_dir_from_args,
+    positive_int,
+    run_cli,
+)
 from tinymoe.engine.model import MoETransformer, Routing
-from tinymoe.offload.instruments import eq1_bound_ms
-from tinymoe.offload.policy import Policy, parse_policy
+from tinymoe.offload.link import PRESETS, LinkSpec
+from tinymoe.offload.meter import eq1_bound_ms
+from tinymoe.offload.policy import parse_policy
 from tinymoe.offload.runtime import OffloadRuntime
-from tinymoe.offload.transfer import PRESETS, LinkSpec
-from tinymoe.speculation import predictors as predict
-from tinymoe.speculation.oracle import OraclePredictor, record_routing
-from tinymoe.speculation.predictors import Predictor
+from tinymoe.speculation.calibration import Calibration, load_speculation
+from tinymoe.speculation.oracle import record_routing
+from tinymoe.speculation.predictors import make_predictor
 
 FAST_LINK = LinkSpec(1e6, 0.0, "unlimited")  # for measuring compute alone
 
@@ -57,22 +67,6 @@ def measure_h2d_peak_gbps(device: torch.device, nbytes: int = 256 * 2**20) -> fl
     return best
 
 
-def make_predictor(
-    policy: Policy,
-    model: MoETransformer,
-    recording: list[list[Routing]],
-    calibration: Calibration | None = None,
-    lookahead: int = 1,
-) -> Predictor | None:
-    """The predictor a policy names: the oracle replays `recording`; the others are built by
-    predict.make_predictor from the checkpoint's calibration (default vectors, estimators)."""
-    if policy.predictor is None:
-        return None
-    if policy.predictor == "oracle":
-        return OraclePredictor(recording, lookahead)
-    return predict.make_predictor(policy.predictor, model, calibration, lookahead)
-
-
 def run_policy(
     model: MoETransformer,
     name: str,
@@ -88,7 +82,11 @@ def run_policy(
 ) -> dict:
     """Generate once under policy `name`; return its row (before the on-demand comparisons)."""
     policy = parse_policy(name)
-    predictor = make_predictor(policy, model, recording, calibration, lookahead)
+    predictor = None
+    if policy.predictor is not None:
+        predictor = make_predictor(
+            policy.predictor, model, calibration, lookahead, recording=recording
+        )
     offload = policy.offload
     with OffloadRuntime(
         model,
@@ -165,7 +163,7 @@ def calibrate_link(
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m tinymoe.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    add_model_flag(p)
     p.add_argument(
         "--policies",
         default="on-demand,lru,oracle,resident",
@@ -177,28 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument(
-        "--lookahead", type=int, default=1, help="predict layer l+D from layer l (prefetch rows)"
+        "--lookahead",
+        type=positive_int,
+        default=1,
+        help="predict layer l+D from layer l (prefetch rows)",
     )
     p.add_argument("--expert-slots", type=int, default=None, help="slots for every policy")
     p.add_argument("--expert-budget-gb", type=float, default=None)
-    p.add_argument("--link-preset", choices=list(PRESETS), default="pcie4-x16")
-    p.add_argument("--link-gbps", type=float, default=None, help="overrides the preset")
-    p.add_argument("--link-latency-us", type=float, default=None, help="overrides the preset")
+    add_link_flags(p)
     p.add_argument(
         "--copy-share",
         type=float,
         default=None,
         help="calibrate --link-gbps so on-demand spends this share of TPOT copying, e.g. 0.85",
     )
-    p.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    add_device_flags(p)
     p.add_argument("--seed", type=int, default=0, help="for the random prompt")
     p.add_argument(
         "--repeat", type=int, default=1, help="run the policies round-robin N times; report medians"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--trace-dir", default=None, help="write POLICY.trace.json files here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -220,49 +215,45 @@ def prompt_ids(args: argparse.Namespace, vocab_size: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise TinyMoeError("--device cuda: no CUDA device is available; use --device cpu")
+    device = device_from_args(args)
+    model_dir_from_args(args)
     if args.max_new_tokens < 2:
         raise TinyMoeError("--max-new-tokens must be >= 2 (TPOT excludes the first token)")
     if args.copy_share is not None and not 0 < args.copy_share < 1:
         raise TinyMoeError(f"--copy-share must be in (0, 1), got {args.copy_share}")
     if args.repeat < 1:
         raise TinyMoeError(f"--repeat must be >= 1, got {args.repeat}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     for n in names:
         parse_policy(n)  # fail on a typo before any work
     if "on-demand" not in names:
         names.insert(0, "on-demand")
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=device, dtype=args.dtype)
     ids = prompt_ids(args, model.cfg.vocab_size)
-    policies = [parse_policy(n) for n in names]
+    predictors = [p.predictor for p in map(parse_policy, names) if p.predictor is not None]
     calibration = None
-    if any(p.predictor not in (None, "oracle") for p in policies):
+    if any(p != "oracle" for p in predictors):
         calibration = load_speculation(args.model, model.cfg)
-        for p in policies:  # build each predictor once now, so a missing file fails early
-            make_predictor(p, model, [], calibration, args.lookahead)
     log = sys.stderr
 
     # The resident run: reference tokens (exactness) and the routing the oracle replays.
     generate(model, ids[:4], 2, eos_ids=())  # warm-up (allocator, thread pool)
     ref, recording = record_routing(model, ids, args.max_new_tokens, eos_ids=())
-    preset = PRESETS[args.link_preset]
-    latency = preset.latency_us if args.link_latency_us is None else args.link_latency_us
+    for p in predictors:  # each once before any row: a missing file or bad --lookahead fails now
+        make_predictor(p, model, calibration, args.lookahead, recording=recording)
+    given = link_from_args(args)  # None: no link flag given
+    latency = (given or PRESETS[DEFAULT_LINK]).latency_us
     h2d_peak = None
-    if args.device == "cuda":
+    if device.type == "cuda":
         if args.copy_share is not None or args.link_gbps is not None:
             raise TinyMoeError("--copy-share/--link-gbps set the simulated link: use --device cpu")
-        h2d_peak = measure_h2d_peak_gbps(torch.device("cuda"))
+        h2d_peak = measure_h2d_peak_gbps(device)
         link = None
         print(f"link: the GPU's; pinned host-to-device peak {h2d_peak:.1f} GB/s", file=log)
     elif args.copy_share is not None:
         link = calibrate_link(model, ids, args.max_new_tokens, args.copy_share, latency, recording)
-    elif args.link_gbps is not None:
-        link = LinkSpec(args.link_gbps, latency)
     else:
-        link = LinkSpec(preset.gbps, latency, preset.name)
+        link = given or PRESETS[DEFAULT_LINK]
     if link is not None:
         print(f"link: {link.gbps:.3f} GB/s, {link.latency_us} us per copy ({link.name})", file=log)
 

@@ -26,10 +26,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from tinymoe.cli import OneLineParser, lookahead_list, run_cli
+from tinymoe.cli import (
+    OneLineParser,
+    add_device_flags,
+    add_model_flag,
+    device_from_args,
+    lookahead_list,
+    model_dir_from_args,
+    run_cli,
+)
 from tinymoe.corpus import read_token_ids
 from tinymoe.engine.experts import expert_forward
-from tinymoe.engine.loader import DTYPES, load_model
+from tinymoe.engine.loader import load_model
 from tinymoe.engine.model import MoETransformer, Routing
 from tinymoe.errors import TinyMoeError
 from tinymoe.progress import Progress
@@ -300,7 +308,7 @@ def summary(cal: Calibration) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.splitlines()[0])
     a = p.add_argument
-    a("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    add_model_flag(p)
     a("--text", required=True, help="UTF-8 calibration text, e.g. the model's training split")
     a(
         "--out",
@@ -323,21 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--batch-size", type=int, default=8, help="sequences per forward pass")
     a("--seed", type=int, default=0)
-    a("--device", choices=["cpu", "cuda"], default="cpu")
-    a("--dtype", choices=list(DTYPES), default="float32")
-    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = "python -m tinymoe.calibrate " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise TinyMoeError("--device cuda: no CUDA device is available; use --device cpu")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = device_from_args(args)
+    model_dir_from_args(args)
     ids = read_token_ids(args.model, args.text, args.tokens, args.seq_len)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=device, dtype=args.dtype)
     L = model.cfg.num_layers
     settings = CalibrationSettings(
         lookaheads=args.lookahead or tuple(d for d in (1, 2, 3) if d < L),

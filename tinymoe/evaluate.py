@@ -27,10 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinymoe.cli import OneLineParser, lookahead_list, run_cli
+from tinymoe.cli import (
+    OneLineParser,
+    add_device_flags,
+    add_model_flag,
+    device_from_args,
+    lookahead_list,
+    model_dir_from_args,
+    run_cli,
+)
 from tinymoe.corpus import read_token_ids
 from tinymoe.engine.kvcache import KVCache
-from tinymoe.engine.loader import DTYPES, load_model
+from tinymoe.engine.loader import load_model
 from tinymoe.engine.model import MoETransformer, Routing, moe_forward
 from tinymoe.errors import TinyMoeError
 from tinymoe.progress import Progress
@@ -262,7 +270,7 @@ def predictor_list(s: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description=__doc__.splitlines()[0])
     a = p.add_argument
-    a("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    add_model_flag(p)
     a("--text", required=True, help="held-out UTF-8 text (not what calibration saw)")
     a("--calibration", default=None, help="folder with speculation.* files (default: --model)")
     a("--predictors", type=predictor_list, default=None, help="default: all that are available")
@@ -272,20 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--skip-speculative", action="store_true", help="hit rates only")
     a("--json", action="store_true", help="print one JSON object instead of tables")
     a("--plot", default=None, metavar="FILE", help="save recall@k per layer (needs matplotlib)")
-    a("--device", choices=["cpu", "cuda"], default="cpu")
-    a("--dtype", choices=list(DTYPES), default="float32")
-    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise TinyMoeError("--device cuda: no CUDA device is available; use --device cpu")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = device_from_args(args)
+    model_dir_from_args(args)
     ids = read_token_ids(args.model, args.text, args.tokens, args.seq_len)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=device, dtype=args.dtype)
     L = model.cfg.num_layers
     lookaheads = args.lookahead or tuple(d for d in (1, 2, 3) if d < L)
     for d in lookaheads:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinymoe.cli import OneLineParser, positive_int, run_cli
+from tinymoe.cli import OneLineParser, add_threads_flag, positive_int, run_cli
 from tinymoe.corpus import DEFAULT_CORPUS, EOS, prepare_data
 from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.loader import load_model
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grad-clip", type=float, default=1.0)
     a("--balance-coef", type=float, default=0.01, help="weight of the load-balancing loss")
     a("--seed", type=int, default=0)
-    a("--threads", type=positive_int, default=2, help="torch CPU threads")
+    add_threads_flag(p, default=2)
     a("--save-every", type=positive_int, default=100, help="steps between resumable checkpoints")
     a(
         "--log-every",
