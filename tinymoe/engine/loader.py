@@ -4,6 +4,11 @@ Reads `model.safetensors`, or the shards a `model.safetensors.index.json` lists,
 one tensor at a time, cast straight into the model's preallocated parameters (so peak host memory
 is the model plus one tensor). Safetensors only: a pickle is never unpickled.
 
+Experts kept on the host (`expert_device="cpu"`) are read, expert by expert, into ONE
+(L, E, 3*I*D) buffer from `host_buffer` (offload/store.py), page-locked exactly when the model
+computes on CUDA; each layer's parameter is a view of it, so the offloading runtime's host store
+adopts them as they are and the host never holds the experts twice.
+
 The dtype to compute in is resolved here, so entry points only pass the name: "auto" (the
 default) is the checkpoint's dtype (config.json's, else the file's) on a GPU and float32 on the
 CPU; see resolve_dtype for why.
@@ -30,6 +35,7 @@ from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.experts import expert_views
 from tinymoe.engine.model import MoETransformer
 from tinymoe.errors import TinyMoeError
+from tinymoe.offload.store import host_buffer
 
 # The --dtype choices. "auto" is resolved per checkpoint and device by resolve_dtype.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -190,9 +196,11 @@ def load_model(
     dtype: a torch dtype or one of DTYPES; "auto" (the default) is the checkpoint's dtype on a
     GPU and float32 on the CPU (see resolve_dtype).
 
-    expert_device: where the experts go (default: `device`). "cpu" with a CUDA `device` reads
-    them straight into pinned host memory, where the offloading runtime copies them from, so a
-    model whose experts do not fit on the GPU never has to.
+    expert_device: where the experts go (default: `device`). "cpu" reads them, expert by
+    expert, into one host buffer in the host store's layout (offload/store.py), pinned exactly
+    when `device` is CUDA: where the offloading runtime copies them from, and adopts them without
+    a copy, so a model whose experts do not fit on the GPU never has to, and the host never holds
+    them twice.
     """
     device = torch.device(device)
     expert_device = device if expert_device is None else torch.device(expert_device)
@@ -204,10 +212,17 @@ def load_model(
     experts = model.experts
     del model.experts  # allocated on their own below: they may live on the host
     model = model.to(dtype).to_empty(device=device)
-    pin = expert_device.type == "cpu" and device.type == "cuda"
-    for i, p in enumerate(experts.weights):
-        w = torch.empty(p.shape, dtype=dtype, device=expert_device, pin_memory=pin)
-        experts.weights[i] = nn.Parameter(w)
+    if expert_device.type == "cpu":
+        # One (L, E, 3*I*D) host buffer, pinned exactly when the compute device is CUDA: the
+        # store's own layout, so the offloading runtime adopts it without a copy.
+        pin = device.type == "cuda"
+        buf = host_buffer((cfg.num_layers, cfg.num_experts, cfg.expert_numel), dtype, pin)
+        for i in range(cfg.num_layers):
+            experts.weights[i] = nn.Parameter(buf[i])  # a view: the buffer is shared
+    else:
+        for i, p in enumerate(experts.weights):
+            w = torch.empty(p.shape, dtype=dtype, device=expert_device)
+            experts.weights[i] = nn.Parameter(w)
     model.experts = experts
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # to_empty unties; tie again
