@@ -17,7 +17,9 @@ rejected:
 - `PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True`: it changes how that allocator
   pins (malloc + cudaHostRegister), not how it rounds, and it is process-wide state that has to
   be set before CUDA starts, which a library must not do to its caller.
-(torch.cuda.cudart() has bound cudaHostRegister/cudaHostUnregister since well before torch 2.5.)
+torch.cuda.cudart() has bound cudaHostRegister/cudaHostUnregister since long before torch 2.5,
+and `is_pinned()` is true for registered memory (it asks cudaPointerGetAttributes; PyTorch's own
+test_cudart_register checks both).
 
 Lifetime. A registration lasts exactly as long as its memory: it is released, after a device
 synchronize (a copy may still be reading), when the last tensor viewing the buffer is freed. So
@@ -26,8 +28,9 @@ whoever holds the experts keeps them pinned, and nothing is unregistered under a
   CUDA, pinned: `load_model(..., expert_device="cpu")` reads them straight into a `host_buffer`).
   Otherwise it copies ALL layers into one new buffer first, and only then empties the model's
   expert tensors: a failure half-way (out of lockable memory, a failed copy) leaves the model
-  untouched, and the half-filled buffer is unlocked and freed at once. The host never holds two
-  copies: experts adopted are not copied, and copied ones come from the device.
+  untouched, and the half-filled buffer is unlocked and freed at once. The host never holds the
+  experts twice: those copied come from the device. (Unpinned host experts under a CUDA model
+  would be, briefly; the loader never makes them.)
 - `give_back(model)` returns the experts where the model kept them, then `close()`s the store.
   Home on the host: the model's tensors ARE the store's rows, so the memory stays pinned, ready
   for the next runtime to adopt. Home on the GPU: the rows are copied back, the store was the
