@@ -11,7 +11,8 @@ from tinymoe.engine.model import Routing
 from tinymoe.offload.link import LinkSpec
 from tinymoe.offload.policy import parse_policy
 from tinymoe.offload.runtime import OffloadRuntime
-from tinymoe.speculation.oracle import OraclePredictor, RoutingRecorder, record_routing
+from tinymoe.speculation.oracle import OraclePredictor, record_routing
+from tinymoe.speculation.recording import RouteRecorder
 
 FAST = LinkSpec(100.0, 0.0)  # tests stay fast; the timing model has its own test
 PROMPT = [5, 17, 3, 42, 8, 61, 23, 7, 90, 11, 2, 33]  # routes to most of the 8 experts per layer
@@ -43,7 +44,7 @@ def step_logits(model, prompt: list[int], n_new: int) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(model):
     """Resident logits, and the routing the oracle replays (recorded on the same forwards)."""
-    recorder = RoutingRecorder()
+    recorder = RouteRecorder()
     model.route_hook = recorder
     try:
         logits = step_logits(model, PROMPT, 6)

@@ -12,9 +12,6 @@ from tinymoe.engine.model import MoETransformer, Routing
 from tinymoe.errors import TinyMoeError
 from tinymoe.speculation.recording import RouteRecorder
 
-# The old name of the recorder, still imported by tests/test_offload.py; use RouteRecorder.
-RoutingRecorder = RouteRecorder
-
 
 def record_routing(
     model: MoETransformer, input_ids: list[int], max_new_tokens: int, **generate_kwargs
