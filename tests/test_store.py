@@ -159,6 +159,14 @@ def test_take_from_is_all_or_nothing_when_locking_fails(ckpt, monkeypatch):
     assert generate(model, PROMPT, 6, eos_ids=()).tokens == want
 
 
+def test_a_store_made_in_inference_mode_gives_back_ordinary_tensors(ckpt, fake_lock):
+    model = load_model(ckpt)
+    with torch.inference_mode():
+        st = HostExpertStore.take_from(model, pin=True)
+        st.give_back(model)
+    assert not any(w.is_inference() for w in model.experts.weights)
+
+
 def test_close_without_give_back_releases_the_buffer(ckpt, fake_lock):
     model = load_model(ckpt)
     st = HostExpertStore.take_from(model, pin=True)

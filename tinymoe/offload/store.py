@@ -136,7 +136,9 @@ class HostExpertStore:
         layers = [p.data for p in params]  # (E, 3*I*D) each, where the loader put them
         # Already where copies start from (load_model(expert_device="cpu")): adopt, no copy.
         move = [i for i, w in enumerate(layers) if not (w.is_cpu and (w.is_pinned() or not pin))]
-        with torch.no_grad():
+        # Ordinary tensors even inside torch.inference_mode(): they go back into the model's
+        # Parameters (give_back), which must stay usable like any other outside it.
+        with torch.inference_mode(False), torch.no_grad():
             if move:
                 buf = host_buffer((len(move), *layers[0].shape), layers[0].dtype, pin)
                 try:
@@ -153,7 +155,7 @@ class HostExpertStore:
 
     def give_back(self, model: "MoETransformer") -> None:
         """Put the experts back where the model kept them (on the GPU: needs room for all)."""
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # (see take_from)
             for param, host in zip(model.experts.weights, self.layers, strict=True):
                 param.data = host if self.home.type == "cpu" else host.to(self.home)
         self.close()
