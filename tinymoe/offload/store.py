@@ -103,7 +103,10 @@ def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> Tensor
     if not pin:
         return torch.empty(shape, dtype=dtype)
     numel = math.prod(shape)
-    mem = _PageLocked(-1, numel * dtype.itemsize)  # -1: anonymous memory, not a file
+    # -1: anonymous memory, not a file. MAP_PRIVATE: ordinary process memory, as malloc gives
+    # (mmap's default, MAP_SHARED, would be shared memory); Windows has no flags to pass.
+    private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
+    mem = _PageLocked(-1, numel * dtype.itemsize, **private)
     buf = torch.frombuffer(mem, dtype=dtype, count=numel).view(shape)  # shares mem, keeps it alive
     try:
         mem.lock(buf.data_ptr())
