@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     spec.add_argument("--lookahead", type=positive_int, default=1, help="D (default 1)")
     spec.add_argument(
+        "--prefetch-depth",
+        type=positive_int,
+        default=1,
+        help="exact prefetch (no --speculate) puts at most this many guessed experts per layer on "
+        "the link, so wrong guesses cannot delay the next layer's own copies much; right value: "
+        "1 + expert copies the link finishes during one layer (tinymoe.bench --prefetch-depth "
+        "auto measures it). Default 1",
+    )
+    spec.add_argument(
         "--speculate",
         action="store_true",
         help="run the predicted experts with the predicted weights (lossy; the paper's mode)",
@@ -140,6 +149,7 @@ def make_runtime(
         budget_gb=args.expert_budget_gb,
         link=link,
         trace=args.trace is not None,
+        prefetch_depth=args.prefetch_depth,
     )
 
 

@@ -84,6 +84,7 @@ def test_bench_json_rows(baby, capsys):
     assert bench.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["link_gbps"] > 0
+    assert 1 <= out["prefetch_depth"] <= 8  # auto: derived once, from the resident run
     rows = {r["policy"]: r for r in out["rows"]}
     assert list(rows) == ["on-demand", "lru", "oracle", "resident"]
     for r in rows.values():
@@ -92,6 +93,15 @@ def test_bench_json_rows(baby, capsys):
         assert r["exact"] is True
     assert rows["on-demand"]["ratio_vs_on_demand"] == 1.0
     assert rows["resident"]["gb_copied"] == 0.0 and rows["on-demand"]["hit_rate"] == 0.0
+
+
+def test_bench_prefetch_depth_flag(baby, capsys):
+    argv = ["--model", str(baby), "--policies", "on-demand", "--max-new-tokens", "2"]
+    assert bench.main([*argv, "--prefetch-depth", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prefetch_depth"] == 3
+    with pytest.raises(SystemExit) as exit_:
+        bench.cli([*argv, "--prefetch-depth", "0"])
+    assert exit_.value.code == 2 and "--prefetch-depth" in capsys.readouterr().err
 
 
 def test_bench_rejects_unknown_policy_before_running(baby):

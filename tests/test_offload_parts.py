@@ -279,3 +279,12 @@ def test_throttled_exact_prefetch_wastes_at_most_depth_copies_per_layer(tmp_path
         assert decode["prefetch_bytes"] > decode["steps"] * per_step
     else:
         assert 0 < decode["prefetch_bytes"] <= decode["steps"] * per_step
+
+
+def test_throttle_depth_counts_the_copies_one_layer_hides():
+    from tinymoe.offload.scheduler import throttle_depth
+
+    assert throttle_depth(layer_s=1e-3, copy_s=2e-3, limit=8) == 1  # copies slower than a layer
+    assert throttle_depth(layer_s=1e-3, copy_s=0.3e-3, limit=8) == 4  # 3 land during the layer
+    assert throttle_depth(layer_s=1e-3, copy_s=1e-9, limit=8) == 8  # a free link: every guess
+    assert throttle_depth(layer_s=1e-3, copy_s=0.0, limit=8) == 8

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from tinymoe import TinyMoeError, generate, load_model
+from tinymoe import GenerationResult, TinyMoeError, generate, load_model
 from tinymoe.cli import (
     DEFAULT_LINK,
     OneLineParser,
@@ -45,6 +45,7 @@ from tinymoe.offload.link import PRESETS, LinkSpec
 from tinymoe.offload.meter import eq1_bound_ms
 from tinymoe.offload.policy import parse_policy
 from tinymoe.offload.runtime import OffloadRuntime
+from tinymoe.offload.scheduler import throttle_depth
 from tinymoe.speculation.calibration import Calibration, load_speculation
 from tinymoe.speculation.oracle import record_routing
 from tinymoe.speculation.predictors import make_predictor
@@ -79,6 +80,7 @@ def run_policy(
     trace: Path | None = None,
     calibration: Calibration | None = None,
     lookahead: int = 1,
+    prefetch_depth: int = 1,
 ) -> dict:
     """Generate once under policy `name`; return its row (before the on-demand comparisons)."""
     policy = parse_policy(name)
@@ -96,6 +98,7 @@ def run_policy(
         budget_gb=budget_gb if offload else None,
         link=link if offload and model.embed_tokens.weight.is_cpu else None,
         trace=trace is not None,
+        prefetch_depth=prefetch_depth,
     ) as rt:
         out = generate(model, ids, max_new_tokens, eos_ids=())
         report = rt.report()
@@ -161,6 +164,33 @@ def calibrate_link(
     return link
 
 
+def depth_flag(flag: str) -> int | None:
+    """argparse type of --prefetch-depth: an integer >= 1, or None for `auto`."""
+    if flag == "auto":
+        return None
+    try:
+        depth = int(flag)
+    except ValueError:
+        depth = 0
+    if depth < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or auto, got {flag!r}")
+    return depth
+
+
+def auto_depth(
+    model: MoETransformer, resident: GenerationResult, link: LinkSpec | None, h2d_gbps: float | None
+) -> int:
+    """--prefetch-depth auto: from the resident run's TPOT and the link (throttle_depth)."""
+    cfg = model.cfg
+    expert_bytes = cfg.expert_numel * model.embed_tokens.weight.dtype.itemsize
+    if link is not None:
+        copy_s = link.seconds(expert_bytes)
+    else:  # CUDA: the measured pinned bandwidth
+        copy_s = expert_bytes / (h2d_gbps * 1e9)
+    layer_s = resident.tpot_ms["mean"] / 1e3 / cfg.num_layers
+    return throttle_depth(layer_s, copy_s, cfg.num_experts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m tinymoe.bench", description=__doc__.splitlines()[0])
     add_model_flag(p)
@@ -179,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         help="predict layer l+D from layer l (prefetch rows)",
+    )
+    p.add_argument(
+        "--prefetch-depth",
+        type=depth_flag,
+        default="auto",
+        help="exact prefetch copies at most this many guessed experts per layer; auto: 1 + the "
+        "expert copies the link finishes in one layer's compute, from the resident run's TPOT "
+        "(measured once, so every row gets the same depth)",
     )
     p.add_argument("--expert-slots", type=int, default=None, help="slots for every policy")
     p.add_argument("--expert-budget-gb", type=float, default=None)
@@ -256,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         link = given or PRESETS[DEFAULT_LINK]
     if link is not None:
         print(f"link: {link.gbps:.3f} GB/s, {link.latency_us} us per copy ({link.name})", file=log)
+    depth = args.prefetch_depth or auto_depth(model, ref, link, h2d_peak)
+    print(f"exact prefetch depth: {depth} copies per layer", file=log)
 
     trace_dir = Path(args.trace_dir) if args.trace_dir else None
     if trace_dir is not None:
@@ -279,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 trace,
                 calibration,
                 args.lookahead,
+                depth,
             )
             row["exact"] = row.pop("tokens") == ref.tokens
             runs[name].append(row)
@@ -304,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "link_latency_us": link.latency_us if link else None,
         "h2d_peak_gbps": h2d_peak,
         "copy_share_target": args.copy_share,
+        "prefetch_depth": depth,
         "repeat": args.repeat,
         "rows": rows,
     }
@@ -324,7 +366,8 @@ def format_table(result: dict) -> str:
     else:
         link = f"link {result['link_gbps']:.3f} GB/s + {result['link_latency_us']} us"
     lines = [
-        f"{result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens, {link}",
+        f"{result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens, {link}, "
+        f"exact prefetch depth {result['prefetch_depth']}",
         head,
     ]
     for r in result["rows"]:

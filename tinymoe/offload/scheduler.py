@@ -51,6 +51,16 @@ from tinymoe.offload.store import HostExpertStore
 from tinymoe.offload.transfer import Transfer, TransferEngine
 
 
+def throttle_depth(layer_s: float, copy_s: float, limit: int) -> int:
+    """Exact prefetch's depth for a link that copies one expert in `copy_s` seconds next to
+    layers that compute in `layer_s`: the copies the link finishes during one layer land before
+    the next layer's demand copies need the link, plus one (at most `limit`). Computed once,
+    from figures fixed for the run (a link's spec, a one-time measurement), never per step."""
+    if copy_s <= 0:
+        return limit
+    return max(1, min(limit, 1 + int(layer_s / copy_s)))
+
+
 @dataclass
 class CopyTag:
     """What a copy is for; it rides along on the Transfer (for errors and the trace)."""
