@@ -127,7 +127,14 @@ def predictor_for(
         _, recording = record_routing(model, prompt_ids, args.max_new_tokens, **sampling(args))
     else:
         calibration = load_speculation(args.model, model.cfg)
-    return make_predictor(name, model, calibration, args.lookahead, recording=recording)
+    return make_predictor(
+        name,
+        model,
+        calibration,
+        args.lookahead,
+        recording=recording,
+        weights=args.speculate,  # exact prefetch never uses a guess's weights
+    )
 
 
 def make_runtime(

@@ -87,7 +87,12 @@ def run_policy(
     predictor = None
     if policy.predictor is not None:
         predictor = make_predictor(
-            policy.predictor, model, calibration, lookahead, recording=recording
+            policy.predictor,
+            model,
+            calibration,
+            lookahead,
+            recording=recording,
+            weights=policy.speculate,  # exact prefetch never uses a guess's weights
         )
     offload = policy.offload
     with OffloadRuntime(
