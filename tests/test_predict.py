@@ -303,3 +303,16 @@ def test_router_predictor_fast_path_agrees_with_its_reference(tmp_path, model_ty
         assert torch.equal(got.ids, want.ids) and torch.equal(got_ids.ids, want.ids)
         torch.testing.assert_close(got.weights, want.weights.detach(), rtol=1e-5, atol=1e-6)
         assert got_ids.weights is None
+
+
+def test_estimator_predictions_weigh_like_the_model_router(tmp_path):
+    """Mixtral scales expert outputs by fp32 routing weights; a prediction it runs speculatively
+    must carry fp32 weights too (OLMoE and Qwen3 round them to the activation dtype)."""
+    model = load_model(make_checkpoint(tmp_path / "m", model_type="mixtral"), dtype="bfloat16")
+    cfg = model.cfg
+    ecfg = EstimatorConfig("linear", cfg.hidden_size, cfg.num_experts, cfg.num_layers)
+    linear = build_estimator(ecfg).init_from_routers([b.mlp.gate.weight for b in model.layers])
+    _, seen = run_recorded(model, torch.arange(6).view(1, 6))
+    est = EstimatorPredictor(model, linear, None, 1)
+    assert seen[0][2].weights.dtype == torch.float32  # the model's own router
+    assert est.observe(0, *seen[0]).weights.dtype == torch.float32

@@ -233,7 +233,8 @@ class EstimatorPredictor:
         q = quasi_hidden(self.model, self.default_vectors, layer, target, resid, routing)
         logits = self.estimator(q.to(self.dtype), target)  # (N, E)
         cfg = self.model.cfg
-        return _as_prediction(route_topk(logits, cfg.top_k, cfg.norm_topk_prob, resid.dtype))
+        dtype = routing_weights_dtype(cfg, resid.dtype)  # as the model routes (fp32: Mixtral)
+        return _as_prediction(route_topk(logits, cfg.top_k, cfg.norm_topk_prob, dtype))
 
 
 class HybridPredictor:
