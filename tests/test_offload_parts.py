@@ -288,3 +288,27 @@ def test_throttle_depth_counts_the_copies_one_layer_hides():
     assert throttle_depth(layer_s=1e-3, copy_s=0.3e-3, limit=8) == 4  # 3 land during the layer
     assert throttle_depth(layer_s=1e-3, copy_s=1e-9, limit=8) == 8  # a free link: every guess
     assert throttle_depth(layer_s=1e-3, copy_s=0.0, limit=8) == 8
+
+
+def test_an_error_while_issuing_copies_leaves_no_slot_pinned(tmp_path):
+    """A layer with a hit (pinned) whose miss cannot even be issued: the error propagates, the
+    hit's pin is undone, and the missing expert is not left mapped to a slot it never reached."""
+    from conftest import make_checkpoint
+
+    from tinymoe.errors import TinyMoeError
+
+    model = load_model(make_checkpoint(tmp_path / "m"))
+    with OffloadRuntime(model, "lru", slots=4, link=LinkSpec(100.0)) as rt:
+        list(rt.experts(0, [0]))  # expert 0 is now held
+        issue = rt.engine.copy
+
+        def refuse(*args, **kwargs):
+            raise TinyMoeError("injected: the link refused the copy")
+
+        rt.engine.copy = refuse
+        with pytest.raises(TinyMoeError, match="injected"):
+            list(rt.experts(0, [0, 1]))  # 0: a hit, pinned first; 1: a miss, refused
+        assert rt.cache.pins == [0] * rt.num_slots
+        assert rt.cache.lookup((0, 1)) is None
+        rt.engine.copy = issue
+        assert [e for e, _ in rt.experts(0, [0, 1])] == [0, 1]  # usable again

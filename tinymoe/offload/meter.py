@@ -31,6 +31,7 @@ without blocking (an event query): measurement only, no decision depends on it.
 
 import contextlib
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -43,7 +44,7 @@ from tinymoe.offload.transfer import Transfer
 MISS_KINDS = ("compulsory", "capacity", "late", "mispredicted")
 
 
-def classify_miss(predicted: set[int] | None, expert: int, seen: bool) -> str:
+def classify_miss(predicted: Container[int] | None, expert: int, seen: bool) -> str:
     """The kind of a miss that found nothing in a slot (see the module docstring; "late" is
     decided where the slot is found). predicted: None when the layer had no prediction."""
     if predicted is not None and expert not in predicted:

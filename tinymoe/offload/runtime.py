@@ -220,16 +220,20 @@ class OffloadRuntime:
         else:
             hook = self.hook
             guess = hook.last_prediction.get(layer)
-            predicted = None
-            if guess is not None:
-                predicted = {e for row in guess.ids_on_host() for e in row}  # read already
+            predicted = None if guess is None else _experts(guess.ids_on_host())  # read already
             prefetch = None
             target = layer + self.lookahead
             nxt = hook.pending.get(target) if self.lookahead else None
             if nxt is not None and (target < self.cfg.num_layers or hook.crosses_tokens):
                 # A decode step read these with the layer's own ids (PredictionHook.read_ids),
                 # so no second sync; a prefill pass reads them here (a sync, once per layer).
-                rows = nxt.ids_on_host()
-                prefetch = Prefetch(target, list(dict.fromkeys(e for row in rows for e in row)))
+                prefetch = Prefetch(target, list(_experts(nxt.ids_on_host())))
             yield from self.scheduler.run_layer(layer, ids, predicted, prefetch)
         self.meter.experts_end(layer, len(ids))
+
+
+def _experts(rows: list[list[int]]) -> dict[int, None]:
+    """The distinct experts of a routing read to the host, in order (an ordered set)."""
+    if len(rows) == 1:  # a decode step: top-k ids are distinct already
+        return dict.fromkeys(rows[0])
+    return dict.fromkeys(e for row in rows for e in row)

@@ -40,8 +40,9 @@ Cross-token prefetch (the oracle only): the last `lookahead` layers may prefetch
 pass's first layers (targets >= L); those reservations are re-keyed at the end of each pass.
 """
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -74,8 +75,7 @@ class CopyTag:
         return f"layer {self.layer} expert {self.expert} ({self.kind} copy into slot {self.slot})"
 
 
-@dataclass(frozen=True)
-class Prefetch:
+class Prefetch(NamedTuple):
     """A guess to act on: experts of layer `target`, most confident first."""
 
     target: int  # a layer of this forward pass, or (crossing tokens) L + a layer of the next
@@ -122,7 +122,7 @@ class Scheduler:
         self,
         layer: int,
         ids: list[int],
-        predicted: set[int] | None = None,
+        predicted: Container[int] | None = None,
         prefetch: Prefetch | None = None,
     ) -> Iterator[tuple[int, Tensor]]:
         """Yield (expert, slot view) for each id (see the top). predicted: the experts the
@@ -132,26 +132,27 @@ class Scheduler:
         st = meter.layer(layer)
         self._unreserve(layer)
         ready: list[tuple[int, int]] = []  # (expert, slot), pinned: hits and earlier copies
+        arriving: list[tuple[int, int]] = []  # (expert, slot), pinned: this layer's copies
         todo: list[int] = []  # misses not yet given a slot
-        for e in ids:
-            slot = cache.lookup((layer, e))
-            if slot is None:
-                todo.append(e)
-                meter.miss(st, classify_miss(predicted, e, (layer, e) in self.seen))
-                continue
-            cache.pin(slot)
-            ready.append((e, slot))
-            t = self.landing.get(slot)
-            # Measurement only: whether the copy has landed changes no decision below.
-            if t is not None and not t.done():
-                meter.miss(st, "late")
-            else:
-                meter.hit(st)
-        arriving = self._issue_demand(layer, todo, st)
-        if not todo:
-            self._prefetch(prefetch)
         current = None
-        try:
+        try:  # every pin below is undone in `finally`, whatever raises (or stops) the layer
+            for e in ids:
+                slot = cache.lookup((layer, e))
+                if slot is None:
+                    todo.append(e)
+                    meter.miss(st, classify_miss(predicted, e, (layer, e) in self.seen))
+                    continue
+                cache.pin(slot)
+                ready.append((e, slot))
+                t = self.landing.get(slot)
+                # Measurement only: whether the copy has landed changes no decision below.
+                if t is not None and not t.done():
+                    meter.miss(st, "late")
+                else:
+                    meter.hit(st)
+            self._issue_demand(layer, todo, arriving, st)
+            if not todo:
+                self._prefetch(prefetch)
             while ready or arriving:
                 if not ready and not self.pipeline:
                     for e, slot in arriving:  # the paper's on-demand: land them all first
@@ -167,12 +168,11 @@ class Scheduler:
                 self.engine.release(slot)
                 cache.unpin(slot)
                 if todo:
-                    arriving += self._issue_demand(layer, todo, st)
+                    self._issue_demand(layer, todo, arriving, st)
                     if not todo:
                         self._prefetch(prefetch)
-        finally:  # an error (or the caller stopping early) must not leave slots pinned
-            held = ready + arriving + ([current] if current else [])
-            for e, slot in held:
+        finally:
+            for e, slot in ready + arriving + ([current] if current else []):
                 if cache.key_of[slot] == (layer, e):
                     cache.unpin(slot)
 
@@ -192,19 +192,19 @@ class Scheduler:
 
     # ---- copies
 
-    def _issue_demand(self, layer: int, todo: list[int], st: LayerStats) -> list[tuple[int, int]]:
+    def _issue_demand(
+        self, layer: int, todo: list[int], arriving: list[tuple[int, int]], st: LayerStats
+    ) -> None:
         """Copy as many of this layer's missing experts as there are slots to put them in;
-        returns them as (expert, slot), pinned, and removes them from todo."""
-        issued = []
+        moves them from todo to arriving as (expert, slot), pinned."""
         while todo:
             slot = self._insert((layer, todo[0]), evict_reserved=True)
             if slot is None:
-                break  # every slot is in use by this layer: stream (see run_layer)
+                return  # every slot is in use by this layer: stream (see run_layer)
             e = todo.pop(0)
             self._copy(layer, e, slot, "demand", st)
             self.cache.pin(slot)
-            issued.append((e, slot))
-        return issued
+            arriving.append((e, slot))
 
     def _prefetch(self, prefetch: Prefetch | None) -> None:
         """Reserve the guessed experts for their target layer, copying at most `depth` of them."""
@@ -232,7 +232,13 @@ class Scheduler:
 
     def _copy(self, layer: int, expert: int, slot: int, kind: str, st: LayerStats) -> None:
         tag = CopyTag(layer, expert, slot, kind)
-        t = self.engine.copy(self.cache.slots[slot], self.store.expert(layer, expert), slot, tag)
+        try:
+            t = self.engine.copy(
+                self.cache.slots[slot], self.store.expert(layer, expert), slot, tag
+            )
+        except BaseException:
+            self.cache.drop((layer, expert))  # nothing is on its way: the slot holds no expert
+            raise
         self.landing[slot] = t  # replaces an older copy into this slot: that one lands first
         self.seen.add((layer, expert))
         self.meter.copied(st, t, prefetch=kind == "prefetch")

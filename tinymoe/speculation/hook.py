@@ -76,8 +76,13 @@ class PredictionHook:
 
 def read_together(a: Routing, b: Routing) -> None:
     """Read two routings' ids to the host in one transfer (one sync instead of two)."""
-    # SYNC: the layer's one host read of expert ids (flattened: a guess may name more than K).
-    flat = torch.cat([a.ids.flatten(), b.ids.flatten()]).tolist()
-    n, ka, kb = a.ids.numel(), a.ids.shape[-1], b.ids.shape[-1]
-    a.host_ids = [flat[i : i + ka] for i in range(0, n, ka)]
-    b.host_ids = [flat[i : i + kb] for i in range(n, len(flat), kb)]
+    n = a.ids.shape[0]
+    if a.ids.shape[1] == b.ids.shape[1]:  # the usual case: both name top-k experts per token
+        rows = torch.cat([a.ids, b.ids]).tolist()  # SYNC: the layer's one host read of ids
+        a.host_ids, b.host_ids = rows[:n], rows[n:]
+        return
+    # A guess that names more (or fewer) experts than top-k: read both flattened, still once.
+    flat = torch.cat([a.ids.flatten(), b.ids.flatten()]).tolist()  # SYNC: as above
+    ka, kb = a.ids.shape[1], b.ids.shape[1]
+    a.host_ids = [flat[i : i + ka] for i in range(0, n * ka, ka)]
+    b.host_ids = [flat[i : i + kb] for i in range(n * ka, len(flat), kb)]

@@ -162,7 +162,8 @@ class RouterPredictor:
     def reset(self) -> None:
         pass  # stateless: every token is predicted from its own state
 
-    @torch.no_grad()
+    # (No torch.no_grad() here: every tensor it makes from is grad-free, and the decorator alone
+    # costs as much as an operation, on every layer of every step.)
     def observe(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None:
         cfg = self.model.cfg
         target = layer + self.lookahead
@@ -170,9 +171,14 @@ class RouterPredictor:
             return None
         x = resid  # (N, D)
         if self.vectors is not None:  # x = r_l + d_l, d_l = sum_k g_k v[l, e_k]
-            v = self.vectors[layer][routing.ids]  # (N, K, D)
-            g = routing.weights.to(v.dtype).unsqueeze(1)  # (N, 1, K)
-            x = torch.baddbmm(x.unsqueeze(1), g, v).squeeze(1)  # (N, D)
+            g = routing.weights  # (N, K)
+            if g.dtype != x.dtype:
+                g = g.to(x.dtype)  # Mixtral's fp32 routing weights, bf16 vectors
+            if x.shape[0] == 1:  # a decode step: (1, K) @ (K, D), one plain matmul
+                x = torch.addmm(x, g, self.vectors[layer][routing.ids[0]])  # (1, D)
+            else:
+                v = self.vectors[layer][routing.ids]  # (N, K, D)
+                x = torch.baddbmm(x.unsqueeze(1), g.unsqueeze(1), v).squeeze(1)  # (N, D)
         logits = F.linear(x, self.folded[target])  # (N, E) = router_t(Norm_t(x)) * rms(x)
         if not self.weights:
             return Routing(ids=torch.topk(logits, cfg.top_k, dim=-1).indices, weights=None)
