@@ -294,24 +294,30 @@ def test_runtime_built_inside_inference_mode_generates(model):
     assert got == want
 
 
+class Guess:
+    """A one-layer-ahead predictor that guesses `guess(layer, u, routing)` for layer + 1."""
+
+    lookahead = 1
+
+    def __init__(self, model, guess) -> None:
+        self.num_layers, self.guess = model.cfg.num_layers, guess
+
+    def reset(self) -> None:
+        pass
+
+    def observe(self, layer, resid, u, routing):
+        return None if layer + 1 >= self.num_layers else self.guess(layer, u, routing)
+
+
 def test_speculation_is_off_during_prefill(model, reference):
     """Speculating with a predictor that is always wrong changes decode steps, never the prompt:
     the prefill's logits (and so its KV cache) are exactly resident's."""
     logits, recording = reference
 
-    class Wrong:
-        lookahead = 1
+    def shifted(layer, u, routing):
+        return Routing((routing.ids + 1) % model.cfg.num_experts, routing.weights)  # never right
 
-        def reset(self) -> None:
-            pass
-
-        def observe(self, layer, resid, u, routing):
-            if layer + 1 >= model.cfg.num_layers:
-                return None
-            ids = (routing.ids + 1) % model.cfg.num_experts  # never the router's choice
-            return Routing(ids, routing.weights)
-
-    with OffloadRuntime(model, "speculative+wrong", predictor=Wrong(), link=FAST):
+    with OffloadRuntime(model, "speculative+wrong", predictor=Guess(model, shifted), link=FAST):
         got = step_logits(model, PROMPT, 3)
     assert torch.equal(got[0], logits[0])  # the prompt: exact
     assert not torch.equal(got[1], logits[1])  # a decode step: speculated
@@ -322,21 +328,12 @@ def test_failed_prefetch_that_is_never_used_does_not_abort(model, reference):
     run completes and is exact (a failed copy matters only where its expert is used)."""
     logits, recording = reference
 
-    class Wrong:
-        lookahead = 1
+    def unused(layer, u, routing):  # two experts the prompt's next layer does not route to
+        true = recording[0][layer + 1].ids.flatten().tolist()
+        wrong = [e for e in range(model.cfg.num_experts) if e not in true][:2]
+        return Routing(torch.tensor([wrong] * u.shape[0]), torch.ones(u.shape[0], 2))
 
-        def reset(self) -> None:
-            pass
-
-        def observe(self, layer, resid, u, routing):
-            if layer + 1 >= model.cfg.num_layers:
-                return None
-            true = recording_step[0][layer + 1].ids.flatten().tolist()
-            wrong = [e for e in range(model.cfg.num_experts) if e not in true][:2]
-            return Routing(torch.tensor([wrong] * u.shape[0]), torch.ones(u.shape[0], 2))
-
-    recording_step = [recording[0]]
-    rt = OffloadRuntime(model, "prefetch+wrong+lru", predictor=Wrong(), link=FAST)
+    rt = OffloadRuntime(model, "prefetch+wrong+lru", predictor=Guess(model, unused), link=FAST)
     failed = []
 
     def fail_prefetches(t):
