@@ -349,3 +349,34 @@ def test_failed_prefetch_that_is_never_used_does_not_abort(model, reference):
         rt.close()
     assert failed  # prefetches were issued and failed
     assert torch.equal(got[0], logits[0])
+
+
+@pytest.mark.parametrize(
+    "policy,slots",
+    [("on-demand", None), ("on-demand", 5), ("lru", 3), ("lfu", 24), ("prefetch+guess+lru", 4)],
+)
+def test_cpu_miss_handler_is_exact(model, reference, policy, slots):
+    """Misses computed on the host from the host store (no copy) give resident's logits, bit for
+    bit, with prefetching or not; only what the slots hold is ever copied."""
+    logits, recording = reference
+    predictor = None
+    if "guess" in policy:  # the true next layer, as recorded: prefetches are then copied
+        predictor = Guess(model, lambda layer, u, routing: recording[0][layer + 1])
+    with OffloadRuntime(
+        model, policy, predictor=predictor, slots=slots, link=FAST, miss_handler="cpu"
+    ) as rt:
+        got = step_logits(model, PROMPT, 6)
+        report = rt.report()
+    assert all(torch.equal(a, b) for a, b in zip(logits, got, strict=True))
+    dec, pre = report["decode"], report["prefill"]
+    assert pre["host_computed"] > 0 and dec["misses"] >= dec["host_computed"]
+    if predictor is None:
+        assert pre["bytes_copied"] == dec["bytes_copied"] == 0  # nothing is ever copied
+
+
+def test_miss_handler_is_checked(model):
+    with pytest.raises(TinyMoeError, match="miss-handler"):
+        OffloadRuntime(model, "lru", link=FAST, miss_handler="gpu")
+    with pytest.raises(TinyMoeError, match="miss-handler"):
+        OffloadRuntime(model, "resident", miss_handler="cpu")
+    assert model.provider is model.experts

@@ -112,6 +112,7 @@ class LayerStats:
     miss_kinds: Counter = field(default_factory=Counter)
     prefetch_bytes: int = 0  # part of `bytes` that a prefetch (not a demand miss) copied
     wasted_bytes: int = 0  # prefetched, then evicted unused
+    host_computed: int = 0  # misses computed on the host (miss handler "cpu"), not copied
 
 
 @dataclass
@@ -145,6 +146,7 @@ class PhaseStats:
             "hit_rate": hits / (hits + misses) if hits + misses else float("nan"),
             "miss_kinds": {k: kinds[k] for k in MISS_KINDS},
             "prefetch_bytes": sum(s.prefetch_bytes for s in ls),
+            "host_computed": sum(s.host_computed for s in ls),
             "wasted_prefetch_bytes": sum(s.wasted_bytes for s in ls),
             "layers": [
                 {
@@ -270,6 +272,9 @@ class Meter:
     def miss(self, st: LayerStats, kind: str) -> None:
         st.misses += 1
         st.miss_kinds[kind] += 1
+
+    def host_computed(self, st: LayerStats) -> None:
+        st.host_computed += 1
 
     def copied(self, st: LayerStats, t: Transfer, prefetch: bool) -> None:
         st.bytes += t.nbytes

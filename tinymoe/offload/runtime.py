@@ -28,7 +28,7 @@ from tinymoe.offload.cache import ExpertCache
 from tinymoe.offload.link import PRESETS, LinkSpec, SimulatedLink
 from tinymoe.offload.meter import Meter, clock_for
 from tinymoe.offload.policy import Policy, parse_policy, resolve_slots
-from tinymoe.offload.scheduler import Prefetch, Scheduler
+from tinymoe.offload.scheduler import MISS_HANDLERS, Prefetch, Scheduler
 from tinymoe.offload.store import HostExpertStore
 from tinymoe.offload.transfer import CudaCopyEngine
 from tinymoe.speculation.hook import PredictionHook
@@ -50,6 +50,8 @@ class OffloadRuntime:
     scheduler.py). The right value is 1 + how many expert copies the link finishes during one
     layer's compute: tinymoe.bench derives it from its calibration; 1 is the safe default.
     trace: keep a Perfetto trace (write_trace).
+    miss_handler: "copy" (copy a missing expert to a slot) or "cpu" (compute it on the host from
+    the host store, no copy; see scheduler.py).
     """
 
     def __init__(
@@ -63,12 +65,17 @@ class OffloadRuntime:
         link: LinkSpec | None = None,
         trace: bool = False,
         prefetch_depth: int | None = 1,
+        miss_handler: str = "copy",
     ) -> None:
         self.policy = parse_policy(policy) if isinstance(policy, str) else policy
         if (self.policy.predictor is None) != (predictor is None):
             raise TinyMoeError(
                 f"offload policy {self.policy.name!r} "
                 + ("needs a predictor" if predictor is None else "takes no predictor")
+            )
+        if miss_handler not in MISS_HANDLERS:
+            raise TinyMoeError(
+                f"--miss-handler {miss_handler!r} is unknown; expected one of {MISS_HANDLERS}"
             )
         if prefetch_depth is not None and prefetch_depth < 1:
             raise TinyMoeError(f"prefetch depth must be >= 1 (or None), got {prefetch_depth}")
@@ -114,9 +121,12 @@ class OffloadRuntime:
                 cfg.num_layers,
                 pipeline=self.policy.pipeline,
                 depth=prefetch_depth if exact else None,
+                miss_handler=miss_handler,
             )
-        elif slots is not None or budget_gb is not None:
-            raise TinyMoeError("--expert-slots/--expert-budget-gb need an offloading policy")
+        elif slots is not None or budget_gb is not None or miss_handler != "copy":
+            raise TinyMoeError(
+                "--expert-slots/--expert-budget-gb/--miss-handler need an offloading policy"
+            )
         # Install. The forward hooks mark where each forward pass starts and ends.
         self._saved_hook = model.route_hook
         model.provider, model.route_hook = self, self._route

@@ -36,6 +36,11 @@ and whoever uses the slot waits for the newest copy into it (`landing[slot]`). A
 expert is reserved for its target layer until that layer runs; a demand miss may take a reserved
 slot, as a last resort, a prefetch never.
 
+The CPU miss handler (`miss_handler="cpu"`): a miss is not copied; the expert is computed where
+it lives, on the host, reading the host store. The layer's device experts are yielded first, so
+on a GPU their kernels are queued before the host starts on the misses. Prefetching still copies
+guesses into slots; only demand copies are replaced.
+
 Cross-token prefetch (the oracle only): the last `lookahead` layers may prefetch the next forward
 pass's first layers (targets >= L); those reservations are re-keyed at the end of each pass.
 """
@@ -50,6 +55,11 @@ from tinymoe.offload.cache import ExpertCache, Key
 from tinymoe.offload.meter import LayerStats, Meter, classify_miss
 from tinymoe.offload.store import HostExpertStore
 from tinymoe.offload.transfer import Transfer, TransferEngine
+
+# What happens to an expert that is in no slot when its layer needs it: copied to the device
+# (the paper, and every policy's default), or computed on the host from the host store, in place,
+# as llama.cpp's --n-cpu-moe, Fiddler and KTransformers do (no copy at all).
+MISS_HANDLERS = ("copy", "cpu")
 
 
 def throttle_depth(layer_s: float, copy_s: float, limit: int) -> int:
@@ -93,9 +103,11 @@ class Scheduler:
         *,
         pipeline: bool = True,
         depth: int | None = None,
+        miss_handler: str = "copy",
     ) -> None:
         self.cache, self.store, self.engine, self.meter = cache, store, engine, meter
         self.num_layers, self.pipeline, self.depth = num_layers, pipeline, depth
+        self.host_misses = miss_handler == "cpu"
         self.landing: dict[int, Transfer] = {}  # slot -> newest copy into it nobody waited for
         self.reserved: dict[int, list[Key]] = {}  # target layer -> experts prefetched for it
         self.seen: set[Key] = set()  # experts ever copied (compulsory vs capacity misses)
@@ -134,6 +146,7 @@ class Scheduler:
         ready: list[tuple[int, int]] = []  # (expert, slot), pinned: hits and earlier copies
         arriving: list[tuple[int, int]] = []  # (expert, slot), pinned: this layer's copies
         todo: list[int] = []  # misses not yet given a slot
+        host: list[int] = []  # misses computed on the host (miss_handler "cpu")
         current = None
         try:  # every pin below is undone in `finally`, whatever raises (or stops) the layer
             for e in ids:
@@ -150,6 +163,8 @@ class Scheduler:
                     meter.miss(st, "late")
                 else:
                     meter.hit(st)
+            if self.host_misses:  # computed where they are, from the host store: no copy
+                host, todo = todo, []
             self._issue_demand(layer, todo, arriving, st)
             if not todo:
                 self._prefetch(prefetch)
@@ -171,6 +186,9 @@ class Scheduler:
                     self._issue_demand(layer, todo, arriving, st)
                     if not todo:
                         self._prefetch(prefetch)
+            for e in host:  # after the device's experts, which run (on a GPU) meanwhile
+                meter.host_computed(st)
+                yield e, self.store.expert(layer, e)
         finally:
             for e, slot in ready + arriving + ([current] if current else []):
                 if cache.key_of[slot] == (layer, e):
