@@ -1,0 +1,213 @@
+"""What if: `python -m tinymoe.simulate --model DIR [--validate | --hardware NAME ...]`.
+
+Replays a recorded run's routing under a cost model, for every policy the engine has, with the
+engine's own scheduler (tinymoe/simulator/), and prints the bench's kind of table.
+
+    --validate            run the real bench on this machine (same prompt, same link), record
+                          its routing, simulate the same run, print simulated beside measured
+    --hardware NAME       project onto a preset GPU host (rtx4090, a6000, h100-pcie): device
+                          bandwidth, link and host memory bandwidth from published figures
+    --scale-to CONFIG     ... for a model shaped like a published config.json (Mixtral-8x7B,
+                          Qwen3-30B-A3B): expert size and layer count from it, routing from the
+                          recording (an approximation: see simulator/costs.py)
+    --trace FILE          replay a recorded trace instead of recording one (--record writes one)
+
+Each policy is simulated with the miss handlers of --miss-handlers: `copy` (the engine's
+default) and `cpu` (compute a missing expert on the host, as llama.cpp's --n-cpu-moe does).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tinymoe import load_model
+from tinymoe.bench import auto_depth, calibrate_link, depth_flag, prompt_ids, run_policy
+from tinymoe.cli import (
+    DEFAULT_LINK,
+    OneLineParser,
+    add_device_flags,
+    add_link_flags,
+    device_from_args,
+    link_from_args,
+    model_dir_from_args,
+    run_cli,
+)
+from tinymoe.engine.config import ModelConfig
+from tinymoe.engine.generate import generate
+from tinymoe.errors import TinyMoeError
+from tinymoe.offload.link import PRESETS, LinkSpec
+from tinymoe.offload.policy import parse_policy
+from tinymoe.offload.scheduler import MISS_HANDLERS
+from tinymoe.simulator.costs import HARDWARE, MeasuredCosts, RooflineCosts, scale_trace
+from tinymoe.simulator.record import RoutingTrace, record_run
+from tinymoe.simulator.replay import simulate
+from tinymoe.speculation.calibration import load_speculation
+
+DEFAULT_POLICIES = "on-demand,lru,prefetch+router+lru,speculative+router,oracle,resident"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser("simulate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, metavar="DIR", help="checkpoint to record a run of")
+    p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated policy names")
+    p.add_argument("--validate", action="store_true", help="simulate beside a real bench run")
+    p.add_argument("--hardware", choices=list(HARDWARE), default=None, help="project onto a GPU")
+    p.add_argument("--scale-to", default=None, metavar="CONFIG", help="a published config.json")
+    p.add_argument("--context", type=int, default=2048, help="KV positions read per layer (proj.)")
+    p.add_argument("--trace", default=None, metavar="FILE", help="replay this recorded trace")
+    p.add_argument("--record", default=None, metavar="FILE", help="write the recorded trace")
+    p.add_argument(
+        "--miss-handlers",
+        default="copy",
+        help=f"comma-separated, of {', '.join(MISS_HANDLERS)}: one row per policy and handler",
+    )
+    p.add_argument("--prompt", default=None, help="prompt text (default: random ids)")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="for the random prompt")
+    p.add_argument("--lookahead", type=int, default=1)
+    p.add_argument("--expert-slots", type=int, default=None, help="slots for every policy")
+    p.add_argument("--prefetch-depth", type=depth_flag, default="auto", help="as tinymoe.bench")
+    p.add_argument("--copy-share", type=float, default=None, help="as tinymoe.bench")
+    p.add_argument("--repeat", type=int, default=3, help="--validate: real runs per policy")
+    add_link_flags(p)
+    add_device_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    policies = [parse_policy(n) for n in names]  # a typo fails here, before any work
+    handlers = [h.strip() for h in args.miss_handlers.split(",") if h.strip()]
+    for h in handlers:
+        if h not in MISS_HANDLERS:
+            raise TinyMoeError(f"--miss-handlers: {h!r} is not one of {MISS_HANDLERS}")
+    if args.validate and (args.hardware or args.scale_to or args.trace):
+        raise TinyMoeError("--validate measures this machine: no --hardware, --scale-to, --trace")
+    if args.scale_to and not args.hardware:
+        raise TinyMoeError("--scale-to needs --hardware (the projection's GPU host)")
+    target_cfg = ModelConfig.from_file(args.scale_to) if args.scale_to else None
+    if args.record and Path(args.record).parent and not Path(args.record).parent.is_dir():
+        raise TinyMoeError(f"--record {args.record}: no such directory")
+    device = device_from_args(args)
+    predictor_names = sorted({p.predictor for p in policies if p.predictor is not None})
+    log = sys.stderr
+
+    measured: dict[str, float] = {}
+    if args.trace:
+        trace = RoutingTrace.load(args.trace)
+        link = LinkSpec(**trace.machine["link"], name="recorded")
+        depth = args.prefetch_depth or 1
+    else:
+        if args.model is None:
+            raise TinyMoeError("give --model DIR (to record a run) or --trace FILE")
+        model_dir_from_args(args)
+        model = load_model(args.model, device=device, dtype=args.dtype)
+        args.model = str(args.model)
+        ids = prompt_ids(args, model.cfg.vocab_size)
+        generate(model, ids[:4], 2, eos_ids=())  # warm-up
+        ref = generate(model, ids, args.max_new_tokens, eos_ids=())
+        given = link_from_args(args) or PRESETS[DEFAULT_LINK]
+        link = given
+        if args.copy_share is not None:
+            link = calibrate_link(
+                model, ids, args.max_new_tokens, args.copy_share, given.latency_us, []
+            )
+        depth = args.prefetch_depth or auto_depth(model, ref, link, None)
+        print(f"link: {link.gbps:.3f} GB/s + {link.latency_us} us; depth {depth}", file=log)
+        print("recording the routing ...", file=log)
+        trace = record_run(
+            model, ids, args.max_new_tokens, link, predictor_names, args.model, args.lookahead
+        )
+        if args.validate:
+            measured = measure(args, model, ids, names, link, depth)
+    if args.record:
+        trace.save(args.record)
+
+    costs = MeasuredCosts(trace, link)
+    where = f"this machine ({trace.machine.get('device')}), measured times"
+    if args.hardware:
+        hw = HARDWARE[args.hardware]
+        if target_cfg is not None:
+            trace = scale_trace(trace, target_cfg)
+        cfg = target_cfg
+        if cfg is None:  # the recorded model itself, on the other hardware
+            if args.model is None:
+                raise TinyMoeError("--hardware with --trace needs --scale-to CONFIG.json")
+            cfg = ModelConfig.from_file(Path(args.model) / "config.json")
+        costs = RooflineCosts(hw, cfg, args.context)
+        where = f"{hw.name}, roofline projection ({hw.source})"
+    rows = []
+    for name in names:
+        for h in handlers:
+            if h == "cpu" and not parse_policy(name).offload:
+                continue
+            row = simulate(trace, name, costs, args.expert_slots, depth, miss_handler=h)
+            row["miss_handler"] = h
+            row["simulated_tpot_ms"] = row["tpot_ms"]
+            if name in measured and h == "copy":
+                row["measured_tpot_ms"] = measured[name]
+            rows.append(row)
+    result = {
+        "where": where,
+        "model": trace.model,
+        "link_gbps": costs.link.gbps,
+        "prefetch_depth": depth,
+        "decode_steps": trace.decode_steps,
+        "rows": [{k: v for k, v in r.items() if k != "layers"} for r in rows],
+    }
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def measure(args, model, ids, names, link, depth) -> dict[str, float]:
+    """The real bench rows (median TPOT of --repeat round-robin runs), for --validate."""
+    from tinymoe.speculation.oracle import record_routing
+
+    _, recording = record_routing(model, ids, args.max_new_tokens, eos_ids=())
+    calibration = None
+    if any(parse_policy(n).predictor not in (None, "oracle") for n in names):
+        calibration = load_speculation(args.model, model.cfg)
+    runs: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(args.repeat):
+        for n in names:
+            print(f"measuring {i + 1}/{args.repeat}: {n} ...", file=sys.stderr)
+            row = run_policy(
+                model, n, ids, args.max_new_tokens, link, recording, args.expert_slots,
+                None, None, calibration, args.lookahead, depth,
+            )  # fmt: skip
+            runs[n].append(row["tpot_ms"])
+    return {n: sorted(v)[len(v) // 2] for n, v in runs.items()}
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"{result['where']}",
+        f"{result['decode_steps']} decode steps, link {result['link_gbps']:.3f} GB/s, "
+        f"exact prefetch depth {result['prefetch_depth']}",
+        f"{'policy':<24} {'misses':>6} {'slots':>5} {'sim TPOT':>9} {'measured':>9} "
+        f"{'sim/meas':>8} {'hit':>5} {'GB/step':>8} {'stall ms':>8}",
+    ]
+    for r in result["rows"]:
+        meas = r.get("measured_tpot_ms")
+        ratio = f"{r['simulated_tpot_ms'] / meas:8.3f}" if meas else f"{'-':>8}"
+        meas_s = f"{meas:9.2f}" if meas else f"{'-':>9}"
+        gb = r["bytes_copied"] / max(r["steps"], 1) / 1e9
+        lines.append(
+            f"{r['policy']:<24} {r['miss_handler']:>6} {r['expert_slots']:>5} "
+            f"{r['simulated_tpot_ms']:9.2f} {meas_s} {ratio} {r['hit_rate']:5.2f} {gb:8.4f} "
+            f"{r['stall_ms']:8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
+    return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,1 @@
+"""What if: replay a recorded run's routing under a cost model, with the engine's own scheduler."""

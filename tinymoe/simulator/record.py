@@ -1,0 +1,220 @@
+"""The routing trace: what a real run routed and how long its parts took, in a versioned file.
+
+A trace is what the simulator (replay.py) replays. It holds, for every forward pass (the prefill,
+then one per decode step) and every layer:
+
+    experts     the true routing: top-k expert ids per token (the router's, in an exact run)
+    guesses     per predictor name, its guess for layer l + lookahead made at layer l from the
+                exact state (ids per token); the oracle's guess is the truth and is not stored
+    attention_s attention + norms of the layer, seconds (the meter's "attention" span)
+    router_s    the router (the meter's "router" span)
+    expert_s    one expert's compute on the device: the layer's experts span, stalls excluded,
+                divided by the experts it ran
+    guess_s     per predictor, what one guess cost (its observe() call, timed)
+
+and per pass `head_s` (final norm + LM head). The file is JSON:
+
+    {"format": "tinymoe-routing-trace", "version": 1, "model": {...}, "machine": {...},
+     "lookahead": 1, "predictors": [...], "passes": [{"phase": ..., "head_s": ...,
+     "layers": [{"experts": [[...]], "guesses": {"router": [[...]]}, "attention_s": ...,
+                 "router_s": ..., "expert_s": ..., "guess_s": {"router": ...}}]}]}
+
+`record_trace` makes one from two runs of the same prompt, which route identically because
+offloading is exact: the timed run (any exact policy, e.g. on-demand over the link being
+modelled, so its compute times include what running that way costs on this machine), then a
+resident pass with a route hook that keeps the routing and asks every predictor for its guess.
+"""
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tinymoe.engine.generate import GenerationResult, generate
+from tinymoe.engine.model import MoETransformer
+from tinymoe.errors import TinyMoeError
+from tinymoe.offload.link import LinkSpec
+from tinymoe.offload.runtime import OffloadRuntime
+from tinymoe.speculation.calibration import load_speculation
+from tinymoe.speculation.predictors import Predictor, make_predictor
+from tinymoe.speculation.recording import RouteRecorder
+
+FORMAT, VERSION = "tinymoe-routing-trace", 1
+
+
+@dataclass
+class LayerRecord:
+    experts: list[list[int]]  # (N, K) the true routing's ids
+    guesses: dict[str, list[list[int]]] = field(default_factory=dict)  # for layer + lookahead
+    attention_s: float = 0.0
+    router_s: float = 0.0
+    expert_s: float = 0.0
+    guess_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PassRecord:
+    phase: str  # "prefill" | "decode"
+    layers: list[LayerRecord]
+    head_s: float = 0.0
+
+
+@dataclass
+class RoutingTrace:
+    model: dict  # model_type, num_layers, num_experts, top_k, hidden_size, expert_dim, ...
+    machine: dict  # where the times were measured: device, threads, policy, link
+    lookahead: int
+    predictors: list[str]
+    passes: list[PassRecord]
+
+    @property
+    def decode_steps(self) -> int:
+        return sum(p.phase == "decode" for p in self.passes)
+
+    def save(self, path: str | Path) -> None:
+        doc = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        Path(path).write_text(json.dumps(doc))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RoutingTrace":
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise TinyMoeError(f"{path}: cannot read a routing trace ({e})") from None
+        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise TinyMoeError(
+                f"{path}: not a {FORMAT} version {VERSION} file (format {doc.get('format')!r}, "
+                f"version {doc.get('version')!r}); record it again with --record"
+            )
+        passes = [
+            PassRecord(p["phase"], [LayerRecord(**lr) for lr in p["layers"]], p["head_s"])
+            for p in doc["passes"]
+        ]
+        return cls(doc["model"], doc["machine"], doc["lookahead"], doc["predictors"], passes)
+
+
+def model_info(model: MoETransformer) -> dict:
+    cfg = model.cfg
+    dtype = model.embed_tokens.weight.dtype
+    return {
+        "model_type": cfg.model_type,
+        "num_layers": cfg.num_layers,
+        "num_experts": cfg.num_experts,
+        "top_k": cfg.top_k,
+        "hidden_size": cfg.hidden_size,
+        "expert_dim": cfg.expert_dim,
+        "dtype": str(dtype).removeprefix("torch."),
+        "expert_bytes": cfg.expert_numel * dtype.itemsize,
+    }
+
+
+def times_from_spans(events: list[dict], num_layers: int) -> list[dict]:
+    """Per forward pass, the layer times of a meter trace (trace.PerfettoTrace events, in the
+    order the meter folded them: per layer attention, router, stalls, experts; then the head)."""
+    passes, layers, stall = [], [], 0.0
+    for ev in events:
+        name, dur = ev["name"], ev["dur"] / 1e6
+        if name == "stall":
+            stall += dur
+        elif name.endswith(" attention"):
+            layers.append({"attention_s": dur})
+        elif name.endswith(" router"):
+            layers[-1]["router_s"] = dur
+        elif name.endswith(" experts"):
+            n = max(ev["args"].get("experts", 1), 1)
+            layers[-1]["expert_s"] = max(dur - stall, 0.0) / n
+            stall = 0.0
+        elif name == "norm + lm_head":
+            if len(layers) != num_layers:
+                raise RuntimeError(f"trace: a pass with {len(layers)} of {num_layers} layers")
+            passes.append({"layers": layers, "head_s": dur})
+            layers = []
+    return passes
+
+
+def record_trace(
+    model: MoETransformer,
+    ids: list[int],
+    max_new_tokens: int,
+    timed: tuple[GenerationResult, list[dict]],
+    predictors: dict[str, Predictor],
+    lookahead: int,
+    machine: dict,
+) -> RoutingTrace:
+    """The trace of generating `max_new_tokens` greedily after `ids`. `timed` is the timed run
+    (its result and its meter's trace events); the routing and the predictors' guesses come
+    from a resident pass here, which must generate the same tokens (offloading is exact)."""
+    L = model.cfg.num_layers
+    times = times_from_spans(timed[1], L)
+    for p in predictors.values():
+        p.reset()
+    seen: list[list[tuple[list[list[int]], dict]]] = []  # [pass][layer] -> (ids, guesses)
+
+    def keep(layer, resid, u, routing) -> None:
+        """The router decided: keep its ids, and ask every predictor for its guess (timed)."""
+        if layer == 0:
+            seen.append([])
+        guesses = {}
+        for name, p in predictors.items():
+            t0 = time.perf_counter()
+            g = p.observe(layer, resid, u, routing)
+            rows = None if g is None else g.ids.tolist()  # (timed too: a runtime reads it)
+            if rows is not None:
+                guesses[name] = (rows, time.perf_counter() - t0)
+        seen[-1].append((routing.ids.tolist(), guesses))
+
+    with RouteRecorder(keep).installed(model), torch.inference_mode():
+        out = generate(model, ids, max_new_tokens, eos_ids=())
+    if out.tokens != timed[0].tokens or len(seen) != len(times):
+        raise TinyMoeError(
+            "record: the timed run and the resident pass generated different tokens; record "
+            "with an exact policy (not speculative) and greedy decoding"
+        )
+    passes = []
+    for f, (forward, t) in enumerate(zip(seen, times, strict=True)):
+        layers = [
+            LayerRecord(
+                experts=experts,
+                guesses={n: rows for n, (rows, _) in guesses.items()},
+                guess_s={n: s for n, (_, s) in guesses.items()},
+                **tl,
+            )
+            for (experts, guesses), tl in zip(forward, t["layers"], strict=True)
+        ]
+        passes.append(PassRecord("prefill" if f == 0 else "decode", layers, t["head_s"]))
+    return RoutingTrace(model_info(model), machine, lookahead, list(predictors), passes)
+
+
+def record_run(
+    model: MoETransformer,
+    ids: list[int],
+    new_tokens: int,
+    link: LinkSpec,
+    predictor_names: list[str],
+    model_dir: str,
+    lookahead: int,
+) -> RoutingTrace:
+    """Time an on-demand run over `link` (its compute includes what running offloaded costs
+    here), then record the routing and every predictor's guess (simulator/record.py)."""
+    with OffloadRuntime(model, "on-demand", link=link, trace=True) as rt:
+        out = generate(model, ids, new_tokens, eos_ids=())
+        rt.report()
+        events = rt.meter.trace.events
+    calibration = None
+    if any(n not in ("oracle", "previous-token", "router-nodefault") for n in predictor_names):
+        calibration = load_speculation(model_dir, model.cfg)
+    predictors = {
+        n: make_predictor(n, model, calibration, lookahead)
+        for n in predictor_names
+        if n != "oracle"
+    }
+    machine = {
+        "device": str(model.embed_tokens.weight.device),
+        "threads": torch.get_num_threads(),
+        "timed_policy": "on-demand",
+        "link": {"gbps": link.gbps, "latency_us": link.latency_us},
+    }
+    return record_trace(model, ids, new_tokens, (out, events), predictors, lookahead, machine)
