@@ -28,7 +28,14 @@ def expert_views(w: Tensor, expert_dim: int, hidden: int) -> tuple[Tensor, Tenso
 
 
 def expert_forward(w: Tensor, x: Tensor, expert_dim: int) -> Tensor:
-    """SwiGLU expert: down(silu(gate(x)) * up(x)). w: packed (3*I*D,), x: (n, D) -> (n, D)."""
+    """SwiGLU expert: down(silu(gate(x)) * up(x)). w: packed (3*I*D,), x: (n, D) -> (n, D).
+
+    Weights on another device than x (the offloading runtime's CPU miss handler yields an
+    expert's host row) are computed where they are: x goes there and the result comes back.
+    """
+    if w.device != x.device:
+        # SYNC (CUDA): x is read to the host, the host computes, the result goes back.
+        return expert_forward(w, x.to(w.device), expert_dim).to(x.device)
     gate_up, down = expert_views(w, expert_dim, x.shape[-1])
     g, u = F.linear(x, gate_up).chunk(2, dim=-1)  # (n, I) each
     return F.linear(F.silu(g) * u, down)  # (n, D)
