@@ -154,3 +154,14 @@ def test_experts_loaded_straight_into_pinned_host_memory(model, tmp_path):
     assert got == want
     assert host.experts.weights[0].device.type == "cpu"  # given back to the host, not the GPU
     assert torch.cuda.memory_allocated() <= before + 2**20
+
+
+@pytest.mark.parametrize("policy,slots", [("on-demand", None), ("lru", 3)])
+def test_cpu_miss_handler_on_cuda_gives_resident_tokens(model, policy, slots):
+    """Misses computed on the host from the pinned store, the rest on the GPU: exact."""
+    want = generate(model, PROMPT, 8, eos_ids=()).tokens
+    with OffloadRuntime(model, policy, slots=slots, miss_handler="cpu") as rt:
+        got = generate(model, PROMPT, 8, eos_ids=())
+        report = rt.report()
+    assert got.tokens == want
+    assert report["decode"]["host_computed"] > 0
