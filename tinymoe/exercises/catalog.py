@@ -1,0 +1,33 @@
+"""The exercises, in the order a course takes them: from the forward pass to the paper's idea.
+
+Each exercise is defined next to its checks (forward_checks.py, moe_checks.py,
+offload_checks.py, speculation_checks.py); this file only puts them in order.
+"""
+
+from tinymoe.errors import TinyMoeError
+from tinymoe.exercises.exercise import Exercise
+from tinymoe.exercises.forward_checks import KV_CACHE, NORM_ROPE, ROUTING
+from tinymoe.exercises.moe_checks import EXPERT, MOE_LAYER
+from tinymoe.exercises.offload_checks import EVICTION
+from tinymoe.exercises.prefetch_checks import PREFETCH, TIME_MODEL
+
+EXERCISES: tuple[Exercise, ...] = (
+    NORM_ROPE,
+    ROUTING,
+    EXPERT,
+    MOE_LAYER,
+    KV_CACHE,
+    EVICTION,
+    TIME_MODEL,
+    PREFETCH,
+)
+
+
+def get(exercise_id: str) -> Exercise:
+    for ex in EXERCISES:
+        if ex.id == exercise_id:
+            return ex
+    raise TinyMoeError(
+        f"no exercise {exercise_id!r}; the exercises are: {', '.join(e.id for e in EXERCISES)} "
+        "(python -m tinymoe.exercises list)"
+    )

@@ -1,0 +1,147 @@
+"""What an exercise is: its holes, its checks, and the small vocabulary checks are written in.
+
+An exercise names *targets*, functions or methods of the engine, as "module:qualname"
+("tinymoe.engine.model:route_topk", "tinymoe.offload.cache:ExpertCache._victim"). `start` cuts
+each target's body out of the live source (holes.py); `check` runs the exercise's checks on a
+`code` namespace that holds one object per target's top-level name: the student's function, or
+the student's subclass of the engine's class, or, with `--solution`, the engine's own object.
+
+A check is a function `check(code) -> str` that returns a one-line note on success (a figure, a
+size) and raises `CheckFailed` with a message that names the property that failed (a shape, a
+value against the reference, exactness, a figure out of range) without giving the answer away.
+Checks test behaviour against the engine's own implementation, never source text, so the
+engine may change underneath them.
+"""
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+REPO = Path(__file__).resolve().parents[2]  # the checkout: tinymoe/, docs/, weights/, tests/
+
+
+class CheckFailed(Exception):
+    """A property of the student's code does not hold; the message says which, not the answer."""
+
+
+Check = Callable[[SimpleNamespace], str]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One hole: an engine function ("route_topk") or method ("ExpertCache._victim")."""
+
+    module: str  # "tinymoe.engine.model"
+    qualname: str  # "route_topk" | "ExpertCache._victim"
+
+    @classmethod
+    def parse(cls, spec: str) -> "Target":
+        module, qualname = spec.split(":")
+        return cls(module, qualname)
+
+    @property
+    def name(self) -> str:
+        """The top-level name the starter defines: the function, or the class of a method."""
+        return self.qualname.split(".")[0]
+
+    @property
+    def is_method(self) -> bool:
+        return "." in self.qualname
+
+    @property
+    def path(self) -> str:
+        """The engine file, relative to the checkout: tinymoe/engine/model.py."""
+        return self.module.replace(".", "/") + ".py"
+
+    def engine_object(self) -> object:
+        return getattr(importlib.import_module(self.module), self.name)
+
+
+@dataclass(frozen=True)
+class Exercise:
+    id: str  # kebab-case; the starter file is the id with underscores, .py
+    title: str
+    concepts: tuple[str, ...]
+    targets: tuple[Target, ...]
+    minutes: int  # an estimate for a student who has read the docs page
+    prerequisites: tuple[str, ...]  # exercise ids to do first
+    checks: tuple[tuple[str, Check], ...]  # (property, check) in the order they run
+
+    @property
+    def starter_name(self) -> str:
+        return self.id.replace("-", "_") + ".py"
+
+    @property
+    def doc(self) -> str:
+        return f"docs/exercises/{self.id}.md"
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t.path for t in self.targets))
+
+    def solution(self) -> SimpleNamespace:
+        """The engine's own objects under the names the starter defines (check --solution)."""
+        return SimpleNamespace(**{t.name: t.engine_object() for t in self.targets})
+
+
+def targets(*specs: str) -> tuple[Target, ...]:
+    return tuple(Target.parse(s) for s in specs)
+
+
+# ---------------------------------------------------------------- helpers for checks
+
+
+@contextlib.contextmanager
+def patched(module: str, name: str, value: object) -> Iterator[None]:
+    """Replace `module.name` while the block runs, so the engine calls the student's code."""
+    mod = importlib.import_module(module)
+    saved = getattr(mod, name)
+    setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        setattr(mod, name, saved)
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
+def expect_tensor(got: object, what: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """`got` is a tensor of this shape and dtype; the message names what differs."""
+    expect(isinstance(got, Tensor), f"{what} should be a tensor, got {type(got).__name__}")
+    expect(
+        tuple(got.shape) == tuple(shape),
+        f"{what} has shape {tuple(got.shape)}, expected {tuple(shape)}",
+    )
+    expect(got.dtype == dtype, f"{what} has dtype {got.dtype}, expected {dtype}")
+    return got
+
+
+def expect_close(
+    got: Tensor, want: Tensor, what: str, atol: float = 1e-5, rtol: float = 1e-5, hint: str = ""
+) -> float:
+    """Values match the reference within tolerance; returns the largest absolute error."""
+    expect_tensor(got, what, tuple(want.shape), want.dtype)
+    err = (got.double() - want.double()).abs()
+    worst = err.max().item() if err.numel() else 0.0
+    ok = torch.allclose(got.double(), want.double(), atol=atol, rtol=rtol)
+    msg = f"{what} differs from the reference (largest error {worst:.3g})"
+    expect(ok, msg + (f"; {hint}" if hint else ""))
+    return worst
+
+
+def expect_equal(got: Tensor, want: Tensor, what: str, hint: str = "") -> None:
+    """Bit-for-bit equality (same shape, dtype and values)."""
+    expect_tensor(got, what, tuple(want.shape), want.dtype)
+    if not torch.equal(got, want):
+        n = (got != want).sum().item()
+        msg = f"{what} is not bit-identical to the reference ({n} of {want.numel()} values differ)"
+        raise CheckFailed(msg + (f"; {hint}" if hint else ""))

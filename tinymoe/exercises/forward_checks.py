@@ -1,0 +1,376 @@
+"""Exercises on the forward pass around the experts: norms and rotary angles, routing, the KV cache.
+
+Each check compares the student's code with the engine's on the same inputs, and the last check
+of each exercise runs whole baby models on the student's code against the engine's.
+"""
+
+import torch
+from torch import Tensor
+
+from tinymoe.engine import model as engine
+from tinymoe.engine.kvcache import KVCache
+from tinymoe.errors import TinyMoeError
+from tinymoe.exercises.exercise import (
+    CheckFailed,
+    Exercise,
+    expect,
+    expect_close,
+    expect_equal,
+    expect_tensor,
+    patched,
+    targets,
+)
+from tinymoe.exercises.fixtures import (
+    agree,
+    baby_config,
+    baby_model,
+    randn,
+    random_ids,
+    run_baby,
+)
+
+ARCHS = ("mixtral", "olmoe", "qwen3_moe")
+
+
+# ---------------------------------------------------------------- norm-rope
+
+
+def _norm_pair(code, dim: int, dtype: torch.dtype):
+    mine, ref = code.RMSNorm(dim, 1e-6), engine.RMSNorm(dim, 1e-6)
+    with torch.no_grad():
+        mine.weight.copy_(0.5 + torch.rand(dim, generator=torch.Generator().manual_seed(2)))
+        ref.weight.copy_(mine.weight)
+    return mine.to(dtype), ref.to(dtype)
+
+
+def check_rmsnorm_fp32(code) -> str:
+    mine, ref = _norm_pair(code, 48, torch.float32)
+    x = 3 * randn(2, 5, 48)
+    expect_close(mine(x), ref(x), "RMSNorm(x) in fp32")
+    return "(2, 5, 48) fp32 matches"
+
+
+def check_rmsnorm_bf16(code) -> str:
+    mine, ref = _norm_pair(code, 48, torch.bfloat16)
+    x = 3 * randn(4, 48, dtype=torch.bfloat16)
+    expect_equal(
+        mine(x),
+        ref(x),
+        "RMSNorm(x) in bf16",
+        hint="the order of normalising, casting and scaling changes bf16 rounding "
+        "(docs/forward.md, RMSNorm)",
+    )
+    return "bit-identical to Hugging Face's order of operations"
+
+
+def check_rope_angles(code) -> str:
+    pos = torch.arange(3, 11)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = code.rope_cos_sin(pos, 8, 10000.0, dtype)
+        want = engine.rope_cos_sin(pos, 8, 10000.0, dtype)
+        expect(isinstance(got, tuple) and len(got) == 2, "rope_cos_sin should return (cos, sin)")
+        expect_close(
+            got[0], want[0], f"cos ({dtype})", atol=1e-2 if dtype != torch.float32 else 1e-6
+        )
+        expect_close(
+            got[1], want[1], f"sin ({dtype})", atol=1e-2 if dtype != torch.float32 else 1e-6
+        )
+    return "cos and sin (T, Dh) for positions 3..10, fp32 and bf16"
+
+
+def check_rope_rotation(code) -> str:
+    cos, sin = engine.rope_cos_sin(torch.arange(7), 8, 10000.0, torch.float32)
+    x = randn(2, 4, 7, 8)
+    expect_close(
+        code.apply_rope(x, cos, sin),
+        engine.apply_rope(x, cos, sin),
+        "apply_rope(x)",
+        hint="rotate-half: the two halves of each head are the pairs' coordinates",
+    )
+    return "(B, heads, T, Dh) rotated as the engine does"
+
+
+def check_rope_relative(code) -> str:
+    """The point of rotary embeddings: q.k depends on the positions' difference only."""
+    q, k = randn(1, 1, 1, 8, seed=3), randn(1, 1, 1, 8, seed=4)
+
+    def score(m: int, n: int) -> float:
+        cm, sm = code.rope_cos_sin(torch.tensor([m]), 8, 10000.0, torch.float64)
+        cn, sn = code.rope_cos_sin(torch.tensor([n]), 8, 10000.0, torch.float64)
+        qm, kn = code.apply_rope(q.double(), cm, sm), code.apply_rope(k.double(), cn, sn)
+        return (qm * kn).sum().item()
+
+    base = score(5, 2)
+    for shift in (1, 17, 100):  # (fp32 angles: a shift of 100 moves q.k by ~1e-5)
+        expect(
+            abs(score(5 + shift, 2 + shift) - base) < 1e-3,
+            f"q.k changes when both positions move by {shift}: rotary scores must depend "
+            "on m - n only",
+        )
+    return "q.k at (5, 2) equals q.k at (5+s, 2+s) for s = 1, 17, 100"
+
+
+def check_norm_rope_model(code) -> str:
+    done = []
+    for arch in ("olmoe", "qwen3_moe"):  # q/k norms over the whole projection, and per head
+        want = run_baby(baby_model(arch, seed=5))
+        with patched("tinymoe.engine.model", "RMSNorm", code.RMSNorm):
+            mine = baby_model(arch, seed=5)  # every norm of this model is your RMSNorm
+        with (
+            patched("tinymoe.engine.model", "rope_cos_sin", code.rope_cos_sin),
+            patched("tinymoe.engine.model", "apply_rope", code.apply_rope),
+        ):
+            done.append(agree(run_baby(mine), want, arch))
+    return f"logits and greedy tokens equal the engine's ({', '.join(done)})"
+
+
+NORM_ROPE = Exercise(
+    id="norm-rope",
+    title="RMSNorm and rotary position embeddings",
+    concepts=(
+        "RMSNorm in fp32 and the bf16 rounding order",
+        "rotate-half RoPE",
+        "relative position",
+    ),
+    targets=targets(
+        "tinymoe.engine.model:RMSNorm.forward",
+        "tinymoe.engine.model:rope_cos_sin",
+        "tinymoe.engine.model:apply_rope",
+    ),
+    minutes=25,
+    prerequisites=(),
+    checks=(
+        ("RMSNorm values (fp32)", check_rmsnorm_fp32),
+        ("RMSNorm exactness (bf16)", check_rmsnorm_bf16),
+        ("rotary angles", check_rope_angles),
+        ("rotary rotation", check_rope_rotation),
+        ("relative positions", check_rope_relative),
+        ("the whole model on your code", check_norm_rope_model),
+    ),
+)
+
+
+# ---------------------------------------------------------------- routing
+
+
+def _logits(n: int = 6, e: int = 8, seed: int = 0, dtype=torch.float32) -> Tensor:
+    return (2 * randn(n, e, seed=seed)).to(dtype)
+
+
+def check_weights_dtype(code) -> str:
+    for arch in ARCHS:
+        cfg = baby_config(arch)
+        for act in (torch.float32, torch.bfloat16):
+            got = code.routing_weights_dtype(cfg, act)
+            expect(
+                got == engine.routing_weights_dtype(cfg, act),
+                f"routing_weights_dtype({arch}, activations {act}) gives {got}, not the "
+                f"dtype {arch}'s transformers code scales experts in (docs/forward.md)",
+            )
+    return "Mixtral, OLMoE and Qwen3-MoE, fp32 and bf16 activations"
+
+
+def check_routing_shapes(code) -> str:
+    logits = _logits()
+    r = code.route_topk(logits, 2, True, torch.bfloat16)
+    expect(isinstance(r, engine.Routing), "route_topk should return a Routing")
+    expect_tensor(r.ids, "ids", (6, 2), torch.long)
+    expect_tensor(r.weights, "weights", (6, 2), torch.bfloat16)
+    expect(
+        r.logits is not None and torch.equal(r.logits, logits),
+        "the Routing should keep the router's logits (N, E) as they were given",
+    )
+    return "ids (N, K) long, weights (N, K) in the asked dtype, logits kept"
+
+
+def check_routing_ids(code) -> str:
+    for seed in range(3):
+        logits = _logits(seed=seed)
+        want = engine.route_topk(logits, 3, False, torch.float32).ids
+        expect_equal(
+            code.route_topk(logits, 3, False, torch.float32).ids,
+            want,
+            "ids",
+            hint="each row holds the K most probable experts, the most probable first",
+        )
+    return "the K most probable experts, best first"
+
+
+def check_routing_weights(code) -> str:
+    for normalise, who in ((False, "OLMoE-1B-7B: not renormalised"), (True, "renormalised")):
+        logits = _logits(seed=4)
+        got = code.route_topk(logits, 2, normalise, torch.float32).weights
+        want = engine.route_topk(logits, 2, normalise, torch.float32).weights
+        expect_close(got, want, f"weights ({who})", atol=1e-6)
+    return "softmax over all E, top-K, renormalised only when asked"
+
+
+def check_routing_precision(code) -> str:
+    logits = _logits(seed=5, dtype=torch.bfloat16)
+    got = code.route_topk(logits, 2, True, torch.float32).weights
+    want = engine.route_topk(logits, 2, True, torch.float32).weights
+    expect_close(
+        got,
+        want,
+        "fp32 weights from bf16 logits",
+        atol=1e-6,
+        hint="the softmax runs in fp32 whatever the logits' dtype",
+    )
+    return "bf16 logits, fp32 softmax: full fp32 precision"
+
+
+def check_routing_model(code) -> str:
+    done = []
+    for arch in ARCHS:
+        want = run_baby(baby_model(arch, seed=6))
+        with patched("tinymoe.engine.model", "route_topk", code.route_topk):
+            done.append(agree(run_baby(baby_model(arch, seed=6)), want, arch))
+    return f"logits and greedy tokens equal the engine's ({', '.join(done)})"
+
+
+ROUTING = Exercise(
+    id="routing",
+    title="Top-k routing and the three architectures' conventions",
+    concepts=("fp32 softmax over E experts", "top-K", "renormalisation", "routing-weight dtype"),
+    targets=targets(
+        "tinymoe.engine.model:routing_weights_dtype", "tinymoe.engine.model:route_topk"
+    ),
+    minutes=20,
+    prerequisites=(),
+    checks=(
+        ("weights dtype per architecture", check_weights_dtype),
+        ("shapes and dtypes", check_routing_shapes),
+        ("expert ids", check_routing_ids),
+        ("weight values", check_routing_weights),
+        ("fp32 precision", check_routing_precision),
+        ("the whole model on your routing", check_routing_model),
+    ),
+)
+
+
+# ---------------------------------------------------------------- kv-cache
+
+
+def _cache(cls, max_len: int = 10) -> KVCache:
+    return cls(2, 2, 2, max_len, 4, "cpu", torch.float32)  # L, B, Hkv, max_len, Dh
+
+
+def check_update_values(code) -> str:
+    cache = _cache(code.KVCache)
+    k1, v1 = randn(2, 2, 3, 4, seed=1), randn(2, 2, 3, 4, seed=2)
+    k, v = cache.update(1, 0, k1, v1)
+    expect_close(k, k1, "keys after a 3-token prefill")
+    expect_close(v, v1, "values after a 3-token prefill")
+    k2, v2 = randn(2, 2, 1, 4, seed=3), randn(2, 2, 1, 4, seed=4)
+    k, v = cache.update(1, 3, k2, v2)
+    expect_close(k, torch.cat([k1, k2], dim=2), "keys after one more token at position 3")
+    expect_close(v, torch.cat([v1, v2], dim=2), "values after one more token at position 3")
+    k, _ = cache.update(0, 0, k2, v2)
+    expect_close(k, k2, "layer 0's keys (layers must not share positions)")
+    return "returns every cached position 0..start+T-1 of its layer, (B, Hkv, S, Dh)"
+
+
+def check_update_views(code) -> str:
+    cache = _cache(code.KVCache)
+    k, v = cache.update(0, 0, randn(2, 2, 5, 4), randn(2, 2, 5, 4))
+    for got, buf, what in ((k, cache.k, "keys"), (v, cache.v, "values")):
+        expect(
+            got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr(),
+            f"the returned {what} are a copy: return views of the preallocated buffer, so a "
+            "decode step does not copy the whole cache",
+        )
+    return "views of the preallocated buffers, no copy"
+
+
+def check_update_full(code) -> str:
+    cache = _cache(code.KVCache, max_len=4)
+    cache.update(0, 0, randn(2, 2, 3, 4), randn(2, 2, 3, 4))
+    try:
+        cache.update(0, 3, randn(2, 2, 2, 4), randn(2, 2, 2, 4))
+    except TinyMoeError:
+        return "writing past max_len raises TinyMoeError"
+    except Exception as e:
+        raise CheckFailed(
+            f"writing past max_len raised {type(e).__name__}, expected "
+            "TinyMoeError (a message the user can act on)"
+        ) from None
+    raise CheckFailed("writing past max_len should raise TinyMoeError, and nothing was raised")
+
+
+def _implied(mask: Tensor | None, T: int, S: int) -> Tensor:
+    """The boolean (T, S) mask attention applies; None means causal (T > 1) or everything."""
+    if mask is None:
+        return torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    return mask.expand(T, S).bool()
+
+
+def check_mask(code) -> str:
+    cases = [(None, 5, 0), (None, 1, 7), (None, 3, 4), (4, 6, 0), (4, 1, 9), (4, 3, 5), (64, 3, 5)]
+    for window, T, start in cases:
+        mine = baby_model("mixtral", cls=code.MoETransformer, num_layers=1, sliding_window=window)
+        ref = baby_model("mixtral", num_layers=1, sliding_window=window)
+        pos, S = torch.arange(start, start + T), start + T
+        got = mine._mask(pos, S, torch.device("cpu"))
+        want = ref._mask(pos, S, torch.device("cpu"))
+        expect(
+            torch.equal(_implied(got, T, S), _implied(want, T, S)),
+            f"T={T} new tokens at start={start}, sliding window {window}: the positions "
+            "attended to are wrong",
+        )
+    return "causal, chunk and one-token masks, with and without a sliding window"
+
+
+def _decode_matches_full(code, arch: str, **overrides) -> None:
+    model = baby_model(arch, seed=3, cls=code.MoETransformer, **overrides)
+    ids = random_ids(model.cfg.vocab_size, (2, 12), seed=2)
+    cfg = model.cfg
+    cache = code.KVCache(
+        cfg.num_layers, 2, cfg.num_kv_heads, 12, cfg.head_dim, "cpu", torch.float32
+    )
+    with torch.no_grad():
+        full = model(ids)
+        steps = [model(ids[:, :5], cache=cache, start=0), model(ids[:, 5:8], cache=cache, start=5)]
+        steps += [model(ids[:, i : i + 1], cache=cache, start=i) for i in range(8, 12)]
+    expect_close(
+        torch.cat(steps, dim=1),
+        full,
+        f"{arch}: logits of prefill (5), chunk (3) and 4 one-token steps vs one full forward",
+        atol=1e-5,
+        rtol=1e-4,
+    )
+
+
+def check_decode_olmoe(code) -> str:
+    _decode_matches_full(code, "olmoe")
+    return "prefill, a chunk and single tokens give the full forward's logits"
+
+
+def check_decode_window(code) -> str:
+    _decode_matches_full(code, "mixtral", sliding_window=4)
+    return "the same with a sliding window of 4 over 12 positions"
+
+
+KV_CACHE = Exercise(
+    id="kv-cache",
+    title="The KV cache: decoding step by step equals one full forward",
+    concepts=(
+        "preallocated KV cache",
+        "views, not copies",
+        "causal and sliding-window masks",
+        "prefill vs decode",
+    ),
+    targets=targets(
+        "tinymoe.engine.kvcache:KVCache.update",
+        "tinymoe.engine.model:MoETransformer._mask",
+    ),
+    minutes=35,
+    prerequisites=("norm-rope",),
+    checks=(
+        ("cached values", check_update_values),
+        ("no copies", check_update_views),
+        ("a full cache", check_update_full),
+        ("attention masks", check_mask),
+        ("decode equals full forward", check_decode_olmoe),
+        ("sliding window", check_decode_window),
+    ),
+)

@@ -1,0 +1,256 @@
+"""Exercises on the experts: the packed SwiGLU expert, and the MoE layer that runs K of them.
+
+The reference for the MoE layer is the plainest one there is: loop over tokens, loop over their
+K experts, add up `g * expert(u)` in float64. The student's code must agree with it, ask the
+provider for each used expert once, and give the same bits whatever order experts arrive in.
+"""
+
+import random
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tinymoe.engine import experts as engine_experts
+from tinymoe.engine import model as engine
+from tinymoe.exercises.exercise import (
+    Exercise,
+    expect,
+    expect_close,
+    expect_equal,
+    expect_tensor,
+    patched,
+    targets,
+)
+from tinymoe.exercises.fixtures import agree, baby_model, randn, run_baby
+
+D, I, E = 32, 16, 8  # hidden, expert width, experts
+
+
+# ---------------------------------------------------------------- expert
+
+
+def _matrices(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """gate (I, D), up (I, D), down (D, I) as Hugging Face stores them, and their packed buffer."""
+    gate, up, down = randn(I, D, seed=seed), randn(I, D, seed=seed + 1), randn(D, I, seed=seed + 2)
+    return gate, up, down, torch.cat([gate.flatten(), up.flatten(), down.flatten()])
+
+
+def check_views_shapes(code) -> str:
+    _, _, _, w = _matrices()
+    got = code.expert_views(w, I, D)
+    expect(isinstance(got, tuple) and len(got) == 2, "expert_views returns (gate_up, down)")
+    expect_tensor(got[0], "gate_up", (2 * I, D), w.dtype)
+    expect_tensor(got[1], "down", (D, I), w.dtype)
+    return "gate_up (2I, D), down (D, I)"
+
+
+def check_views_layout(code) -> str:
+    gate, up, down, w = _matrices()
+    gate_up, dn = code.expert_views(w, I, D)
+    expect_equal(
+        gate_up,
+        torch.cat([gate, up]),
+        "gate_up",
+        hint="the buffer is [gate (I x D) | up (I x D) | down (D x I)], row-major",
+    )
+    expect_equal(dn, down, "down", hint="down is the last D*I elements, (D, I) row-major")
+    return "[gate | up | down], row-major"
+
+
+def check_views_no_copy(code) -> str:
+    _, _, _, w = _matrices()
+    for view, what in zip(code.expert_views(w, I, D), ("gate_up", "down"), strict=True):
+        expect(
+            view.untyped_storage().data_ptr() == w.untyped_storage().data_ptr(),
+            f"{what} is a copy: cut views of the packed buffer (an expert is moved and used "
+            "as one buffer)",
+        )
+    return "views of the packed buffer"
+
+
+def check_swiglu(code) -> str:
+    gate, up, down, w = _matrices(seed=3)
+    for n in (1, 5):
+        x = randn(n, D, seed=n)
+        want = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)  # (n, D)
+        expect_close(
+            code.expert_forward(w, x, I),
+            want,
+            f"expert_forward on {n} token(s)",
+            atol=1e-4,
+            rtol=1e-4,
+            hint="SwiGLU is down(silu(gate x) * up x)",
+        )
+    return "down(silu(gate x) * up x) for 1 and 5 tokens"
+
+
+def check_expert_model(code) -> str:
+    done = []
+    for arch in ("olmoe", "mixtral"):
+        want = run_baby(baby_model(arch, seed=7))
+        with patched("tinymoe.engine.model", "expert_forward", code.expert_forward):
+            done.append(agree(run_baby(baby_model(arch, seed=7)), want, arch))
+    return f"logits and greedy tokens equal the engine's ({', '.join(done)})"
+
+
+EXPERT = Exercise(
+    id="expert",
+    title="The packed SwiGLU expert",
+    concepts=("one buffer per expert", "views without copies", "SwiGLU"),
+    targets=targets("tinymoe.engine.experts:expert_views", "tinymoe.engine.experts:expert_forward"),
+    minutes=15,
+    prerequisites=(),
+    checks=(
+        ("view shapes", check_views_shapes),
+        ("the packed layout", check_views_layout),
+        ("no copies", check_views_no_copy),
+        ("SwiGLU values", check_swiglu),
+        ("the whole model on your expert", check_expert_model),
+    ),
+)
+
+
+# ---------------------------------------------------------------- moe-layer
+
+
+class Provider:
+    """An ExpertProvider over (E, 3*I*D) weights that yields in a chosen order and counts asks."""
+
+    def __init__(self, weights: Tensor, order: str = "asked") -> None:
+        self.weights, self.order = weights, order
+        self.asked: list[int] = []
+
+    def experts(self, layer: int, ids: list[int]) -> Iterator[tuple[int, Tensor]]:
+        ids = list(ids)
+        self.asked += ids
+        if self.order == "reversed":
+            ids.reverse()
+        elif self.order == "shuffled":
+            random.Random(len(self.asked)).shuffle(ids)
+        for e in ids:
+            yield e, self.weights[e]
+
+
+def _layer(n: int, k: int = 2, seed: int = 0, dtype=torch.float32, wdtype=None):
+    """u (n, D), a routing with distinct experts per token, and the experts' weights."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)])  # (n, k)
+    weights = torch.softmax(torch.randn(n, k, generator=g), dim=-1)
+    routing = engine.Routing(ids=ids, weights=weights.to(wdtype or dtype))
+    experts = (0.3 * torch.randn(E, 3 * I * D, generator=g)).to(dtype)
+    return randn(n, D, seed=seed + 1, dtype=dtype), routing, experts
+
+
+def _loop_reference(u: Tensor, routing, experts: Tensor) -> Tensor:
+    """sum_k g_k * Expert_{e_k}(u), one token and one expert at a time, in float64."""
+    out = torch.zeros(u.shape, dtype=torch.float64)
+    for n in range(u.shape[0]):
+        for e, g in zip(routing.ids[n].tolist(), routing.weights[n].tolist(), strict=True):
+            y = engine_experts.expert_forward(experts[e].double(), u[n : n + 1].double(), I)
+            out[n] += g * y[0]
+    return out
+
+
+def _against_loop(code, n: int) -> str:
+    u, routing, experts = _layer(n, seed=n)
+    got = code.moe_forward(u, routing, Provider(experts), 0, I)
+    expect_close(
+        got.double(),
+        _loop_reference(u, routing, experts),
+        f"the MoE output for {n} token(s)",
+        atol=1e-4,
+        rtol=1e-4,
+        hint="each token adds up its K experts' outputs scaled by its routing weights",
+    )
+    expect_tensor(got, "the MoE output", (n, D), u.dtype)
+    return f"{n} token(s), top-2 of {E}: matches the loop over experts"
+
+
+def check_moe_one_token(code) -> str:
+    return _against_loop(code, 1)
+
+
+def check_moe_many_tokens(code) -> str:
+    return _against_loop(code, 9)
+
+
+def check_moe_asks(code) -> str:
+    for n in (1, 9):
+        u, routing, experts = _layer(n, seed=20 + n)
+        p = Provider(experts)
+        code.moe_forward(u, routing, p, 0, I)
+        used = sorted(set(routing.ids.flatten().tolist()))
+        expect(
+            sorted(p.asked) == used,
+            f"{n} token(s) use experts {used}; the provider was asked for {sorted(p.asked)}: "
+            "ask for every used expert exactly once, and for no other (each one is a copy "
+            "when experts are offloaded)",
+        )
+    return "every used expert exactly once, no other"
+
+
+def check_moe_order(code) -> str:
+    for n in (1, 9):
+        u, routing, experts = _layer(n, k=3, seed=30 + n)
+        first = code.moe_forward(u, routing, Provider(experts), 0, I)
+        for order in ("reversed", "shuffled"):
+            got = code.moe_forward(u, routing, Provider(experts, order), 0, I)
+            expect_equal(
+                got,
+                first,
+                f"the output for {n} token(s) with experts yielded {order}",
+                hint="an offloading provider yields experts as their copies land; sum "
+                "each token's K contributions in a fixed order",
+            )
+    return "bit-identical whatever order the provider yields in"
+
+
+def check_moe_dtypes(code) -> str:
+    for wdtype, who in ((torch.float32, "Mixtral (fp32 weights)"), (None, "OLMoE/Qwen3")):
+        for n in (1, 9):
+            u, routing, experts = _layer(n, seed=40 + n, dtype=torch.bfloat16, wdtype=wdtype)
+            got = code.moe_forward(u, routing, Provider(experts), 0, I)
+            want = engine.moe_forward(u, routing, Provider(experts), 0, I)
+            expect_close(
+                got,
+                want,
+                f"{who}, bf16, {n} token(s)",
+                atol=2e-2,
+                rtol=2e-2,
+                hint="the result is in u's dtype, cast once at the end",
+            )
+    return "bf16 activations with fp32 or bf16 routing weights"
+
+
+def check_moe_model(code) -> str:
+    done = []
+    for arch in ("olmoe", "mixtral"):
+        want = run_baby(baby_model(arch, seed=8))
+        with patched("tinymoe.engine.model", "moe_forward", code.moe_forward):
+            done.append(agree(run_baby(baby_model(arch, seed=8)), want, arch))
+    return f"logits and greedy tokens equal the engine's ({', '.join(done)})"
+
+
+MOE_LAYER = Exercise(
+    id="moe-layer",
+    title="The MoE layer: tokens grouped by expert, against the loop over experts",
+    concepts=(
+        "grouping tokens by expert",
+        "the expert-provider seam",
+        "order-independent sums",
+        "one host sync per layer",
+    ),
+    targets=targets("tinymoe.engine.model:moe_forward"),
+    minutes=45,
+    prerequisites=("routing", "expert"),
+    checks=(
+        ("one token (decode)", check_moe_one_token),
+        ("many tokens (prefill)", check_moe_many_tokens),
+        ("what it asks the provider for", check_moe_asks),
+        ("order independence", check_moe_order),
+        ("dtypes", check_moe_dtypes),
+        ("the whole model on your MoE layer", check_moe_model),
+    ),
+)

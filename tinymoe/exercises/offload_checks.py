@@ -1,0 +1,241 @@
+"""Exercises on offloading: the expert cache's eviction, the time model and Eq. 1, prefetching.
+
+The student's class is put where the runtime builds its own (`patched` on the runtime module),
+so the real OffloadRuntime runs on the student's code. Scheduler decisions never depend on a
+clock (docs/offloading.md), so bytes and counts are compared with the engine's exactly; only the
+overlap check measures time, with a margin wide enough for a busy machine.
+"""
+
+import functools
+import random
+
+import torch
+
+from tinymoe.engine.generate import generate
+from tinymoe.exercises.exercise import CheckFailed, Exercise, expect, patched, targets
+from tinymoe.exercises.fixtures import demo_model, heldout_ids
+from tinymoe.offload.cache import ExpertCache
+from tinymoe.offload.link import LinkSpec
+from tinymoe.offload.runtime import OffloadRuntime
+
+FAST = LinkSpec(100.0, 0.0, "fast")  # copies in microseconds: the checks of decisions stay quick
+NEW_TOKENS = 12
+
+
+def prompt() -> list[int]:
+    return heldout_ids()[0, :8].tolist()
+
+
+def offloaded(policy: str, *, predictor=None, link=FAST, **kwargs) -> tuple[list[int], dict]:
+    """Generate on the demo model under an offloading policy: the tokens and the report."""
+    with OffloadRuntime(demo_model(), policy, predictor=predictor, link=link, **kwargs) as rt:
+        tokens = generate(demo_model(), prompt(), NEW_TOKENS, eos_ids=()).tokens
+        report = rt.report()
+        report["decode_miss_kinds"] = [dict(+st.miss_kinds) for st in rt.stats["decode"].layers]
+        return tokens, report
+
+
+@functools.cache
+def resident_tokens() -> list[int]:
+    return generate(demo_model(), prompt(), NEW_TOKENS, eos_ids=()).tokens
+
+
+def _decisions(report: dict) -> dict:
+    """What the scheduler decided in decode, free of timing ("late" is a hit that waited)."""
+    d = report["decode"]
+    kinds = dict(d["miss_kinds"])
+    found = d["hits"] + kinds.pop("late")
+    return {
+        "bytes copied": d["bytes_copied"],
+        "prefetch bytes": d["prefetch_bytes"],
+        "wasted prefetch bytes": d["wasted_prefetch_bytes"],
+        "experts found in a slot": found,
+        **{f"{k} misses": v for k, v in kinds.items()},
+    }
+
+
+def same_decisions(mine: dict, ref: dict, what: str) -> None:
+    for key, want in _decisions(ref).items():
+        got = _decisions(mine)[key]
+        expect(got == want, f"{what}: {key} is {got}, the engine's cache/scheduler gives {want}")
+
+
+# ---------------------------------------------------------------- eviction
+
+
+def _filled(cls, eviction: str, slots: int = 3) -> ExpertCache:
+    cache = cls(slots, 4, torch.device("cpu"), torch.float32, eviction)
+    for e in range(slots):
+        cache.insert((0, e))
+        cache.touch((0, e))
+    return cache
+
+
+def _evicts(cache: ExpertCache, evict_reserved: bool = True, key: tuple = (9, 9)):
+    """Insert a new expert `key`: the key it evicted, or None when insert gave up."""
+    got = cache.insert(key, evict_reserved)
+    return None if got is None else got[1]
+
+
+def check_free_first(code) -> str:
+    cache = code.ExpertCache(3, 4, torch.device("cpu"), torch.float32, "lru")
+    for e in range(3):
+        got = cache.insert((0, e))
+        expect(
+            got is not None and got[1] is None,
+            f"insert #{e + 1} into a cache with a free slot evicted an expert",
+        )
+    expect(len(set(cache.slot_of.values())) == 3, "two experts were given the same slot")
+    return "a free slot is used while there is one"
+
+
+def check_pins(code) -> str:
+    for eviction in ("lru", "lfu"):
+        cache = _filled(code.ExpertCache, eviction)
+        for s in range(3):
+            cache.pin(s)
+        expect(
+            _evicts(cache) is None and (9, 9) not in cache.slot_of,
+            f"{eviction}: with every slot pinned, insert must return None",
+        )
+        cache.unpin(1)
+        victim = _evicts(cache)
+        expect(
+            victim == (0, 1), f"{eviction}: only slot 1 is unpinned, yet it was not the one evicted"
+        )
+    return "a pinned slot is never evicted; None when all are pinned"
+
+
+def check_reserved(code) -> str:
+    cache = _filled(code.ExpertCache, "lru")
+    cache.reserve(0)  # the oldest, but reserved: an unreserved slot goes first
+    expect(
+        _evicts(cache, evict_reserved=True) == (0, 1),
+        "a demand miss evicted a reserved slot while an unreserved one was left",
+    )
+    for s in range(3):
+        cache.reserve(s)
+    expect(
+        _evicts(cache, evict_reserved=False, key=(9, 7)) is None,
+        "a prefetch (evict_reserved=False) evicted a reserved slot",
+    )
+    expect(
+        _evicts(cache, evict_reserved=True, key=(9, 8)) is not None,
+        "a demand miss found only reserved slots and gave up: it may evict one",
+    )
+    return "reserved slots go last, and only to a demand miss"
+
+
+def check_orders(code) -> str:
+    A, B, C, X = (0, 0), (0, 1), (0, 2), (8, 8)
+    lru = _filled(code.ExpertCache, "lru")  # A, B, C used once each, in that order
+    lru.touch(A)
+    expect(_evicts(lru) == B, "lru: the least recently used expert was not the one evicted")
+    lfu = _filled(code.ExpertCache, "lfu")
+    for _ in range(3):
+        lfu.touch(A)
+    lfu.touch(C)
+    expect(_evicts(lfu) == B, "lfu: the least frequently used expert was not the one evicted")
+    lfu = _filled(code.ExpertCache, "lfu")
+    for _ in range(5):
+        lfu.touch(A)  # A: 6 uses
+    lfu.pin(lfu.slot_of[B]), lfu.pin(lfu.slot_of[C])
+    lfu.insert(X)  # A had to go: the only unpinned slot
+    lfu.unpin(lfu.slot_of[B]), lfu.unpin(lfu.slot_of[C])
+    lfu.touch(X)
+    lfu.insert(A)  # evicts B (one use, the least recent)
+    lfu.touch(A)  # A: 7 uses in all, 1 since it came back
+    lfu.touch(C), lfu.touch(X)  # 2 uses each, more recent than A
+    expect(
+        _evicts(lfu) == C,
+        "lfu: an expert reloaded after eviction lost its history (count every use since "
+        "the cache was made), or equal counts were not broken by recency",
+    )
+    return "LRU by recency; LFU by all-time uses, ties by recency"
+
+
+def _random_ops(cache: ExpertCache, rng: random.Random, steps: int) -> list:
+    log = []
+    for i in range(steps):
+        held = [k for k in cache.key_of if k is not None]
+        op = rng.choice(["insert"] * 4 + ["touch"] * 4 + ["pin", "unpin", "reserve", "unreserve"])
+        if op == "insert" or not held:
+            key = (rng.randrange(3), rng.randrange(6))
+            if key in cache.slot_of:
+                cache.touch(key)
+                continue
+            got = cache.insert(key, evict_reserved=rng.random() < 0.7)
+            log.append((i, key, None if got is None else got[1]))
+            if got is not None:
+                cache.touch(key)
+        elif op == "touch":
+            cache.touch(rng.choice(held))
+        else:
+            slot = cache.slot_of[rng.choice(held)]
+            if op == "pin" and sum(cache.pins) < cache.num_slots - 1:
+                cache.pin(slot)
+            elif op == "unpin" and cache.pins[slot]:
+                cache.unpin(slot)
+            elif op in ("reserve", "unreserve"):
+                getattr(cache, op)(slot)
+    return log
+
+
+def check_random_against_engine(code) -> str:
+    n = 0
+    for eviction in ("lru", "lfu"):
+        for seed in range(4):
+            mine = _random_ops(
+                code.ExpertCache(4, 4, torch.device("cpu"), torch.float32, eviction),
+                random.Random(seed),
+                300,
+            )
+            ref = _random_ops(
+                ExpertCache(4, 4, torch.device("cpu"), torch.float32, eviction),
+                random.Random(seed),
+                300,
+            )
+            for a, b in zip(mine, ref, strict=False):
+                if a != b:
+                    raise CheckFailed(
+                        f"{eviction}, random sequence {seed}: at operation {a[0]}, "
+                        f"inserting {a[1]} evicted {a[2]}; the engine's cache "
+                        "evicts another expert there"
+                    )
+            n += len(ref)
+    return f"{n} inserts in random sequences evict what the engine's cache evicts"
+
+
+def check_eviction_demo(code) -> str:
+    notes = []
+    for policy in ("lru", "lfu"):
+        ref_tokens, ref = offloaded(policy, slots=48)
+        with patched("tinymoe.offload.runtime", "ExpertCache", code.ExpertCache):
+            tokens, mine = offloaded(policy, slots=48)
+        expect(tokens == ref_tokens == resident_tokens(), f"{policy}: the tokens changed")
+        same_decisions(mine, ref, f"{policy} on the demo model")
+        notes.append(f"{policy} hit rate {mine['decode']['hit_rate']:.2f}")
+    return "demo model, 48 of 256 experts cached, decode: " + ", ".join(notes)
+
+
+EVICTION = Exercise(
+    id="eviction",
+    title="The expert cache: pins, reservations, LRU and LFU eviction",
+    concepts=(
+        "device expert slots",
+        "pinned slots are never evicted",
+        "prefetch reservations",
+        "LRU vs LFU with history",
+    ),
+    targets=targets("tinymoe.offload.cache:ExpertCache._victim"),
+    minutes=30,
+    prerequisites=("moe-layer",),
+    checks=(
+        ("free slots first", check_free_first),
+        ("pinned slots", check_pins),
+        ("reserved slots", check_reserved),
+        ("eviction orders", check_orders),
+        ("random sequences against the engine", check_random_against_engine),
+        ("the demo model's routing", check_eviction_demo),
+    ),
+)
