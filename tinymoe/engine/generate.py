@@ -34,11 +34,18 @@ class GenerationResult:
         return len(self.tokens) / total if total > 0 else float("nan")
 
 
-def sample(logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> Tensor:
-    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top_p keeps the smallest nucleus."""
+def sample(
+    logits: Tensor, temperature: float, top_p: float, gen: torch.Generator | None, top_k: int = 0
+) -> Tensor:
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top_k > 0 keeps the k likeliest
+    ids, then top_p the smallest nucleus of those (the order transformers applies them in)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    logits = logits.float()
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         # Drop a token when the mass before it already reaches top_p (the first always stays).
@@ -71,12 +78,14 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     eos_ids: list[int] | tuple[int, ...] | None = None,
-    on_token: Callable[[int], None] | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
+    top_k: int = 0,
 ) -> GenerationResult:
     """Generate up to max_new_tokens after input_ids (batch 1). Stops early at an EOS id.
 
     eos_ids defaults to the checkpoint's eos_token_id; pass () to never stop early.
-    on_token is called with each new id as soon as it exists (for streamed printing).
+    on_token is called with each new id as soon as it exists (for streamed printing); if it
+    returns True, generation ends there (run.py's stop strings). top_k: see sample().
     """
     if not input_ids:
         raise TinyMoeError("the prompt is empty; give at least one token")
@@ -84,6 +93,8 @@ def generate(
         raise TinyMoeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0.0 < top_p <= 1.0:
         raise TinyMoeError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise TinyMoeError(f"top_k must be >= 0 (0: off), got {top_k}")
     cfg = model.cfg
     bad = [t for t in input_ids if not 0 <= t < cfg.vocab_size]
     if bad:
@@ -104,23 +115,21 @@ def generate(
 
     ids = torch.tensor([input_ids], device=device)  # (1, T)
     t0 = now()
-    token = sample(prefill(model, ids, cache), temperature, top_p, gen)  # (1,)
+    token = sample(prefill(model, ids, cache), temperature, top_p, gen, top_k)  # (1,)
     tok = int(token.item())  # SYNC: the host needs the id to decide whether to stop
     ttft = now() - t0
     result = GenerationResult(tokens=[tok], prompt_len=len(input_ids), ttft_s=ttft)
-    if on_token:
-        on_token(tok)
+    stop = bool(on_token and on_token(tok))
     pos = len(input_ids)
-    while len(result.tokens) < max_new_tokens and tok not in eos:
+    while len(result.tokens) < max_new_tokens and tok not in eos and not stop:
         t0 = now()
         token = sample(
-            decode_one_token(model, token.view(1, 1), cache, pos), temperature, top_p, gen
+            decode_one_token(model, token.view(1, 1), cache, pos), temperature, top_p, gen, top_k
         )
         tok = int(token.item())  # SYNC: one per token, as above; the step is done, so timed
         result.step_s.append(now() - t0)
         result.tokens.append(tok)
         pos += 1
-        if on_token:
-            on_token(tok)
+        stop = bool(on_token and on_token(tok))
     result.stopped_at_eos = tok in eos
     return result
