@@ -168,7 +168,7 @@ def test_cli_writes_calibration(baby, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "lookahead 2: recall@k" in stdout
     meta = json.loads((out / META_FILE).read_text())
-    assert meta["tokens"] == 256 and meta["command"].startswith("python -m tinymoe.calibrate")
+    assert meta["tokens"] == 256 and meta["command"].startswith("tinymoe calibrate")
     assert load_speculation(out, load_model(baby).cfg) is not None
 
 

@@ -126,11 +126,12 @@ def test_missing_tokenizer(tmp_path, capsys):
     [
         (["--top-p", "2"], ["--top-p", "2.0"]),
         (["--temperature", "-1"], ["--temperature"]),
-        (["--max-new-tokens", "0"], ["--max-new-tokens", "must be >= 1"]),
-        (["--max-new-tokens", "many"], ["--max-new-tokens", "many"]),
+        (["--max-new-tokens", "0"], ["--max-new-tokens: expected a positive integer, got '0'"]),
+        (["--max-new-tokens", "x"], ["--max-new-tokens: expected a positive integer, got 'x'"]),
         (["--dtype", "int8"], ["--dtype", "int8"]),
         (["--device", "tpu"], ["--device", "tpu"]),
-        (["--threads", "0"], ["--threads", "must be >= 1, got 0"]),
+        (["--threads", "0"], ["--threads: expected a positive integer, got '0'"]),
+        (["--threads", "-3"], ["--threads: expected a positive integer, got '-3'"]),
         (["--no-such-flag"], ["--no-such-flag"]),
     ],
 )

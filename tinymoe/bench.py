@@ -34,23 +34,29 @@ from tinymoe.cli import (
     add_device_flags,
     add_link_flags,
     add_model_flag,
+    check_kv_cache_fits,
+    check_output_dir,
+    check_positions,
     device_from_args,
     link_from_args,
     model_dir_from_args,
+    open_fraction,
     positive_int,
+    positive_int_or_auto,
     run_cli,
 )
 from tinymoe.engine.model import MoETransformer, Routing
 from tinymoe.offload.link import PRESETS, LinkSpec
 from tinymoe.offload.meter import eq1_bound_ms
-from tinymoe.offload.policy import parse_policy
+from tinymoe.offload.policy import BASE_POLICIES, parse_policy
 from tinymoe.offload.runtime import OffloadRuntime
 from tinymoe.offload.scheduler import throttle_depth
 from tinymoe.speculation.calibration import Calibration, load_speculation
 from tinymoe.speculation.oracle import record_routing
-from tinymoe.speculation.predictors import make_predictor
+from tinymoe.speculation.predictors import PREDICTOR_NAMES, make_predictor
 
 FAST_LINK = LinkSpec(1e6, 0.0, "unlimited")  # for measuring compute alone
+depth_flag = positive_int_or_auto  # --prefetch-depth's argparse type
 
 
 def measure_h2d_peak_gbps(device: torch.device, nbytes: int = 256 * 2**20) -> float:
@@ -169,19 +175,6 @@ def calibrate_link(
     return link
 
 
-def depth_flag(flag: str) -> int | None:
-    """argparse type of --prefetch-depth: an integer >= 1, or None for `auto`."""
-    if flag == "auto":
-        return None
-    try:
-        depth = int(flag)
-    except ValueError:
-        depth = 0
-    if depth < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or auto, got {flag!r}")
-    return depth
-
-
 def auto_depth(
     model: MoETransformer, resident: GenerationResult, link: LinkSpec | None, h2d_gbps: float | None
 ) -> int:
@@ -197,25 +190,22 @@ def auto_depth(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m tinymoe.bench", description=__doc__.splitlines()[0])
+    p = OneLineParser("bench", description=__doc__.splitlines()[0])
+    a = p.add_argument
     add_model_flag(p)
-    p.add_argument(
+    a(
         "--policies",
         default="on-demand,lru,oracle,resident",
-        help="comma-separated policy names (on-demand is always run: the baseline)",
+        help=f"comma-separated policy names, each one of {', '.join(BASE_POLICIES)}, or "
+        "prefetch+P or speculative+P, optionally +lru or +lfu, with predictor P one of "
+        f"{', '.join(PREDICTOR_NAMES)}, oracle (e.g. prefetch+router+lru); on-demand is always "
+        "run: it is the baseline",
     )
-    p.add_argument("--prompt", default=None, help="prompt text (needs tokenizer.json)")
-    p.add_argument(
-        "--prompt-tokens", type=int, default=32, help="without --prompt: this many random ids"
-    )
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument(
-        "--lookahead",
-        type=positive_int,
-        default=1,
-        help="predict layer l+D from layer l (prefetch rows)",
-    )
-    p.add_argument(
+    a("--prompt", default=None, help="prompt text (needs tokenizer.json)")
+    a("--prompt-tokens", type=positive_int, default=32, help="without --prompt: random ids")
+    a("--max-new-tokens", type=positive_int, default=32, help="tokens per run (at least 2)")
+    a("--lookahead", type=positive_int, help="D for policies with a predictor (default: 1)")
+    a(
         "--prefetch-depth",
         type=depth_flag,
         default="auto",
@@ -223,22 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
         "expert copies the link finishes in one layer's compute, from the resident run's TPOT "
         "(measured once, so every row gets the same depth)",
     )
-    p.add_argument("--expert-slots", type=int, default=None, help="slots for every policy")
-    p.add_argument("--expert-budget-gb", type=float, default=None)
+    a("--expert-slots", type=positive_int, help="slots for every policy (default: per policy)")
+    a("--expert-budget-gb", type=float, default=None, help="or a budget in GB (1e9 B)")
     add_link_flags(p)
-    p.add_argument(
+    a(
         "--copy-share",
-        type=float,
-        default=None,
+        type=open_fraction,
         help="calibrate --link-gbps so on-demand spends this share of TPOT copying, e.g. 0.85",
     )
     add_device_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="for the random prompt")
-    p.add_argument(
-        "--repeat", type=int, default=1, help="run the policies round-robin N times; report medians"
-    )
-    p.add_argument("--trace-dir", default=None, help="write POLICY.trace.json files here")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a("--seed", type=int, default=0, help="for the random prompt")
+    a("--repeat", type=positive_int, default=1, help="rounds of all policies; report medians")
+    a("--trace-dir", metavar="DIR", help="write POLICY.trace.json files here")
+    a("--json", action="store_true", help="print one JSON object")
     return p
 
 
@@ -250,30 +237,34 @@ def prompt_ids(args: argparse.Namespace, vocab_size: int) -> list[int]:
         if not ids:
             raise TinyMoeError("--prompt encodes to no tokens")
         return ids
-    if args.prompt_tokens < 1:
-        raise TinyMoeError(f"--prompt-tokens must be >= 1, got {args.prompt_tokens}")
     g = torch.Generator().manual_seed(args.seed)
     return torch.randint(0, vocab_size, (args.prompt_tokens,), generator=g).tolist()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = device_from_args(args)
-    model_dir_from_args(args)
     if args.max_new_tokens < 2:
         raise TinyMoeError("--max-new-tokens must be >= 2 (TPOT excludes the first token)")
-    if args.copy_share is not None and not 0 < args.copy_share < 1:
-        raise TinyMoeError(f"--copy-share must be in (0, 1), got {args.copy_share}")
-    if args.repeat < 1:
-        raise TinyMoeError(f"--repeat must be >= 1, got {args.repeat}")
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     for n in names:
         parse_policy(n)  # fail on a typo before any work
     if "on-demand" not in names:
         names.insert(0, "on-demand")
+    predictors = [p.predictor for p in map(parse_policy, names) if p.predictor is not None]
+    if args.lookahead is not None and not predictors:
+        raise TinyMoeError("--lookahead needs a policy with a predictor, e.g. prefetch+router")
+    args.lookahead = args.lookahead or 1
+    trace_dir = None
+    if args.trace_dir:  # made now: a bad folder fails before the runs, not after them
+        trace_dir = check_output_dir(args.trace_dir, "--trace-dir")
+        trace_dir.mkdir(parents=True, exist_ok=True)
+    device = device_from_args(args)
+    model_dir_from_args(args)
     model = load_model(args.model, device=device, dtype=args.dtype)
     ids = prompt_ids(args, model.cfg.vocab_size)
-    predictors = [p.predictor for p in map(parse_policy, names) if p.predictor is not None]
+    check_positions(model.cfg, len(ids), args.max_new_tokens, False, "--max-new-tokens")
+    p = model.embed_tokens.weight
+    check_kv_cache_fits(model.cfg, len(ids) + args.max_new_tokens, p.dtype, p.device)
     calibration = None
     if any(p != "oracle" for p in predictors):
         calibration = load_speculation(args.model, model.cfg)
@@ -302,9 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     depth = args.prefetch_depth or auto_depth(model, ref, link, h2d_peak)
     print(f"exact prefetch depth: {depth} copies per layer", file=log)
 
-    trace_dir = Path(args.trace_dir) if args.trace_dir else None
-    if trace_dir is not None:
-        trace_dir.mkdir(parents=True, exist_ok=True)
     # Round-robin, so a slow spell of a shared machine hits every policy alike; keep each
     # policy's median run (by TPOT), whole, so its columns stay consistent with each other.
     runs: dict[str, list[dict]] = {name: [] for name in names}

@@ -30,12 +30,17 @@ from tinymoe.cli import (
     OneLineParser,
     add_device_flags,
     add_model_flag,
+    check_output_dir,
     device_from_args,
     lookahead_list,
     model_dir_from_args,
+    open_fraction,
+    positive_float,
+    positive_int,
     run_cli,
 )
-from tinymoe.corpus import read_token_ids
+from tinymoe.corpus import fewer_tokens, read_token_ids
+from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.experts import expert_forward
 from tinymoe.engine.loader import load_model
 from tinymoe.engine.model import MoETransformer, Routing
@@ -306,43 +311,65 @@ def summary(cal: Calibration) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser("calibrate", description=__doc__.splitlines()[0])
     a = p.add_argument
     add_model_flag(p)
     a("--text", required=True, help="UTF-8 calibration text, e.g. the model's training split")
     a(
         "--out",
-        default=None,
-        help="where to write speculation.{safetensors,json} (default: --model)",
+        metavar="DIR",
+        help="where to write speculation.{safetensors,json}; required when --model already has "
+        "them (the shipped demo model does), so they are never replaced by accident",
     )
-    a("--tokens", type=int, default=65536, help="calibration tokens read from --text")
-    a("--seq-len", type=int, default=256, help="tokens per calibration sequence")
-    a("--lookahead", type=lookahead_list, default=None, help="e.g. 1 or 1,2 (default: 1,2,3)")
-    a("--estimator-steps", type=int, default=1500)
-    a("--estimator-batch", type=int, default=256, help="pairs per predicted layer per step")
-    a("--estimator-lr", type=float, default=2e-3)
-    a("--reduction", type=int, default=2, help="estimator width D/m: this is m")
-    a("--val-fraction", type=float, default=0.1, help="share of sequences held back")
+    a("--force", action="store_true", help="replace speculation files already in the folder")
+    a("--tokens", type=positive_int, default=65536, help="calibration tokens read from --text")
+    a("--seq-len", type=positive_int, default=256, help="tokens per calibration sequence")
+    a("--lookahead", type=lookahead_list, help="e.g. 1 or 1,2 (default: 1,2,3)")
+    a("--estimator-steps", type=positive_int, default=1500, help="training steps per estimator")
+    a("--estimator-batch", type=positive_int, default=256, help="pairs per layer per step")
+    a("--estimator-lr", type=positive_float, default=2e-3, help="AdamW learning rate")
+    a("--reduction", type=positive_int, default=2, help="estimator width D/m: this is m")
+    a("--val-fraction", type=open_fraction, default=0.1, help="share of sequences held back")
     a(
         "--hybrid-threshold",
         type=float,
         default=0.75,
         help="router recall below which hybrid may switch",
     )
-    a("--batch-size", type=int, default=8, help="sequences per forward pass")
-    a("--seed", type=int, default=0)
+    a("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
+    a("--seed", type=int, default=0, help="for the estimators' initialisation and batches")
     add_device_flags(p)
     return p
 
 
+def output_dir(args: argparse.Namespace) -> Path:
+    """Where the files go, checked before calibrating: writable, and nothing replaced unless
+    --force. Without --out that is --model, whose shipped files must not vanish by accident
+    (other lookaheads or settings would silently replace what `run` and `bench` expect)."""
+    out = check_output_dir(args.out or args.model, "--out" if args.out else "--model")
+    existing = [out / f for f in (TENSORS_FILE, META_FILE) if (out / f).exists()]
+    if existing and not args.force:
+        where = "--out" if args.out else "--model (the default --out)"
+        raise TinyMoeError(
+            f"{existing[0]} exists: {where} already holds a calibration; write elsewhere with "
+            "--out DIR, or replace it with --force"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = "python -m tinymoe.calibrate " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "tinymoe calibrate " + " ".join(sys.argv[1:] if argv is None else argv)
+    L = ModelConfig.from_file(model_dir_from_args(args) / "config.json").num_layers
+    for d in args.lookahead or ():
+        if not 1 <= d < L:
+            raise TinyMoeError(f"--lookahead {d}: must be between 1 and {L - 1} for {L} layers")
+    out = output_dir(args)
     device = device_from_args(args)
-    model_dir_from_args(args)
     ids = read_token_ids(args.model, args.text, args.tokens, args.seq_len)
+    if ids.numel() < args.tokens:
+        print(f"calibrate: {fewer_tokens(ids, args.tokens)}", file=sys.stderr)
     model = load_model(args.model, device=device, dtype=args.dtype)
-    L = model.cfg.num_layers
     settings = CalibrationSettings(
         lookaheads=args.lookahead or tuple(d for d in (1, 2, 3) if d < L),
         steps=args.estimator_steps,
@@ -357,7 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     cal = calibrate(model, ids, settings)
     cal.meta.update(command=command, text=str(args.text))
-    out = Path(args.out or args.model)
     save_speculation(cal, out)
     print(summary(cal))
     print(f"wrote {out / TENSORS_FILE} and {out / META_FILE}", file=sys.stderr)

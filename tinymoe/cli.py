@@ -1,15 +1,18 @@
-"""Command-line plumbing shared by run.py and the `python -m tinymoe.*` tools.
+"""Command-line plumbing shared by the tools (`tinymoe run|bench|calibrate|evaluate|train`).
 
 A user mistake (a bad flag, path, checkpoint or value) ends as one `error: ...` line on stderr
-and exit status 2, never a traceback; a bug still shows its traceback.
+and exit status 2, never a traceback; a bug still shows its traceback. Ctrl-C exits 130 and a
+closed pipe (`tinymoe run ... | head -1`) ends quietly, with status 141 as for a C tool.
 
 The flags every tool shares are defined here once, each with its check: `add_model_flag`
 (--model), `add_device_flags` (--device, --dtype, --threads), `add_link_flags` (the simulated
 link: --link-preset, --link-gbps, --link-latency-us); `model_dir_from_args`, `device_from_args`
-and `link_from_args` check them and turn them into what the library takes.
+and `link_from_args` check them and turn them into what the library takes. `check_output_file`
+and `check_output_dir` check where a tool will write before it starts its long work.
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import NoReturn
 
 import torch
 
+from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.loader import DTYPES
 from tinymoe.errors import TinyMoeError
 from tinymoe.offload.link import PRESETS, LinkSpec
@@ -24,28 +28,111 @@ from tinymoe.offload.link import PRESETS, LinkSpec
 DEFAULT_LINK = "pcie4-x16"  # the simulated link when a link flag is given without a preset
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, plus "(default: X)" after every flag whose help does not give it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and not action.required
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, except that a bad flag is one `error: ...` line on stderr (no usage block)."""
+    """argparse, except that a bad flag is one `error: ...` line on stderr (no usage block), and
+    help shows every default. `tool` names the command in usage lines: `tinymoe TOOL`."""
+
+    def __init__(self, tool: str, **kwargs) -> None:
+        super().__init__(prog=f"tinymoe {tool}", formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        # "argument --x: expected ..." reads better as "--x: expected ..."
+        message = message.removeprefix("argument ")
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+# ---------------------------------------------------------------- argparse types
+# Each raises ArgumentTypeError, which argparse prints as "--flag: <message>".
 
 
 def positive_int(s: str) -> int:
     """argparse type: an integer >= 1."""
-    v = int(s)
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
     if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
     return v
 
 
+def positive_int_or_auto(s: str) -> int | None:
+    """argparse type: an integer >= 1, or `auto` (None: the tool decides)."""
+    if s == "auto":
+        return None
+    try:
+        return positive_int(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or auto, got {s!r}"
+        ) from None
+
+
+def nonnegative_int(s: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not v > 0:  # also catches nan
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+    return v
+
+
+def open_fraction(s: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {s!r}")
+    return v
+
+
+def lookahead_list(s: str) -> tuple[int, ...]:
+    """argparse type: comma-separated lookaheads such as "1" or "1,2,3", each >= 1."""
+    try:
+        values = tuple(int(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"lookaheads must be >= 1, got {s!r}")
+    return values
+
+
+# ---------------------------------------------------------------- the shared flags
+
+
 def add_model_flag(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    """--model DIR: required, unless the tool has a default (run.py: the shipped demo model)."""
+    """--model DIR: required, unless the tool has a default (run: the shipped demo model)."""
     what = "checkpoint directory (config.json, *.safetensors, tokenizer.json)"
     if default is None:
-        parser.add_argument("--model", required=True, help=what)
+        parser.add_argument("--model", required=True, metavar="DIR", help=what)
     else:
-        parser.add_argument("--model", default=default, help=f"{what}; default: {default}")
+        parser.add_argument("--model", default=default, metavar="DIR", help=what)
 
 
 def model_dir_from_args(args: argparse.Namespace) -> Path:
@@ -56,22 +143,46 @@ def model_dir_from_args(args: argparse.Namespace) -> Path:
     return path
 
 
-def add_threads_flag(parser: argparse.ArgumentParser, default: int | None = None) -> None:
-    """--threads N (>= 1): torch's CPU threads for this process."""
+def default_threads() -> int:
+    """Half the cores this process may run on (at least 1); OMP_NUM_THREADS when it is set.
+
+    torch's own default is one thread per core. Its OpenMP threads spin-wait for each other at
+    every operation, so as soon as anything else wants a core (another process, or the
+    simulated link's copy thread) each small matmul waits for a descheduled thread: on the
+    2-core machine, one 512-token forward of the demo model took 100 ms with 1 thread and
+    100-1,200 ms with 2 while other work ran (docs/results.md). Half the cores leaves room for
+    that, and on a big machine still gives the large matmuls of a real model many threads.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        cores = len(os.sched_getaffinity(0))  # what this process may use (containers, taskset)
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    """--threads N (>= 1): torch's CPU threads for this process; default_threads() otherwise."""
     parser.add_argument(
         "--threads",
         type=positive_int,
-        default=default,
-        help=f"torch CPU threads (default: {default or 'torch, one per core'}); on a shared or "
-        "busy machine 1 thread can be 10-60x faster than the default (OpenMP threads spin-wait "
-        "for each other)",
+        default=default_threads(),
+        metavar="N",
+        help="torch CPU threads; the default is half this machine's cores (or OMP_NUM_THREADS), "
+        "not torch's one per core: where cores are shared, 1 thread can be 10-60x faster than "
+        "one per core (OpenMP threads spin-wait for each other)",
     )
 
 
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
     """--device, --dtype and --threads."""
     parser.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the model runs",
     )
     parser.add_argument(
         "--dtype",
@@ -87,8 +198,7 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
     """--device, checked; and --threads, applied to this process (torch.set_num_threads)."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TinyMoeError("--device cuda: no CUDA device is available; use --device cpu")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     return torch.device(args.device)
 
 
@@ -98,10 +208,17 @@ def add_link_flags(group: argparse._ActionsContainer) -> None:
         "--link-preset",
         choices=list(PRESETS),
         default=None,
-        help=f"simulated link, CPU only (default: {DEFAULT_LINK})",
+        help=f"simulated link, CPU only (default: {DEFAULT_LINK} when a --link-* flag is given)",
     )
-    group.add_argument("--link-gbps", type=float, default=None, help="bandwidth, GB/s")
-    group.add_argument("--link-latency-us", type=float, default=None, help="per-copy latency, us")
+    group.add_argument(  # a float, not positive_float: LinkSpec checks it, naming the flag
+        "--link-gbps", type=float, default=None, help="bandwidth, GB/s (over the preset's)"
+    )
+    group.add_argument(
+        "--link-latency-us",
+        type=float,
+        default=None,
+        help="per-copy latency, us (over the preset's)",
+    )
 
 
 def link_from_args(args: argparse.Namespace) -> LinkSpec | None:
@@ -117,24 +234,88 @@ def link_from_args(args: argparse.Namespace) -> LinkSpec | None:
     )
 
 
-def lookahead_list(s: str) -> tuple[int, ...]:
-    """argparse type: comma-separated lookaheads such as "1" or "1,2,3", each >= 1."""
-    try:
-        values = tuple(int(x) for x in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"lookaheads must be >= 1, got {s!r}")
-    return values
+# ---------------------------------------------------------------- checks before long work
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """`flag FILE` will be written: its folder must exist and be writable, FILE not a folder.
+
+    Called before the long work, so a typo costs nothing (not after minutes of generating)."""
+    p = Path(path)
+    if p.is_dir():
+        raise TinyMoeError(f"{flag} {path}: is a directory; give a file name")
+    folder = p.parent
+    if not folder.is_dir():
+        raise TinyMoeError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise TinyMoeError(f"{flag} {path}: not writable")
+    return p
+
+
+def check_output_dir(path: str | Path, flag: str) -> Path:
+    """`flag DIR` will be created if needed and written into: check that it can be, now."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise TinyMoeError(f"{flag} {path}: exists and is not a directory")
+    existing = p
+    while not existing.exists():  # the nearest folder that exists is where mkdir starts
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise TinyMoeError(f"{flag} {path}: cannot create or write {existing}")
+    return p
+
+
+def check_positions(
+    cfg: ModelConfig, prompt_len: int, new_tokens: int, beyond: bool, flag: str
+) -> None:
+    """Prompt + new tokens within max_position_embeddings, unless the user asked to go beyond
+    (rotary positions past what the model was trained on still run, but degrade)."""
+    total, limit = prompt_len + new_tokens, cfg.max_position_embeddings
+    if total <= limit:
+        return
+    msg = (
+        f"the prompt ({prompt_len} tokens) + {flag} ({new_tokens}) = {total} positions, beyond "
+        f"this model's max_position_embeddings ({limit})"
+    )
+    if not beyond:
+        raise TinyMoeError(f"{msg}; lower {flag}, shorten the prompt, or add --allow-long")
+    print(f"warning: {msg}; going on (--allow-long): expect degraded text", file=sys.stderr)
+
+
+def check_kv_cache_fits(
+    cfg: ModelConfig, positions: int, dtype: torch.dtype, device: torch.device
+) -> None:
+    """The KV cache is allocated whole before the first token: refuse one that cannot fit."""
+    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * positions * cfg.head_dim * dtype.itemsize
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if kv_bytes > free:
+        raise TinyMoeError(
+            f"the KV cache for {positions} positions needs {kv_bytes / 2**30:.1f} GiB, more "
+            f"than the {free / 2**30:.1f} GiB free on {device.type}; lower --max-new-tokens"
+        )
+
+
+# ---------------------------------------------------------------- running a tool
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Call main(argv); turn TinyMoeError into one stderr line and exit status 2."""
+    """Call main(argv): TinyMoeError -> one stderr line and exit 2; Ctrl-C -> exit 130; a closed
+    stdout pipe -> a quiet exit 141."""
     try:
         return main(argv)
     except TinyMoeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        # The interrupted output (a half-printed line, a progress bar) gets its newline first.
+        print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read stdout has gone (`| head`). Point stdout at /dev/null so that Python's
+        # final flush does not fail a second time, with a message, on the way out.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141

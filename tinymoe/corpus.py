@@ -243,3 +243,10 @@ def read_token_ids(
         )
     starts = torch.linspace(0, len(ids) - seq_len, B).long().tolist()  # never overlapping
     return torch.stack([ids[s : s + seq_len] for s in starts])  # (B, T)
+
+
+def fewer_tokens(ids: Tensor, asked: int) -> str:
+    """Why the windows `ids` (B, T) hold fewer than the `asked` --tokens: a note for stderr."""
+    B, T = ids.shape
+    why = "the text is shorter" if asked // T > B else "--tokens is not a multiple of --seq-len"
+    return f"using {B * T:,} tokens ({B} windows of {T}), fewer than --tokens {asked:,}: {why}"

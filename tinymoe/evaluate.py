@@ -268,7 +268,7 @@ def predictor_list(s: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser("evaluate", description=__doc__.splitlines()[0])
     a = p.add_argument
     add_model_flag(p)
     a("--text", required=True, help="held-out UTF-8 text (not what calibration saw)")

@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinymoe.cli import OneLineParser, add_threads_flag, positive_int, run_cli
+from tinymoe.cli import (
+    OneLineParser,
+    add_threads_flag,
+    check_output_dir,
+    positive_float,
+    positive_int,
+    run_cli,
+)
 from tinymoe.corpus import DEFAULT_CORPUS, EOS, prepare_data
 from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.loader import load_model
@@ -209,25 +216,30 @@ def train(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser("train", description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--corpus-dir", default=DEFAULT_CORPUS, help="Sphinx _sources folder with *.rst.txt files")
     a("--data-dir", default="data", help="where the cleaned text, tokenizer and token ids go")
     a("--run-dir", default="runs/pydoc-moe", help="resumable training state (state.pt)")
     a("--out", default="weights/pydoc-moe", help="the Hugging Face checkpoint directory to write")
     a(
+        "--force",
+        action="store_true",
+        help="replace a checkpoint already in --out (a --resume run may replace its own export)",
+    )
+    a(
         "--holdout-every",
         type=positive_int,
         default=20,
         help="hold out every Nth file (sorted by path)",
     )
-    a("--vocab-size", type=positive_int, default=4096)
-    a("--layers", type=positive_int, default=8)
-    a("--hidden", type=positive_int, default=192)
-    a("--head-dim", type=positive_int, default=32)
-    a("--kv-heads", type=positive_int, default=2)
-    a("--experts", type=positive_int, default=32)
-    a("--top-k", type=positive_int, default=4)
+    a("--vocab-size", type=positive_int, default=4096, help="byte-level BPE vocabulary")
+    a("--layers", type=positive_int, default=8, help="decoder layers")
+    a("--hidden", type=positive_int, default=192, help="hidden size D")
+    a("--head-dim", type=positive_int, default=32, help="per-head dimension")
+    a("--kv-heads", type=positive_int, default=2, help="key/value heads (grouped-query)")
+    a("--experts", type=positive_int, default=32, help="experts per layer")
+    a("--top-k", type=positive_int, default=4, help="experts per token")
     a("--expert-dim", type=positive_int, default=80, help="each expert's SwiGLU width I")
     a(
         "--steps",
@@ -235,16 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=1600,
         help="optimizer steps (sets the LR schedule's length)",
     )
-    a("--batch-size", type=positive_int, default=16)
-    a("--seq-len", type=positive_int, default=256)
-    a("--lr", type=float, default=2e-3, help="peak learning rate")
+    a("--batch-size", type=positive_int, default=16, help="sequences per step")
+    a("--seq-len", type=positive_int, default=256, help="tokens per sequence")
+    a("--lr", type=positive_float, default=2e-3, help="peak learning rate")
     a("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of --lr")
     a("--warmup", type=positive_int, default=100, help="linear warmup steps")
-    a("--weight-decay", type=float, default=0.1)
-    a("--grad-clip", type=float, default=1.0)
+    a("--weight-decay", type=float, default=0.1, help="AdamW's, on matrices")
+    a("--grad-clip", type=positive_float, default=1.0, help="max gradient norm")
     a("--balance-coef", type=float, default=0.01, help="weight of the load-balancing loss")
-    a("--seed", type=int, default=0)
-    add_threads_flag(p, default=2)
+    a("--seed", type=int, default=0, help="initialisation and batches")
+    add_threads_flag(p)
     a("--save-every", type=positive_int, default=100, help="steps between resumable checkpoints")
     a(
         "--log-every",
@@ -260,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a(
         "--time-budget-min",
-        type=float,
+        type=positive_float,
         default=float("inf"),
         help="stop training (and export) after this many minutes",
     )
@@ -268,9 +280,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_destinations(args: argparse.Namespace) -> None:
+    """Every folder the run writes, checked before an hour of training; an existing checkpoint
+    in --out (the shipped demo model, by default) is replaced only with --force or --resume."""
+    for flag in ("--data-dir", "--run-dir", "--out"):
+        check_output_dir(getattr(args, flag[2:].replace("-", "_")), flag)
+    state = Path(args.run_dir) / "state.pt"
+    if args.resume and not state.exists():
+        raise TinyMoeError(f"--resume: no training state at {state}")
+    existing = Path(args.out) / "model.safetensors"
+    if existing.exists() and not (args.force or args.resume):  # a resumed run re-exports
+        raise TinyMoeError(
+            f"--out {args.out} already holds a checkpoint ({existing}); choose another --out, "
+            "or replace it with --force"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = "python -m tinymoe.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "tinymoe train " + " ".join(sys.argv[1:] if argv is None else argv)
+    check_destinations(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tok, train_ids, held_ids = prepare_data(

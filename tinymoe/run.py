@@ -1,0 +1,364 @@
+"""Generate text: `tinymoe run --prompt "..."` (or `python run.py ...` in a checkout).
+
+Prints the continuation as it is generated, then the timing summary (or one JSON object with
+--json). Everything a user can get wrong (flags, paths, the prompt's length, the KV cache's
+size) is checked before the model loads; a mistake is one line on stderr and exit status 2.
+Ctrl-C ends the text with a newline, writes the --trace so far, and exits 130.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tinymoe import GenerationResult, MoETransformer, TinyMoeError, generate, load_model
+from tinymoe.cli import (
+    OneLineParser,
+    add_device_flags,
+    add_link_flags,
+    add_model_flag,
+    check_kv_cache_fits,
+    check_output_file,
+    check_positions,
+    device_from_args,
+    link_from_args,
+    model_dir_from_args,
+    nonnegative_int,
+    positive_int,
+    run_cli,
+)
+from tinymoe.engine.loader import Checkpoint, resolve_dtype
+from tinymoe.engine.timing import peak_memory_bytes
+from tinymoe.engine.tokenizer import StopStrings, StreamDecoder, load_tokenizer
+from tinymoe.offload.meter import format_layers
+from tinymoe.offload.policy import BASE_POLICIES, parse_policy
+from tinymoe.offload.runtime import OffloadRuntime
+from tinymoe.speculation.calibration import load_speculation
+from tinymoe.speculation.oracle import record_routing
+from tinymoe.speculation.predictors import (
+    PREDICTOR_NAMES,
+    Predictor,
+    check_lookahead,
+    make_predictor,
+)
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "pydoc-moe"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser("run", description=__doc__.splitlines()[0])
+    add_model_flag(p, default=str(DEFAULT_MODEL))
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue")
+    prompt.add_argument(
+        "--prompt-file",
+        metavar="FILE",
+        help="read the prompt from FILE (UTF-8, used as is, a final newline too); - for stdin",
+    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate")
+    p.add_argument(
+        "--allow-long",
+        action="store_true",
+        help="let prompt + new tokens go past the model's max_position_embeddings (a warning, "
+        "not an error; text degrades there)",
+    )
+    samp = p.add_argument_group("sampling (greedy unless --temperature > 0)")
+    samp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    samp.add_argument("--top-k", type=nonnegative_int, default=None, help="keep the k likeliest")
+    samp.add_argument("--top-p", type=float, default=None, help="nucleus mass, in (0, 1]")
+    samp.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when the generated text contains TEXT (not printed); repeat for several",
+    )
+    add_device_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    off = p.add_argument_group("expert offloading (see docs/offloading.md)")
+    off.add_argument(
+        "--offload-policy",
+        choices=list(BASE_POLICIES),
+        default=None,
+        help="default: resident, or on-demand when --prefetch is given",
+    )
+    off.add_argument(
+        "--expert-slots",
+        type=positive_int,
+        default=None,
+        help="device expert slots (default: per policy, see docs/offloading.md)",
+    )
+    off.add_argument(
+        "--expert-budget-gb", type=float, default=None, help="or a budget in GB (1e9 B)"
+    )
+    add_link_flags(off)
+    off.add_argument("--trace", default=None, metavar="FILE", help="write a Perfetto/Chrome trace")
+    spec = p.add_argument_group("speculating experts (see docs/speculation.md)")
+    spec.add_argument(
+        "--prefetch",
+        choices=["none", *PREDICTOR_NAMES, "oracle"],
+        default="none",
+        help="predictor that prefetches layer l+D's experts while layer l computes; combine "
+        "with --offload-policy on-demand (default then), lru or lfu",
+    )
+    spec.add_argument(
+        "--lookahead", type=positive_int, default=None, help="D, with --prefetch (default: 1)"
+    )
+    spec.add_argument(
+        "--prefetch-depth",
+        type=positive_int,
+        default=None,
+        help="exact prefetch (no --speculate) puts at most this many guessed experts per layer on "
+        "the link, so wrong guesses cannot delay the next layer's own copies much; right value: "
+        "1 + expert copies the link finishes during one layer (tinymoe bench --prefetch-depth "
+        "auto measures it). Default: 1",
+    )
+    spec.add_argument(
+        "--speculate",
+        action="store_true",
+        help="run the predicted experts with the predicted weights (lossy; the paper's mode)",
+    )
+    return p
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The flag combinations that would otherwise be accepted and silently mean nothing."""
+    if args.temperature < 0:
+        raise TinyMoeError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise TinyMoeError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature == 0:
+        given = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p),
+                                ("--seed", args.seed)) if v is not None]  # fmt: skip
+        if given:
+            raise TinyMoeError(f"{given[0]} only matters when sampling: add --temperature T > 0")
+    if args.prefetch == "none":
+        for flag, value in (
+            ("--lookahead", args.lookahead),
+            ("--prefetch-depth", args.prefetch_depth),
+        ):
+            if value is not None:
+                raise TinyMoeError(f"{flag} needs a predictor: add --prefetch router (or another)")
+    if any(s == "" for s in args.stop):
+        raise TinyMoeError("--stop: give a non-empty text")
+
+
+def sampling(args: argparse.Namespace) -> dict:
+    """The sampling flags as generate()'s keyword arguments."""
+    return {
+        "temperature": args.temperature,
+        "top_p": 1.0 if args.top_p is None else args.top_p,
+        "top_k": args.top_k or 0,
+        "seed": args.seed,
+    }
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """--prompt, or the contents of --prompt-file (stdin for `-`), as is."""
+    if args.prompt_file is None:
+        return args.prompt
+    name = "stdin" if args.prompt_file == "-" else args.prompt_file
+    try:
+        if args.prompt_file == "-":
+            text = sys.stdin.read()
+        else:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinyMoeError(f"--prompt-file {name}: cannot read it as UTF-8 text ({e})") from None
+    if not text:
+        raise TinyMoeError(f"--prompt-file {name}: empty")
+    return text
+
+
+def policy_name(args: argparse.Namespace) -> str:
+    """--offload-policy, --prefetch and --speculate combined into one policy name (policy.py)."""
+    if args.offload_policy is None:
+        args.offload_policy = "resident" if args.prefetch == "none" else "on-demand"
+    if args.prefetch == "none":
+        if args.speculate:
+            raise TinyMoeError("--speculate needs a predictor: add --prefetch router (or another)")
+        return args.offload_policy
+    if args.offload_policy not in ("on-demand", "lru", "lfu"):
+        raise TinyMoeError(
+            f"--prefetch {args.prefetch} combines with --offload-policy on-demand, lru or lfu, "
+            f"not {args.offload_policy}"
+        )
+    mode = "speculative" if args.speculate else "prefetch"
+    cache = f"+{args.offload_policy}" if args.offload_policy in ("lru", "lfu") else ""
+    return f"{mode}+{args.prefetch}{cache}"
+
+
+def predictor_for(
+    args: argparse.Namespace, model: MoETransformer, prompt_ids: list[int], name: str
+) -> Predictor:
+    """--prefetch's predictor: built from the calibration files, or the oracle's recording."""
+    check_lookahead(args.lookahead, model.cfg.num_layers)  # before the oracle's recording run
+    calibration = recording = None
+    if name == "oracle":
+        # The oracle replays the routing of a resident run of this very prompt and settings.
+        print("oracle: recording the routing of a resident run first", file=sys.stderr)
+        _, recording = record_routing(model, prompt_ids, args.max_new_tokens, **sampling(args))
+    else:
+        calibration = load_speculation(args.model, model.cfg)
+    return make_predictor(
+        name,
+        model,
+        calibration,
+        args.lookahead,
+        recording=recording,
+        weights=args.speculate,  # exact prefetch never uses a guess's weights
+    )
+
+
+def make_runtime(
+    args: argparse.Namespace, model: MoETransformer, prompt_ids: list[int], name: str
+) -> OffloadRuntime:
+    """The runtime for policy `name` (`resident` too: it is what measures layers)."""
+    link = link_from_args(args)
+    if link is not None and args.offload_policy == "resident":
+        raise TinyMoeError("--link-* flags need an offloading --offload-policy")
+    predictor_name = parse_policy(name).predictor
+    predictor = None
+    if predictor_name is not None:
+        predictor = predictor_for(args, model, prompt_ids, predictor_name)
+    return OffloadRuntime(
+        model,
+        name,
+        predictor=predictor,
+        slots=args.expert_slots,
+        budget_gb=args.expert_budget_gb,
+        link=link,
+        trace=args.trace is not None,
+        prefetch_depth=args.prefetch_depth,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_flags(args)
+    name = policy_name(args)
+    args.lookahead = args.lookahead or 1
+    args.prefetch_depth = args.prefetch_depth or 1
+    if args.trace:
+        check_output_file(args.trace, "--trace")
+    device = device_from_args(args)
+    model_dir_from_args(args)
+    prompt = read_prompt(args)
+    policy = parse_policy(name)
+    tokenizer = load_tokenizer(args.model)
+    prompt_ids = tokenizer.encode(prompt).ids
+    if not prompt_ids:
+        raise TinyMoeError("the prompt encodes to no tokens; give some text")
+    # The KV cache is allocated for prompt + new tokens before the first token: check it fits,
+    # from config.json and the file headers alone, before the weights are read.
+    ckpt = Checkpoint(args.model)
+    positions = len(prompt_ids) + args.max_new_tokens
+    check_positions(ckpt.config, len(prompt_ids), args.max_new_tokens, args.allow_long,
+                    "--max-new-tokens")  # fmt: skip
+    check_kv_cache_fits(
+        ckpt.config, positions, resolve_dtype(args.dtype, ckpt.storage_dtype(), device), device
+    )
+    # Offloading on a GPU: read the experts straight into pinned host memory, so they never
+    # have to fit on the device. The oracle is the exception: it first records a resident run.
+    to_host = device.type == "cuda" and policy.offload and policy.predictor != "oracle"
+    model = load_model(
+        args.model, device=device, dtype=args.dtype, expert_device="cpu" if to_host else None
+    )
+    runtime = make_runtime(args, model, prompt_ids, name)
+    stream, stops = StreamDecoder(tokenizer), StopStrings(args.stop)
+
+    def on_token(token: int) -> bool:
+        """Print the new text (text mode); True, which ends generation, at a stop string."""
+        piece = stops.push(stream.push(token))
+        if not args.json:
+            print(piece, end="", flush=True)
+        return stops.matched is not None
+
+    if not args.json:
+        print(prompt, end="", flush=True)
+    with runtime:
+        try:
+            out = generate(model, prompt_ids, args.max_new_tokens, **sampling(args),
+                           on_token=on_token)  # fmt: skip
+        except KeyboardInterrupt:
+            if not args.json:
+                print(flush=True)  # the interrupted text still ends its line
+            if args.trace:  # what ran so far is worth seeing: the trace is why it was asked for
+                runtime.write_trace(args.trace)
+                print(f"wrote the trace so far to {args.trace}", file=sys.stderr)
+            raise
+        report = runtime.report()  # decode and prefill measured separately
+        if args.trace:
+            runtime.write_trace(args.trace)
+    if not args.json:
+        print(stops.flush(), end="")  # text held back as a possible stop string that was not
+    print_result(args, tokenizer.decode(out.tokens), out, report, stops.matched, device)
+    return 0
+
+
+def print_result(
+    args: argparse.Namespace,
+    text: str,
+    out: GenerationResult,
+    report: dict,
+    stop: str | None,
+    device: torch.device,
+) -> None:
+    """The timing summary on stderr (text mode), or everything as one JSON object."""
+    tpot = out.tpot_ms
+    stats = {
+        "prompt_tokens": out.prompt_len,
+        "new_tokens": len(out.tokens),
+        "ttft_ms": out.ttft_s * 1e3,
+        "tpot_ms": tpot["mean"],
+        "tpot_p50_ms": tpot["p50"],
+        "tpot_p90_ms": tpot["p90"],
+        "tokens_per_s": out.tokens_per_s,
+        "peak_memory_mb": peak_memory_bytes(device) / 2**20,
+    }
+    dec, pre = report["decode"], report["prefill"]
+    stats.update(
+        offload_policy=report["policy"],
+        expert_slots=report["expert_slots"],
+        hit_rate=dec["hit_rate"] if dec["steps"] else None,
+        bytes_copied=dec["bytes_copied"],  # decode steps, in total
+        stall_ms=dec["stall_ms"],  # per decode step, as tpot_ms
+        copy_ms=dec["copy_ms"],
+        miss_kinds=dec["miss_kinds"],
+        wasted_prefetch_bytes=dec["wasted_prefetch_bytes"],
+        layers=dec["layers"],  # per layer: ms per decode step; hits, misses, bytes in total
+        prefill={k: pre[k] for k in ("copy_ms", "stall_ms", "bytes_copied", "hits", "misses")},
+    )
+    if args.json:
+        if stop is not None:
+            text = text[: text.find(stop)]
+        print(json.dumps({"text": text, "tokens": out.tokens, "stop": stop, **stats}))
+        return
+    print("\n")
+    print(
+        f"prompt {stats['prompt_tokens']} tokens | TTFT {stats['ttft_ms']:.1f} ms | "
+        f"TPOT mean {tpot['mean']:.2f} ms, p50 {tpot['p50']:.2f}, p90 {tpot['p90']:.2f} "
+        f"({len(out.step_s)} decode steps) | {stats['tokens_per_s']:.1f} tokens/s | "
+        f"peak memory {stats['peak_memory_mb']:.0f} MiB",
+        file=sys.stderr,
+    )
+    if args.offload_policy != "resident":
+        print(
+            f"offload {report['policy']}, {report['expert_slots']} slots | decode: hit rate "
+            f"{dec['hit_rate']:.2f}, {dec['bytes_copied'] / 1e6:.1f} MB copied, stall "
+            f"{dec['stall_ms']:.2f} ms/token | prefill: {pre['bytes_copied'] / 1e6:.1f} MB "
+            f"copied in {pre['copy_ms']:.1f} ms\n{format_layers(dec)}",
+            file=sys.stderr,
+        )
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
+    return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
