@@ -10,6 +10,7 @@ from tinymoe.exercises.forward_checks import KV_CACHE, NORM_ROPE, ROUTING
 from tinymoe.exercises.moe_checks import EXPERT, MOE_LAYER
 from tinymoe.exercises.offload_checks import EVICTION
 from tinymoe.exercises.prefetch_checks import PREFETCH, TIME_MODEL
+from tinymoe.exercises.speculation_checks import DISTILLATION, ROUTER_PF, SPECULATIVE
 
 EXERCISES: tuple[Exercise, ...] = (
     NORM_ROPE,
@@ -20,6 +21,9 @@ EXERCISES: tuple[Exercise, ...] = (
     EVICTION,
     TIME_MODEL,
     PREFETCH,
+    ROUTER_PF,
+    SPECULATIVE,
+    DISTILLATION,
 )
 
 

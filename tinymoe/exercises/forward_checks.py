@@ -289,6 +289,8 @@ def check_update_full(code) -> str:
         cache.update(0, 3, randn(2, 2, 2, 4), randn(2, 2, 2, 4))
     except TinyMoeError:
         return "writing past max_len raises TinyMoeError"
+    except NotImplementedError:
+        raise  # an untouched hole: the runner says so
     except Exception as e:
         raise CheckFailed(
             f"writing past max_len raised {type(e).__name__}, expected "

@@ -209,9 +209,9 @@ def check_random_against_engine(code) -> str:
 def check_eviction_demo(code) -> str:
     notes = []
     for policy in ("lru", "lfu"):
-        ref_tokens, ref = offloaded(policy, slots=48)
         with patched("tinymoe.offload.runtime", "ExpertCache", code.ExpertCache):
-            tokens, mine = offloaded(policy, slots=48)
+            tokens, mine = offloaded(policy, slots=48)  # yours first: a hole fails at once
+        ref_tokens, ref = offloaded(policy, slots=48)
         expect(tokens == ref_tokens == resident_tokens(), f"{policy}: the tokens changed")
         same_decisions(mine, ref, f"{policy} on the demo model")
         notes.append(f"{policy} hit rate {mine['decode']['hit_rate']:.2f}")

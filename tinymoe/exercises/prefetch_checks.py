@@ -143,13 +143,13 @@ def check_prefetch_decisions(code) -> str:
         ("speculative+router", None, True),
     ]
     for policy, depth, weights in runs:
-        ref_tokens, ref = offloaded(
-            policy, predictor=_router(weights=weights), prefetch_depth=depth
-        )
         with patched("tinymoe.offload.runtime", "Scheduler", code.Scheduler):
             tokens, mine = offloaded(
                 policy, predictor=_router(weights=weights), prefetch_depth=depth
             )
+        ref_tokens, ref = offloaded(
+            policy, predictor=_router(weights=weights), prefetch_depth=depth
+        )
         expect(tokens == ref_tokens, f"{policy}: the tokens changed")
         same_decisions(mine, ref, f"{policy} (depth {depth})")
     return "exact prefetch at depths 1 and 2 and speculative prefetch copy what the engine copies"
@@ -159,8 +159,8 @@ def check_overlap(code) -> str:
     """Copies about as long as compute: on-demand waits for every copy, the oracle hides them."""
     expert_bytes = demo_model().cfg.expert_numel * 4
     link = LinkSpec(100.0, 250.0, "slow")  # ~0.25 ms per expert: 1 ms per layer at top-4
-    _, on_demand = offloaded("on-demand", link=link)
     tokens, oracle = _oracle(code, link)
+    _, on_demand = offloaded("on-demand", link=link)
     expect(tokens == resident_tokens(), "with your prefetcher the oracle generated other tokens")
     a, b = on_demand["decode"]["stall_ms"], oracle["decode"]["stall_ms"]
     expect(
