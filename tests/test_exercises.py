@@ -176,6 +176,72 @@ OWN = {
             return min(ok, key=rank)
         """,
     },
+    "norm-rope": {
+        "RMSNorm.forward": """
+            var = x.float().square().mean(dim=-1, keepdim=True)
+            return (x.float() / torch.sqrt(var + self.eps)).to(x.dtype) * self.weight
+        """,
+        "rope_cos_sin": """
+            i = torch.arange(head_dim // 2, dtype=torch.float64)
+            angle = positions.double()[:, None] * theta ** (-2 * i / head_dim)[None, :]
+            angle = torch.cat([angle, angle], dim=-1)
+            return angle.cos().to(dtype), angle.sin().to(dtype)
+        """,
+        "apply_rope": """
+            h = x.shape[-1] // 2
+            return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
+        """,
+    },
+    "expert": {
+        "expert_views": """
+            n = 2 * expert_dim * hidden
+            gate_up = w.narrow(0, 0, n).view(2 * expert_dim, hidden)
+            return gate_up, w.narrow(0, n, hidden * expert_dim).view(hidden, expert_dim)
+        """,
+        "expert_forward": """
+            gate_up, down = expert_views(w, expert_dim, x.shape[-1])
+            h = x @ gate_up.t()
+            return (F.silu(h[:, :expert_dim]) * h[:, expert_dim:]) @ down.t()
+        """,
+    },
+    "time-model": {
+        "LinkSpec.seconds": "return self.latency_us / 1e6 + nbytes / self.gbps / 1e9",
+        "eq1_bound_ms": """
+            saved = 0.0
+            for s in layers:
+                saved += min(s["copy_ms"], s["compute_ms"])
+            return tpot_ms - saved
+        """,
+    },
+    "distillation": {
+        "kl_to_router": """
+            log_p = true_logits.float().log_softmax(-1)
+            log_q = logits.float().log_softmax(-1)
+            return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+        """,
+        "train_estimator": """
+            if steps < 1:
+                raise TinyMoeError(f"steps must be >= 1, got {steps}")
+            g = torch.Generator().manual_seed(seed)
+            opt = torch.optim.AdamW(estimator.parameters(), lr=lr)  # (weight decay 0.01)
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+            estimator.train()
+            losses = []
+            for _ in range(steps):
+                total = 0
+                for t, (q, true) in pairs.items():
+                    idx = torch.randint(len(q), (batch_size,), generator=g)
+                    total = total + kl_to_router(true[idx], estimator(q[idx], t)).mean()
+                loss = total / len(pairs)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                schedule.step()
+                losses.append(loss.item())
+            estimator.eval()
+            return losses
+        """,
+    },
     "router-pf": {
         "quasi_hidden": """
             x = resid

@@ -7,8 +7,8 @@ comments inside the body go with the body: they explain the answer. A method bec
 a subclass of the engine's class, so everything else the class does is inherited unchanged.
 
 The starter imports what the original body used: the module's own import lines (only the names
-the target needs) and, from the engine module itself, any module-level name the target refers
-to. So the student has what the engine had, and nothing is copied that could drift.
+the target needs, and torch) and, from the engine module itself, any module-level name the
+target refers to. So the student has what the engine had, and nothing is copied that could drift.
 
 `load_code` imports a student's file back and returns the `code` namespace the checks run on.
 """
@@ -119,7 +119,8 @@ def starter_source(ex: Exercise) -> str:
                 f"exercise {ex.id}: {t.path} has {e} any more; the engine changed, so "
                 "tinymoe/exercises must be updated to name what replaced it"
             ) from None
-        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+        # What the engine's body used, and torch, which every answer may want.
+        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {"torch"}
         for line in _imports_for(module, tree, used, skip):
             if line not in imports:
                 imports.append(line)
