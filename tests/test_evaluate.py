@@ -1,4 +1,5 @@
-"""Evaluation (evaluate.py): the JSON it reports, exactness of scoring, and its command line."""
+"""Evaluation (evaluate.py, speculation/scoring.py): the JSON it reports, exactness of scoring,
+one forward per window against the stepwise definition, and the command line."""
 
 import importlib.util
 import json
@@ -11,9 +12,10 @@ from test_calibrate import SETTINGS, write_text
 
 from tinymoe import load_model
 from tinymoe.calibrate import calibrate
-from tinymoe.evaluate import ALL_NAMES, HIDDEN, ScoringHook, cli, evaluate, teacher_forced
+from tinymoe.evaluate import ALL_NAMES, HIDDEN, cli, evaluate
 from tinymoe.speculation.calibration import load_speculation, save_speculation
 from tinymoe.speculation.predictors import RouterPredictor
+from tinymoe.speculation.scoring import ScoringHook, forward_logits
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +65,47 @@ def test_evaluate_reports_every_predictor_and_layer(calibrated):
 def test_scoring_leaves_the_model_exact(calibrated):
     model = load_model(calibrated)
     ids = held_out(model)
-    plain = teacher_forced(model, ids, None, "plain")
+    plain = forward_logits(model, ids, None, stepwise=True)
     predictors = {("router", 1): RouterPredictor(model, None, 1), (HIDDEN, 1): None}
     predictors[(HIDDEN, 1)] = RouterPredictor(model, None, 1)
-    scored = teacher_forced(model, ids, ScoringHook(model, predictors, {HIDDEN}), "scored")
-    assert torch.equal(plain, scored)
-    with torch.no_grad():  # and decoding position by position matches one full forward
-        torch.testing.assert_close(plain, model(ids), atol=1e-5, rtol=1e-5)
+    for stepwise in (True, False):
+        hook = ScoringHook(model, predictors, {HIDDEN})
+        torch.testing.assert_close(forward_logits(model, ids, hook, stepwise), plain)
+    # and decoding position by position matches one full forward
+    torch.testing.assert_close(plain, forward_logits(model, ids, None), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "qwen3_moe", "mixtral"])
+def test_one_forward_per_window_equals_the_stepwise_definition(tmp_path, model_type):
+    """Every predictor, lookaheads 1 and 2, hit rates and speculation: the default evaluation
+    (one forward per window, speculating at every position) against decoding's definition
+    (one position at a time through a KV cache), on a 4-layer baby model."""
+    path = make_checkpoint(tmp_path / model_type, model_type=model_type, num_layers=4)
+    model = load_model(path)
+    save_speculation(calibrate(model, held_out(model, B=8, T=16), SETTINGS), path)
+    cal = load_speculation(path, model.cfg)
+    ids = held_out(model, B=3, T=12)
+    args = (model, ids, cal, list(ALL_NAMES), (1, 2))
+    windows, stepwise = evaluate(*args), evaluate(*args, stepwise=True)
+    assert not windows["stepwise"] and stepwise["stepwise"]
+    for name, by_d in stepwise["hit_rates"].items():
+        for d, want in by_d.items():
+            got = windows["hit_rates"][name][d]
+            for metric in ("recall", "top1"):
+                pairs = [(g, w) for g, w in zip(got[metric], want[metric], strict=True) if w]
+                assert all(abs(g - w) <= 0.005 for g, w in pairs), (name, d, metric)
+    spec_w, spec_s = windows["speculative"], stepwise["speculative"]
+    assert set(spec_w) == set(spec_s)
+    exact = spec_w.pop("exact")["perplexity"]
+    assert exact == pytest.approx(spec_s.pop("exact")["perplexity"], rel=1e-4)
+    for name, by_d in spec_s.items():
+        for d, want in by_d.items():
+            got = spec_w[name][d]
+            assert got["perplexity"] == pytest.approx(want["perplexity"], rel=0.005), (name, d)
+            for metric in ("top1_agreement", "kl"):
+                assert got[metric] == pytest.approx(want[metric], abs=0.005), (name, d, metric)
+    # Speculation changed something, so the comparison above was not between two exact runs.
+    assert spec_s["previous-token"]["1"]["kl"] > 0.01 and spec_s["router"]["1"]["kl"] > 0.001
 
 
 def test_router_on_the_true_hidden_state_is_perfect_without_attention(tmp_path):
@@ -117,7 +153,7 @@ def test_cli_errors(calibrated, tmp_path, capsys):
     bare = add_tokenizer(make_checkpoint(tmp_path / "bare"))  # no speculation files
     assert cli(["--model", str(bare), "--text", str(text), "--predictors", "estimator"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "run `python -m tinymoe.calibrate" in err[0]
+    assert len(err) == 1 and "run `tinymoe calibrate" in err[0]
     with pytest.raises(SystemExit) as e:  # argparse's own usage error
         cli([*base, "--predictors", "magic"])
     assert e.value.code == 2 and "unknown predictor 'magic'" in capsys.readouterr().err

@@ -1,21 +1,32 @@
-"""Measure the predictors on held-out text: `python -m tinymoe.evaluate --model DIR --text FILE`.
+"""Measure the predictors on held-out text: `tinymoe evaluate --model DIR --text FILE`.
 
-Two questions, each answered per predictor and lookahead d, with resident experts:
+Two questions, each answered per predictor and lookahead d, with resident experts, on
+teacher-forced text (every position sees the true tokens before it, as in decoding):
 
-1. How often is the prediction right? (exact mode, teacher-forced.) The true router decides every
-   layer; every predictor observes every layer and its guess for layer t is scored when layer t's
-   true routing exists: recall@k (the share of the true top-K found in the predicted top-K) and
+1. How often is the prediction right? (exact mode) The true router decides every layer; every
+   predictor observes every layer and its guess for layer t is scored when layer t's true
+   routing exists: recall@k (the share of the true top-K found in the predicted top-K) and
    top-1 hit rate (the predicted highest-weight expert is the true highest-weight one), per
-   layer. A missing prediction (previous-token on a sequence's first token) scores 0.
+   layer. A missing prediction (previous-token on a window's first position) scores 0.
    `router-hidden` is the router applied to Norm_t(h_l), the true post-MoE hidden state: the
    reference that shows what default vectors can at best recover.
 2. What does speculative execution cost? Every layer t >= d runs the predicted experts with the
-   predicted weights (PredictionHook(speculate=True)); we report held-out perplexity, top-1
-   next-token agreement with exact mode and the mean KL(exact || speculative) of the next-token
-   distributions.
+   predicted weights (PredictionHook(speculate=True)), at every position; we report held-out
+   perplexity, top-1 next-token agreement with exact mode and the mean KL(exact || speculative)
+   of the next-token distributions.
 
-Tokens are fed one position at a time with a KV cache (B held-out sequences side by side), which
-is exactly what decoding does; this is what makes `previous-token` meaningful.
+How it runs. The definition is decoding: one position at a time through a KV cache (`--stepwise`
+does exactly that). The default runs one forward per window of --seq-len tokens instead, which
+computes the same thing because everything a predictor or the speculating hook does is causal
+per position: position i's routing at layer l depends on position i's own state at layer l,
+which attention builds from positions <= i only. So one exact forward scores every predictor
+and lookahead side by side, and each speculative pass (its routing changes the states, so it
+cannot share) is one more forward. The one predictor that is not per position, previous-token,
+reads the previous position at the same layer: over a window that is a shift by one position,
+and speculating with it gives every position the first position's experts (FirstPositionHook).
+tests/test_evaluate.py checks both ways agree. Why not step: a forward per position is
+thousands of small operations, which a busy machine slows down many times more than a few
+large ones (docs/results.md).
 """
 
 import argparse
@@ -31,15 +42,17 @@ from tinymoe.cli import (
     OneLineParser,
     add_device_flags,
     add_model_flag,
+    check_output_file,
     device_from_args,
     lookahead_list,
     model_dir_from_args,
+    positive_int,
     run_cli,
 )
-from tinymoe.corpus import read_token_ids
-from tinymoe.engine.kvcache import KVCache
+from tinymoe.corpus import fewer_tokens, read_token_ids
+from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.loader import load_model
-from tinymoe.engine.model import MoETransformer, Routing, moe_forward
+from tinymoe.engine.model import MoETransformer
 from tinymoe.errors import TinyMoeError
 from tinymoe.progress import Progress
 from tinymoe.speculation.calibration import Calibration, load_speculation
@@ -49,114 +62,27 @@ from tinymoe.speculation.predictors import (
     Predictor,
     RouterPredictor,
     make_predictor,
-    recall_at_k,
 )
+from tinymoe.speculation.scoring import FirstPositionHook, ScoringHook, forward_logits
 
 HIDDEN = "router-hidden"  # router on the true post-MoE state: scored, never speculated with
+PREVIOUS = "previous-token"  # the one predictor that reads another position
 ALL_NAMES = (*PREDICTOR_NAMES[:2], HIDDEN, *PREDICTOR_NAMES[2:])
 NEEDS_CALIBRATION = ("estimator", "linear-estimator", "hybrid")
 
 
-class ScoringHook:
-    """Exact-mode route hook that runs many predictors side by side and scores their guesses.
-
-    predictors: (name, lookahead) -> Predictor. Names in `on_hidden` are fed h_l = r_l + MoE_l(u)
-    in place of r_l; h_l is computed here with the model's own moe_forward, so it is bit-identical
-    to the state the next layer receives.
-    """
-
-    def __init__(
-        self, model: MoETransformer, predictors: dict[tuple[str, int], Predictor], on_hidden: set
-    ) -> None:
-        L, device = model.cfg.num_layers, model.embed_tokens.weight.device
-        self.model, self.predictors, self.on_hidden = model, predictors, on_hidden
-        self.pending: dict[tuple[str, int], dict[int, Routing]] = {k: {} for k in predictors}
-        # Running sums on the device, read once at the end: scoring adds no host syncs.
-        self.recall = {k: torch.zeros(L, dtype=torch.float64, device=device) for k in predictors}
-        self.top1 = {k: torch.zeros(L, dtype=torch.float64, device=device) for k in predictors}
-        self.tokens = torch.zeros(L, dtype=torch.long)  # tokens scored at each layer
-
-    def reset(self) -> None:
-        for key, p in self.predictors.items():
-            p.reset()
-            self.pending[key].clear()
-
-    @torch.no_grad()
-    def __call__(self, layer: int, resid: Tensor, u: Tensor, router) -> Routing:
-        true = router(u)
-        self.tokens[layer] += u.shape[0]
-        for key in self.predictors:
-            guess = self.pending[key].pop(layer, None)
-            if guess is not None:
-                self.recall[key][layer] += recall_at_k(guess.ids, true.ids).sum()
-                self.top1[key][layer] += (guess.ids[:, 0] == true.ids[:, 0]).sum()
-        resid = resid.reshape(u.shape)  # (N, D)
-        hidden = None
-        if self.on_hidden:
-            cfg = self.model.cfg
-            hidden = resid + moe_forward(u, true, self.model.provider, layer, cfg.expert_dim)
-        for key, p in self.predictors.items():
-            state = hidden if key[0] in self.on_hidden else resid
-            nxt = p.observe(layer, state, u, true)
-            if nxt is not None:
-                self.pending[key][layer + p.lookahead] = nxt
-        return true
-
-    def rates(self) -> dict[str, dict[str, dict]]:
-        """{name: {d: {recall, top1 (per layer; None where nothing is predicted), their means}}}"""
-        out: dict[str, dict[str, dict]] = {}
-        for name, d in self.predictors:
-            n = self.tokens.clamp(min=1).double()
-            # SYNC: reading the sums back, once per predictor, after the run.
-            recall = [None] * d + (self.recall[(name, d)].cpu() / n)[d:].tolist()
-            top1 = [None] * d + (self.top1[(name, d)].cpu() / n)[d:].tolist()
-            out.setdefault(name, {})[str(d)] = {
-                "recall": recall,
-                "top1": top1,
-                "mean_recall": sum(recall[d:]) / len(recall[d:]),
-                "mean_top1": sum(top1[d:]) / len(top1[d:]),
-            }
-        return out
+def next_token_nll(logits: Tensor, ids: Tensor) -> Tensor:
+    """Summed NLL of ids[:, 1:] given logits[:, :-1]: B * (T - 1) predictions."""
+    targets = ids[:, 1:].flatten().to(logits.device)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets, reduction="sum")
 
 
-@torch.no_grad()
-def teacher_forced(model: MoETransformer, ids: Tensor, hook, desc: str) -> Tensor:
-    """Feed ids (B, T) one position at a time through a KV cache; return logits (B, T, V)."""
-    cfg = model.cfg
-    B, T = ids.shape
-    p = model.embed_tokens.weight
-    ids = ids.to(p.device)
-    cache = KVCache(cfg.num_layers, B, cfg.num_kv_heads, T, cfg.head_dim, p.device, p.dtype)
-    logits = torch.empty(B, T, cfg.vocab_size, dtype=torch.float32, device=p.device)
-    previous_hook, model.route_hook = model.route_hook, hook
-    if hook is not None:
-        hook.reset()
-    bar = Progress(T, desc=desc)
-    try:
-        for i in range(T):
-            logits[:, i] = model(ids[:, i : i + 1], cache=cache, start=i)[:, -1].float()
-            bar.update()
-    finally:
-        model.route_hook = previous_hook
-        bar.close()
-    return logits
-
-
-def perplexity(logits: Tensor, ids: Tensor) -> float:
-    """exp(mean NLL) of ids[:, 1:] given logits[:, :-1]."""
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten().to(logits.device))
-    return math.exp(nll.item())
-
-
-def compare(exact: Tensor, spec: Tensor, ids: Tensor) -> dict[str, float]:
-    """Perplexity of the speculative logits, and how far they are from the exact ones."""
-    log_p = F.log_softmax(exact, dim=-1)  # (B, T, V)
+def compare_sums(log_p: Tensor, spec: Tensor, ids: Tensor) -> Tensor:
+    """(NLL, top-1 agreements, KL(exact || spec)) summed over a batch; log_p: exact log-probs."""
     log_q = F.log_softmax(spec, dim=-1)  # (B, T, V)
-    return {
-        "perplexity": perplexity(spec, ids),
-        "top1_agreement": (exact.argmax(-1) == spec.argmax(-1)).float().mean().item(),
-        "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
-    }
+    agree = (log_p.argmax(-1) == log_q.argmax(-1)).sum()
+    kl = (log_p.exp() * (log_p - log_q)).sum()
+    return torch.stack([next_token_nll(spec, ids), agree, kl]).double().cpu()  # SYNC: per batch
 
 
 def build(name: str, model: MoETransformer, cal: Calibration | None, d: int) -> Predictor:
@@ -172,28 +98,52 @@ def evaluate(
     names: list[str],
     lookaheads: tuple[int, ...],
     speculative: bool = True,
+    stepwise: bool = False,
 ) -> dict:
-    """Both measurements of the module docstring; returns the dict that --json prints."""
+    """Both measurements of the module docstring on windows ids (B, T); returns the dict that
+    --json prints. stepwise: the definition, one position at a time (all windows side by side)."""
     predictors = {(n, d): build(n, model, calibration, d) for n in names for d in lookaheads}
-    scoring = ScoringHook(model, predictors, on_hidden={HIDDEN} & set(names))
-    exact = teacher_forced(model, ids, scoring, "exact run, scoring")
+    shifted = {key for key in predictors if key[0] == PREVIOUS and not stepwise}
+    scoring = ScoringHook(model, predictors, {HIDDEN} & set(names), shifted)
+    passes = [(n, d) for n in names if n != HIDDEN for d in lookaheads] if speculative else []
+    hooks = {
+        (n, d): FirstPositionHook(d)
+        if n == PREVIOUS and not stepwise
+        else PredictionHook(predictors[(n, d)], speculate=True)
+        for n, d in passes
+    }
+    B, T = ids.shape
+    batch = B if stepwise else 1  # windows per forward: stepping pays per step, so all at once
+    exact_nll, sums = 0.0, {key: torch.zeros(3, dtype=torch.float64) for key in passes}
+    bar = Progress((1 + len(passes)) * ids.numel(), "evaluate", unit="tokens")
+    try:
+        for i in range(0, B, batch):
+            x = ids[i : i + batch]
+            exact = forward_logits(model, x, scoring, stepwise)
+            exact_nll += next_token_nll(exact, x).item()  # SYNC: once per batch
+            bar.update(x.numel(), "exact pass, scoring")
+            log_p = F.log_softmax(exact, dim=-1)  # (b, T, V)
+            for name, d in passes:
+                spec = forward_logits(model, x, hooks[(name, d)], stepwise)
+                sums[(name, d)] += compare_sums(log_p, spec, x)
+                bar.update(x.numel(), f"speculative {name} d={d}")
+    finally:
+        bar.close()
     result = {
         "tokens": int(ids.numel()),
-        "sequences": int(ids.shape[0]),
-        "seq_len": int(ids.shape[1]),
+        "sequences": B,
+        "seq_len": T,
         "lookaheads": list(lookaheads),
+        "stepwise": stepwise,
         "hit_rates": scoring.rates(),
-        "speculative": {"exact": {"perplexity": perplexity(exact, ids)}},
+        "speculative": {"exact": {"perplexity": math.exp(exact_nll / (B * (T - 1)))}},
     }
-    if not speculative:
-        return result
-    for name in names:
-        if name == HIDDEN:
-            continue  # h_l exists only after layer l's experts ran: nothing to speculate with
-        for d in lookaheads:
-            hook = PredictionHook(predictors[(name, d)], speculate=True)  # reset() before use
-            spec = teacher_forced(model, ids, hook, f"speculative {name} d={d}")
-            result["speculative"].setdefault(name, {})[str(d)] = compare(exact, spec, ids)
+    for (name, d), (nll, agree, kl) in sums.items():
+        result["speculative"].setdefault(name, {})[str(d)] = {
+            "perplexity": math.exp(nll / (B * (T - 1))),
+            "top1_agreement": agree.item() / (B * T),
+            "kl": kl.item() / (B * T),
+        }
     return result
 
 
@@ -229,17 +179,23 @@ def table(result: dict) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
-def plot(result: dict, path: str) -> None:
-    """Recall@k per layer, one panel per lookahead. matplotlib is optional: imported here."""
+def pyplot():
+    """matplotlib.pyplot, or a TinyMoeError: --plot checks this before evaluating."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
         raise TinyMoeError(
             "--plot needs matplotlib, which is not installed: pip install 'tinymoe[plot]'"
         ) from None
+    return plt
+
+
+def plot(result: dict, path: str) -> None:
+    """Recall@k per layer, one panel per lookahead."""
+    plt = pyplot()
     ds = [str(d) for d in result["lookaheads"]]
     fig, axes = plt.subplots(1, len(ds), figsize=(5 * len(ds), 4), squeeze=False, sharey=True)
     for ax, d in zip(axes[0], ds, strict=True):
@@ -271,45 +227,69 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser("evaluate", description=__doc__.splitlines()[0])
     a = p.add_argument
     add_model_flag(p)
-    a("--text", required=True, help="held-out UTF-8 text (not what calibration saw)")
-    a("--calibration", default=None, help="folder with speculation.* files (default: --model)")
-    a("--predictors", type=predictor_list, default=None, help="default: all that are available")
-    a("--lookahead", type=lookahead_list, default=None, help="e.g. 1 or 1,2 (default: 1,2,3)")
-    a("--tokens", type=int, default=4096, help="held-out tokens read from --text")
-    a("--seq-len", type=int, default=256, help="tokens per held-out sequence")
+    a("--text", required=True, metavar="FILE", help="held-out UTF-8 text, not calibration's")
+    a("--calibration", metavar="DIR", help="folder with speculation.* files (default: --model)")
+    a(
+        "--predictors",
+        type=predictor_list,
+        metavar="P[,P...]",
+        help=f"comma-separated, some of {', '.join(ALL_NAMES)} (default: all this checkpoint's "
+        "calibration allows)",
+    )
+    a("--lookahead", type=lookahead_list, metavar="D[,D...]", help="e.g. 1 or 1,2 (default: 1,2,3)")
+    a("--tokens", type=positive_int, default=4096, metavar="N", help="held-out tokens to read")
+    a("--seq-len", type=positive_int, default=256, metavar="T", help="tokens per window")
     a("--skip-speculative", action="store_true", help="hit rates only")
+    a(
+        "--stepwise",
+        action="store_true",
+        help="feed one position at a time through a KV cache, as decoding does (the definition; "
+        "many times slower than the default one forward per window, same numbers)",
+    )
     a("--json", action="store_true", help="print one JSON object instead of tables")
-    a("--plot", default=None, metavar="FILE", help="save recall@k per layer (needs matplotlib)")
+    a("--plot", metavar="FILE", help="save recall@k per layer as an image (needs matplotlib)")
     add_device_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = device_from_args(args)
-    model_dir_from_args(args)
-    ids = read_token_ids(args.model, args.text, args.tokens, args.seq_len)
-    model = load_model(args.model, device=device, dtype=args.dtype)
-    L = model.cfg.num_layers
+    if args.plot:  # before the work: a missing matplotlib or folder would waste it
+        pyplot()
+        check_output_file(args.plot, "--plot")
+    cfg = ModelConfig.from_file(model_dir_from_args(args) / "config.json")
+    L = cfg.num_layers
     lookaheads = args.lookahead or tuple(d for d in (1, 2, 3) if d < L)
     for d in lookaheads:
         if d >= L:
             raise TinyMoeError(f"--lookahead {d}: must be below the number of layers ({L})")
-    cal = load_speculation(args.calibration or args.model, model.cfg)
+    cal = load_speculation(args.calibration or args.model, cfg)
     names = args.predictors
     if names is None:  # everything this checkpoint can run; the learned ones need calibration
         names = [n for n in ALL_NAMES if cal is not None or n not in NEEDS_CALIBRATION]
         if cal is None:
             print(
                 "evaluate: no speculation calibration found; skipping the learned predictors "
-                "(run `python -m tinymoe.calibrate` first)",
+                "(run `tinymoe calibrate` first)",
                 file=sys.stderr,
             )
-    result = evaluate(model, ids, cal, names, lookaheads, not args.skip_speculative)
+    elif cal is None and set(names) & set(NEEDS_CALIBRATION):
+        name = next(n for n in names if n in NEEDS_CALIBRATION)
+        raise TinyMoeError(
+            f"predictor {name!r} needs trained estimators, and there is no speculation.safetensors "
+            f"in {args.calibration or args.model}; run `tinymoe calibrate --model DIR --text FILE`"
+        )
+    device = device_from_args(args)
+    ids = read_token_ids(args.model, args.text, args.tokens, args.seq_len)
+    if ids.numel() < args.tokens:
+        print(f"evaluate: {fewer_tokens(ids, args.tokens)}", file=sys.stderr)
+    model = load_model(args.model, device=device, dtype=args.dtype)
+    speculative = not args.skip_speculative
+    result = evaluate(model, ids, cal, names, lookaheads, speculative, args.stepwise)
     result.update(model=str(args.model), text=str(args.text))
-    if args.plot:
-        plot(result, args.plot)
     print(json.dumps(result) if args.json else table(result))
+    if args.plot:  # after the tables: whatever happens here, the numbers are out
+        plot(result, args.plot)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""A tiny progress bar for long loops (training, benchmarks): count, rate, ETA, on stderr.
+"""A tiny progress bar for long loops (training, evaluation): count, rate, ETA, on stderr.
 
 On a terminal it redraws one line with `\\r`; when stderr is a file (a `nohup` log) it writes a
 full line at most every `log_every_s` seconds instead, so the log stays readable.
@@ -10,9 +10,14 @@ import time
 
 class Progress:
     def __init__(
-        self, total: int, desc: str = "", start: int = 0, log_every_s: float = 30.0
+        self,
+        total: int,
+        desc: str = "",
+        start: int = 0,
+        log_every_s: float = 30.0,
+        unit: str = "it",
     ) -> None:
-        self.total, self.desc, self.n = total, desc, start
+        self.total, self.desc, self.n, self.unit = total, desc, start, unit
         self.t0, self.n0 = time.perf_counter(), start  # rate counts only this session's work
         self.tty = sys.stderr.isatty()
         self.log_every_s, self.last_log = log_every_s, 0.0
@@ -25,7 +30,7 @@ class Progress:
         eta = (self.total - self.n) / rate if rate > 0 else float("inf")
         line = (
             f"{self.desc} {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%) "
-            f"| {rate:.2f} it/s | elapsed {_hms(elapsed)} | ETA {_hms(eta)}"
+            f"| {rate:.2f} {self.unit}/s | elapsed {_hms(elapsed)} | ETA {_hms(eta)}"
             + (f" | {info}" if info else "")
         )
         if self.tty:
