@@ -1,4 +1,4 @@
-"""Offloading policies side by side: `python -m tinymoe.bench --model DIR --policies ...`.
+"""Offloading policies side by side: `tinymoe bench --model DIR --policies ...`.
 
 Runs each policy in one process on the same prompt (greedy, a fixed number of new tokens) and
 prints one table: TPOT and its ratio to on-demand, tokens/s, hit rate, GB copied, the share of
@@ -202,28 +202,31 @@ def build_parser() -> argparse.ArgumentParser:
         "run: it is the baseline",
     )
     a("--prompt", default=None, help="prompt text (needs tokenizer.json)")
-    a("--prompt-tokens", type=positive_int, default=32, help="without --prompt: random ids")
-    a("--max-new-tokens", type=positive_int, default=32, help="tokens per run (at least 2)")
-    a("--lookahead", type=positive_int, help="D for policies with a predictor (default: 1)")
+    a("--prompt-tokens", type=positive_int, default=32, metavar="N", help="else N random ids")
+    a("--max-new-tokens", type=positive_int, default=32, metavar="N", help="per run, >= 2")
+    a("--lookahead", type=positive_int, metavar="D", help="with a predictor (default: 1)")
     a(
         "--prefetch-depth",
         type=depth_flag,
         default="auto",
+        metavar="N|auto",
         help="exact prefetch copies at most this many guessed experts per layer; auto: 1 + the "
         "expert copies the link finishes in one layer's compute, from the resident run's TPOT "
         "(measured once, so every row gets the same depth)",
     )
-    a("--expert-slots", type=positive_int, help="slots for every policy (default: per policy)")
-    a("--expert-budget-gb", type=float, default=None, help="or a budget in GB (1e9 B)")
+    a("--expert-slots", type=positive_int, metavar="N", help="for all (default: per policy)")
+    a("--expert-budget-gb", type=float, metavar="GB", help="or a budget in GB (1e9 B)")
     add_link_flags(p)
     a(
         "--copy-share",
         type=open_fraction,
-        help="calibrate --link-gbps so on-demand spends this share of TPOT copying, e.g. 0.85",
+        metavar="S",
+        help="calibrate --link-gbps so on-demand spends share S of TPOT copying, e.g. 0.85 "
+        "(default: off, the link is the --link-* flags')",
     )
     add_device_flags(p)
-    a("--seed", type=int, default=0, help="for the random prompt")
-    a("--repeat", type=positive_int, default=1, help="rounds of all policies; report medians")
+    a("--seed", type=int, default=0, metavar="N", help="for the random prompt")
+    a("--repeat", type=positive_int, default=1, metavar="N", help="rounds; report medians")
     a("--trace-dir", metavar="DIR", help="write POLICY.trace.json files here")
     a("--json", action="store_true", help="print one JSON object")
     return p

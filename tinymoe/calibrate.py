@@ -1,4 +1,4 @@
-"""Calibration for speculation: `python -m tinymoe.calibrate --model DIR --text FILE`.
+"""Calibration for speculation: `tinymoe calibrate --model DIR --text FILE`.
 
 What the predictors (speculation/predictors.py) need from data, measured once per checkpoint.
 The calibration sequences are split: most for measuring and training, the rest (--val-fraction)
@@ -322,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
         "them (the shipped demo model does), so they are never replaced by accident",
     )
     a("--force", action="store_true", help="replace speculation files already in the folder")
-    a("--tokens", type=positive_int, default=65536, help="calibration tokens read from --text")
-    a("--seq-len", type=positive_int, default=256, help="tokens per calibration sequence")
-    a("--lookahead", type=lookahead_list, help="e.g. 1 or 1,2 (default: 1,2,3)")
+    a("--tokens", type=positive_int, default=65536, metavar="N", help="tokens read from --text")
+    a("--seq-len", type=positive_int, default=256, metavar="T", help="tokens per sequence")
+    a("--lookahead", type=lookahead_list, metavar="D[,D...]", help="e.g. 1,2 (default: 1,2,3)")
     a("--estimator-steps", type=positive_int, default=1500, help="training steps per estimator")
     a("--estimator-batch", type=positive_int, default=256, help="pairs per layer per step")
     a("--estimator-lr", type=positive_float, default=2e-3, help="AdamW learning rate")

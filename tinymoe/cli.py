@@ -33,7 +33,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and not action.required
+        default = action.default
+        shown = not (default is None or default is False or default == argparse.SUPPRESS)
+        shown = shown and not action.required  # (0 == False, hence `is`)
         if shown and "default" not in text and action.option_strings:
             text += " (default: %(default)s)"
         return text
@@ -170,9 +172,9 @@ def add_threads_flag(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=default_threads(),
         metavar="N",
-        help="torch CPU threads; the default is half this machine's cores (or OMP_NUM_THREADS), "
+        help="torch CPU threads (default: %(default)s, half the cores here, or OMP_NUM_THREADS; "
         "not torch's one per core: where cores are shared, 1 thread can be 10-60x faster than "
-        "one per core (OpenMP threads spin-wait for each other)",
+        "one per core, as OpenMP threads spin-wait for each other)",
     )
 
 
@@ -211,13 +213,10 @@ def add_link_flags(group: argparse._ActionsContainer) -> None:
         help=f"simulated link, CPU only (default: {DEFAULT_LINK} when a --link-* flag is given)",
     )
     group.add_argument(  # a float, not positive_float: LinkSpec checks it, naming the flag
-        "--link-gbps", type=float, default=None, help="bandwidth, GB/s (over the preset's)"
+        "--link-gbps", type=float, metavar="GBPS", help="bandwidth, GB/s (over the preset's)"
     )
     group.add_argument(
-        "--link-latency-us",
-        type=float,
-        default=None,
-        help="per-copy latency, us (over the preset's)",
+        "--link-latency-us", type=float, metavar="US", help="per-copy latency (over the preset's)"
     )
 
 

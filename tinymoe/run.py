@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="read the prompt from FILE (UTF-8, used as is, a final newline too); - for stdin",
     )
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate")
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, metavar="N", help="tokens to generate"
+    )
     p.add_argument(
         "--allow-long",
         action="store_true",
@@ -65,10 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
         "not an error; text degrades there)",
     )
     samp = p.add_argument_group("sampling (greedy unless --temperature > 0)")
-    samp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    samp.add_argument("--top-k", type=nonnegative_int, default=None, help="keep the k likeliest")
-    samp.add_argument("--top-p", type=float, default=None, help="nucleus mass, in (0, 1]")
-    samp.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    samp.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
+    samp.add_argument(
+        "--top-k", type=nonnegative_int, metavar="K", help="keep the K likeliest ids (default: all)"
+    )
+    samp.add_argument(
+        "--top-p", type=float, metavar="P", help="nucleus mass in (0, 1] (default: 1)"
+    )
+    samp.add_argument(
+        "--seed", type=int, metavar="N", help="for reproducible sampling (default: random)"
+    )
     p.add_argument(
         "--stop",
         action="append",
@@ -88,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument(
         "--expert-slots",
         type=positive_int,
-        default=None,
+        metavar="N",
         help="device expert slots (default: per policy, see docs/offloading.md)",
     )
     off.add_argument(
-        "--expert-budget-gb", type=float, default=None, help="or a budget in GB (1e9 B)"
+        "--expert-budget-gb", type=float, metavar="GB", help="or a budget in GB (1e9 B)"
     )
     add_link_flags(off)
     off.add_argument("--trace", default=None, metavar="FILE", help="write a Perfetto/Chrome trace")
@@ -105,12 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with --offload-policy on-demand (default then), lru or lfu",
     )
     spec.add_argument(
-        "--lookahead", type=positive_int, default=None, help="D, with --prefetch (default: 1)"
+        "--lookahead", type=positive_int, metavar="D", help="D, with --prefetch (default: 1)"
     )
     spec.add_argument(
         "--prefetch-depth",
         type=positive_int,
-        default=None,
+        metavar="N",
         help="exact prefetch (no --speculate) puts at most this many guessed experts per layer on "
         "the link, so wrong guesses cannot delay the next layer's own copies much; right value: "
         "1 + expert copies the link finishes during one layer (tinymoe bench --prefetch-depth "

@@ -1,4 +1,4 @@
-"""Train the demo MoE from scratch on the Python documentation: `python -m tinymoe.train`.
+"""Train the demo MoE from scratch on the Python documentation: `tinymoe train`.
 
 The recipe, in the order it runs (`main`):
     1. corpus      reST sources of the Python docs -> plain text, split by file into train/held-out
