@@ -1,4 +1,4 @@
-"""The `tinymoe` command: `tinymoe run|bench|calibrate|evaluate|train [flags]`.
+"""The `tinymoe` command: `tinymoe run|bench|calibrate|evaluate|train|simulate [flags]`.
 
 Each tool is also `python -m tinymoe.<tool>` (and `tinymoe run` is `python run.py` in a
 checkout); all of them end in the tool's `cli()`. This module imports only the standard library,
@@ -19,6 +19,7 @@ TOOLS = {
     "calibrate": ("tinymoe.calibrate", "default vectors and estimators for speculation"),
     "evaluate": ("tinymoe.evaluate", "predictors' hit rates, what speculation costs"),
     "train": ("tinymoe.train", "train the demo model"),
+    "simulate": ("tinymoe.simulate", "replay a recorded run on other hardware (what if)"),
 }
 
 USAGE = "usage: tinymoe {" + ",".join(TOOLS) + "} [flags]   (tinymoe TOOL --help for its flags)"
