@@ -132,10 +132,7 @@ def starter_source(ex: Exercise) -> str:
     for (mod, cls), methods in classes.items():
         alias = "_engine_" + mod.rsplit(".", 1)[1]
         imports.append(f"import {mod} as {alias}")
-        doc = (
-            f'    """The engine\'s {cls} ({mod.replace(".", "/")}.py), except for the '
-            'method(s) below."""\n'
-        )
+        doc = _class_doc(mod, cls)
         body = "\n".join(textwrap.indent(m, "    ") for m in methods)
         blocks.append(f"class {cls}({alias}.{cls}):\n{doc}\n{body}")
     footer = (
@@ -144,6 +141,18 @@ def starter_source(ex: Exercise) -> str:
         f'    raise SystemExit(check_file("{ex.id}", __file__))\n'
     )
     return _header(ex) + _sorted_imports(imports) + "\n\n" + "\n\n".join(blocks) + "\n" + footer
+
+
+def _class_doc(module: str, cls: str) -> str:
+    """The subclass's docstring: what it is, and the engine class's own docstring (the
+    context a method's task needs: what the class holds and promises)."""
+    lines = [f"The engine's {cls} ({module.replace('.', '/')}.py), except for the method(s) below."]
+    engine_doc = inspect.getdoc(getattr(importlib.import_module(module), cls))
+    if engine_doc:
+        lines += ["", "The engine's docstring of the class:", "", *engine_doc.splitlines()]
+    text = "\n".join(lines).replace("\\", "\\\\")
+    text = textwrap.indent(text, "    ").replace("    \n", "\n")
+    return f'    """{text.lstrip()}\n    """\n' if engine_doc else f'    """{text.lstrip()}"""\n'
 
 
 def _sorted_imports(lines: list[str]) -> str:
