@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser("calibrate", description=__doc__.splitlines()[0])
     a = p.add_argument
     add_model_flag(p)
-    a("--text", required=True, help="UTF-8 calibration text, e.g. the model's training split")
+    a("--text", required=True, metavar="FILE", help="UTF-8 text, e.g. the training split")
     a(
         "--out",
         metavar="DIR",
@@ -330,12 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--estimator-lr", type=positive_float, default=2e-3, help="AdamW learning rate")
     a("--reduction", type=positive_int, default=2, help="estimator width D/m: this is m")
     a("--val-fraction", type=open_fraction, default=0.1, help="share of sequences held back")
-    a(
-        "--hybrid-threshold",
-        type=float,
-        default=0.75,
-        help="router recall below which hybrid may switch",
-    )
+    a("--hybrid-threshold", type=float, default=0.75, help="router recall where hybrid may switch")
     a("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     a("--seed", type=int, default=0, help="for the estimators' initialisation and batches")
     add_device_flags(p)

@@ -286,15 +286,28 @@ def check_kv_cache_fits(
 ) -> None:
     """The KV cache is allocated whole before the first token: refuse one that cannot fit."""
     kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * positions * cfg.head_dim * dtype.itemsize
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_host_bytes()
     if kv_bytes > free:
         raise TinyMoeError(
             f"the KV cache for {positions} positions needs {kv_bytes / 2**30:.1f} GiB, more "
             f"than the {free / 2**30:.1f} GiB free on {device.type}; lower --max-new-tokens"
         )
+
+
+def free_host_bytes() -> int:
+    """Host memory a new allocation can get: Linux's MemAvailable (free memory plus the page
+    cache it would evict), else all physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): do not refuse
+        return 2**62
 
 
 # ---------------------------------------------------------------- running a tool
