@@ -107,3 +107,21 @@ def test_bench_prefetch_depth_flag(baby, capsys):
 def test_bench_rejects_unknown_policy_before_running(baby):
     with pytest.raises(TinyMoeError, match="unknown offload policy"):
         bench.main(["--model", str(baby), "--policies", "on-demand,psychic"])
+
+
+def test_run_cpu_miss_handler_gives_resident_tokens(baby, capsys):
+    base = ["--model", str(baby), "--prompt", "the cat sat", "--max-new-tokens", "6", "--json"]
+    resident = run_json(capsys, *base)
+    for flags in (["on-demand"], ["lru", "--expert-slots", "3"]):
+        out = run_json(capsys, *base, "--offload-policy", *flags, "--miss-handler", "cpu")
+        assert out["tokens"] == resident["tokens"] and out["bytes_copied"] == 0
+
+
+def test_run_records_a_routing_trace(baby, capsys, tmp_path):
+    from tinymoe.simulator.record import RoutingTrace
+
+    path = tmp_path / "run.trace.json"
+    base = ["--model", str(baby), "--prompt", "the cat sat", "--max-new-tokens", "5", "--json"]
+    run_json(capsys, *base, "--offload-policy", "lru", "--record", str(path))
+    trace = RoutingTrace.load(path)
+    assert trace.decode_steps == 4 and len(trace.passes[0].layers) == 3

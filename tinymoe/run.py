@@ -15,6 +15,7 @@ import torch
 
 from tinymoe import GenerationResult, MoETransformer, TinyMoeError, generate, load_model
 from tinymoe.cli import (
+    DEFAULT_LINK,
     OneLineParser,
     add_device_flags,
     add_link_flags,
@@ -32,9 +33,12 @@ from tinymoe.cli import (
 from tinymoe.engine.loader import Checkpoint, resolve_dtype
 from tinymoe.engine.timing import peak_memory_bytes
 from tinymoe.engine.tokenizer import StopStrings, StreamDecoder, load_tokenizer
+from tinymoe.offload.link import PRESETS
 from tinymoe.offload.meter import format_layers
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy
 from tinymoe.offload.runtime import OffloadRuntime
+from tinymoe.offload.scheduler import MISS_HANDLERS
+from tinymoe.simulator.record import record_run
 from tinymoe.speculation.calibration import load_speculation
 from tinymoe.speculation.oracle import record_routing
 from tinymoe.speculation.predictors import (
@@ -103,7 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--expert-budget-gb", type=float, metavar="GB", help="or a budget in GB (1e9 B)"
     )
     add_link_flags(off)
+    off.add_argument(
+        "--miss-handler",
+        choices=list(MISS_HANDLERS),
+        default="copy",
+        help="an expert in no slot: copied to the device, or computed on the host (cpu)",
+    )
     off.add_argument("--trace", default=None, metavar="FILE", help="write a Perfetto/Chrome trace")
+    off.add_argument(
+        "--record",
+        default=None,
+        metavar="FILE",
+        help="then record this prompt's routing trace for tinymoe simulate (docs/simulator.md)",
+    )
     spec = p.add_argument_group("speculating experts (see docs/speculation.md)")
     spec.add_argument(
         "--prefetch",
@@ -241,6 +257,7 @@ def make_runtime(
         link=link,
         trace=args.trace is not None,
         prefetch_depth=args.prefetch_depth,
+        miss_handler=args.miss_handler,
     )
 
 
@@ -252,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     args.prefetch_depth = args.prefetch_depth or 1
     if args.trace:
         check_output_file(args.trace, "--trace")
+    if args.record:
+        check_output_file(args.record, "--record")
+        if args.temperature > 0:
+            raise TinyMoeError("--record replays an exact run: use greedy decoding")
     device = device_from_args(args)
     model_dir_from_args(args)
     prompt = read_prompt(args)
@@ -304,6 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print(stops.flush(), end="")  # text held back as a possible stop string that was not
     print_result(args, tokenizer.decode(out.tokens), out, report, stops.matched, device)
+    if args.record:
+        predictors = [policy.predictor] if policy.predictor is not None else []
+        link = link_from_args(args) or PRESETS[DEFAULT_LINK]
+        trace = record_run(model, prompt_ids, len(out.tokens), link, predictors, args.model,
+                           args.lookahead)  # fmt: skip
+        trace.save(args.record)
+        print(f"wrote the routing trace to {args.record}", file=sys.stderr)
     return 0
 
 
