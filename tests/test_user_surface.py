@@ -375,6 +375,15 @@ def test_the_tinymoe_command_is_a_console_script_for_every_tool(capsys):
     assert "unknown tool 'nonsense'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["-m", "tinymoe", "evaluate", "--help"], ["-m", "tinymoe.run", "--help"], ["run.py", "-h"]],
+)
+def test_every_way_of_starting_a_tool(argv):
+    p = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.startswith("usage: tinymoe "), p.stderr
+
+
 def test_importing_tinymoe_loads_no_torch():
     code = "import sys, tinymoe, tinymoe.launch; print('torch' in sys.modules)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
