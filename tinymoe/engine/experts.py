@@ -41,6 +41,24 @@ def expert_forward(w: Tensor, x: Tensor, expert_dim: int) -> Tensor:
     return F.linear(F.silu(g) * u, down)  # (n, D)
 
 
+def experts_by_index(u: Tensor, ids: Tensor, weights: Tensor, W: Tensor, expert_dim: int) -> Tensor:
+    """One token's K experts read straight out of a layer's packed (E, 3*I*D) weights: (1, D).
+
+    u (1, D); ids (1, K) and weights (1, K) as the routing gives them. For torch.compile only:
+    indexing W with the ids tensor would copy K experts in eager mode (the copy STYLE.md warns
+    about), but inductor fuses the index into the matrix-vector kernels, which then read the K
+    experts' rows in place. So a compiled decode step runs all K experts in a few kernels, and
+    the ids never leave the device: no host sync, the step stays one graph.
+    """
+    E, D, I = W.shape[0], u.shape[-1], expert_dim
+    gate_up = W[:, : 2 * I * D].view(E, 2 * I, D)[ids[0]]  # (K, 2I, D)
+    down = W[:, 2 * I * D :].view(E, D, I)[ids[0]]  # (K, D, I)
+    g, up = torch.einsum("kod,d->ko", gate_up, u[0]).chunk(2, dim=-1)  # (K, I) each
+    y = torch.einsum("kdi,ki->kd", down, F.silu(g) * up)  # (K, D)
+    # Scale and sum in the routing weights' dtype, k order, cast once: as moe_forward does.
+    return (y * weights.view(-1, 1)).sum(dim=0, keepdim=True).to(u.dtype)  # (1, D)
+
+
 class ExpertProvider(Protocol):
     """Supplies expert weights to the MoE layer.
 

@@ -27,6 +27,9 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        # Each layer's (B, Hkv, max_len, Dh) views, taken once: a decode step indexes these
+        # instead of slicing k and v anew (a decode step is bound by the number of operations).
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
 
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, Hkv, T, Dh) at start..start+T-1; return views of 0..start+T-1."""
@@ -35,6 +38,7 @@ class KVCache:
             raise TinyMoeError(
                 f"KV cache holds {self.max_len} positions; asked to write up to {end}"
             )
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, Hkv, S, Dh) each
+        k_all, v_all = self._layers[layer]  # (B, Hkv, max_len, Dh) each
+        k_all.narrow(2, start, end - start).copy_(k)
+        v_all.narrow(2, start, end - start).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)  # (B, Hkv, S, Dh) each

@@ -14,8 +14,9 @@ default) is the checkpoint's dtype (config.json's, else the file's) on a GPU and
 CPU; see resolve_dtype for why.
 
 Key mapping (checkpoint key -> tinymoe name): drop the leading `model.`; Mixtral's
-`block_sparse_moe` is our `mlp`. Experts come in two layouts, both packed into one contiguous
-buffer per expert (see experts.py):
+`block_sparse_moe` is our `mlp`; `self_attn.{q,k,v}_proj` are the three row blocks of our fused
+`self_attn.qkv_proj`. Experts come in two layouts, both packed into one contiguous buffer per
+expert (see experts.py):
 - published, per expert: `mlp.experts.E.{gate_proj,up_proj,down_proj}.weight` (OLMoE, Qwen3-MoE)
   or `block_sparse_moe.experts.E.{w1,w3,w2}.weight` (Mixtral);
 - fused, as transformers 5 may save: `mlp.experts.gate_up_proj` (E, 2I, D), gate rows then up
@@ -49,6 +50,15 @@ EXPERT_NAMES = {
     "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
 }
 _EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.")
+# The fused attention projection (model.py) and the checkpoint tensors it is made of, row blocks
+# in this order: q (H*Dh rows), k and v (Hkv*Dh rows each).
+QKV_PARTS = ("q_proj", "k_proj", "v_proj")
+
+
+def qkv_rows(cfg: ModelConfig) -> tuple[int, int, int]:
+    """Rows of q, k and v in `self_attn.qkv_proj` (its weight and, with attention_bias, bias)."""
+    kv = cfg.num_kv_heads * cfg.head_dim
+    return cfg.num_heads * cfg.head_dim, kv, kv
 
 
 def resolve_dtype(
@@ -232,6 +242,12 @@ def load_model(
         for name, p in model.named_parameters():
             if name.startswith("experts."):
                 continue
+            if ".qkv_proj." in name:  # one fused parameter, three checkpoint tensors
+                for part, rows in zip(QKV_PARTS, p.split(qkv_rows(cfg)), strict=True):
+                    key = name.replace("qkv_proj", part)
+                    rows.copy_(ckpt.get(key, tuple(rows.shape)))
+                    used.add(key)
+                continue
             p.copy_(ckpt.get(name, tuple(p.shape)))
             used.add(name)
         for layer in range(cfg.num_layers):
@@ -267,7 +283,12 @@ def save_model(model: MoETransformer, path: str | Path, dtype: torch.dtype | Non
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         key = name if name == "lm_head.weight" else "model." + name
-        put(key.replace(".mlp.", f".{moe}."), p)
+        key = key.replace(".mlp.", f".{moe}.")
+        if ".qkv_proj." in key:  # written as the three tensors checkpoints hold
+            for part, rows in zip(QKV_PARTS, p.split(qkv_rows(cfg)), strict=True):
+                put(key.replace("qkv_proj", part), rows)
+            continue
+        put(key, p)
     for layer, w in enumerate(model.experts.weights):
         for e in range(cfg.num_experts):
             gate_up, down_view = expert_views(w[e], I, D)

@@ -26,14 +26,19 @@ the plain resident reference every fast path is tested against.
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinymoe.engine.config import ModelConfig
-from tinymoe.engine.experts import ExpertProvider, ResidentExperts, expert_forward
+from tinymoe.engine.experts import (
+    ExpertProvider,
+    ResidentExperts,
+    expert_forward,
+    experts_by_index,
+)
 from tinymoe.engine.kvcache import KVCache
 
 
@@ -45,7 +50,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32, cast back, then scale: the order Hugging Face uses, so bf16 matches.
-        xf = x.float()
+        # (Not F.rms_norm: on the CPU it takes about twice as long as these four operations.)
+        xf = x.float()  # a no-op in fp32, as is the cast back
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -74,13 +80,12 @@ class Attention(nn.Module):
         self.cfg = cfg
         D, H, Hkv, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(D, H * Dh, bias=bias)
-        self.k_proj = nn.Linear(D, Hkv * Dh, bias=bias)
-        self.v_proj = nn.Linear(D, Hkv * Dh, bias=bias)
+        # q, k and v as ONE ((H + 2*Hkv) * Dh, D) matrix, rows q then k then v: one matmul
+        # instead of three. The loader fills its row blocks from the checkpoint's q_proj, k_proj
+        # and v_proj (save_model splits them again).
+        self.qkv_proj = nn.Linear(D, (H + 2 * Hkv) * Dh, bias=bias)
         self.o_proj = nn.Linear(H * Dh, D, bias=bias)
-        if (
-            cfg.qk_norm == "full"
-        ):  # OLMoE: one norm over the whole projection, before the head split
+        if cfg.qk_norm == "full":  # OLMoE: one norm over the whole projection, before the split
             self.q_norm = RMSNorm(H * Dh, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(Hkv * Dh, cfg.rms_norm_eps)
         elif cfg.qk_norm == "head":  # Qwen3: one norm per head, shared across heads
@@ -99,19 +104,19 @@ class Attention(nn.Module):
     ) -> Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H*Dh), (B, T, Hkv*Dh) x2
+        H, Hkv, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv = self.qkv_proj(x)  # (B, T, (H + 2*Hkv) * Dh): q, k, v side by side
         if cfg.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cfg.clip_qkv is not None:
-            c = cfg.clip_qkv
-            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
-        q = q.view(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, H, Dh)
-        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, Hkv, Dh)
-        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, Hkv, Dh)
+            q, k, v = qkv.split((H * Dh, Hkv * Dh, Hkv * Dh), dim=-1)
+            qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=-1)
+        if cfg.clip_qkv is not None:  # OLMoE: after the q/k norm, on q, k and v alike
+            qkv = qkv.clamp(-cfg.clip_qkv, cfg.clip_qkv)
+        heads = qkv.view(B, T, H + 2 * Hkv, Dh).transpose(1, 2)  # (B, H + 2*Hkv, T, Dh)
+        qk, v = heads[:, : H + Hkv], heads[:, H + Hkv :]  # (B, H + Hkv, T, Dh), (B, Hkv, T, Dh)
         if cfg.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
+        qk = apply_rope(qk, cos, sin)  # q and k heads rotated in one go
+        q, k = qk[:, :H], qk[:, H:]  # (B, H, T, Dh), (B, Hkv, T, Dh)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, Hkv, S, Dh) each
         # mask None means "plain causal over a fresh sequence"; otherwise a boolean (T, S) mask.
@@ -121,7 +126,7 @@ class Attention(nn.Module):
             v,
             attn_mask=mask,
             is_causal=mask is None and T > 1,
-            enable_gqa=cfg.num_heads != cfg.num_kv_heads,
+            enable_gqa=Hkv < H,  # grouped-query attention
         )  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
@@ -159,7 +164,7 @@ def route_topk(logits: Tensor, top_k: int, normalise: bool, dtype: torch.dtype) 
 
     dtype: the weights' dtype, from routing_weights_dtype (the ids do not depend on it).
     """
-    probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E), fp32 whatever the logits
     weights, ids = torch.topk(probs, top_k, dim=-1)  # (N, K) each
     if normalise:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -195,6 +200,11 @@ def moe_forward(
     does; else u's dtype throughout (the final cast is then a no-op).
     """
     N, K = routing.ids.shape
+    if N == 1 and torch.compiler.is_compiling() and isinstance(provider, ResidentExperts):
+        # Compiled decode: the ids stay on the device, no sync (see experts_by_index).
+        return experts_by_index(
+            u, routing.ids, routing.weights, provider.weights[layer], expert_dim
+        )
     if N == 1:  # decode: one token, so skip the grouping machinery (per-op overhead dominates)
         ids = routing.ids_on_host()[0]  # (the layer's one sync, unless already read)
         y = {e: expert_forward(w, u, expert_dim) for e, w in provider.experts(layer, sorted(ids))}
@@ -234,6 +244,17 @@ class RouteHook(Protocol):
     ) -> Routing: ...
 
 
+@torch.compiler.disable
+def outside_graph(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), run eagerly even when the forward pass is compiled (generate(compile=True)).
+
+    For the code the model calls but does not own: a route hook or an offloading provider reads
+    ids to the host, keeps Python state and times itself, none of which belongs in a graph. In
+    eager mode this is a plain call.
+    """
+    return fn(*args)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -260,6 +281,7 @@ class MoETransformer(nn.Module):
         # `provider`). Plain attributes, not submodules: a runtime is not part of the weights.
         self.route_hook: RouteHook | None = None
         self._provider: ExpertProvider | None = None
+        self._rope: tuple[Tensor, Tensor] | None = None  # cos, sin (n, Dh) for positions < n
 
     @property
     def provider(self) -> ExpertProvider:
@@ -294,7 +316,7 @@ class MoETransformer(nn.Module):
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, D)
         pos = torch.arange(start, start + T, device=x.device)  # (T,)
-        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)  # (T, Dh) each
+        cos, sin = self._rope_rows(start, T, max(start + T, cache.max_len if cache else 0), x)
         mask = self._mask(pos, start + T, x.device)
         for i, layer in enumerate(self.layers):
             # ---- attention ----
@@ -304,10 +326,28 @@ class MoETransformer(nn.Module):
             if self.route_hook is None:
                 routing = layer.mlp.route(u)
             else:
-                routing = self.route_hook(i, r, u, layer.mlp.route)
+                routing = outside_graph(self.route_hook, i, r, u, layer.mlp.route)
             # ---- experts ----
-            x = r + moe_forward(u, routing, self.provider, i, cfg.expert_dim).view(B, T, -1)
+            if self._provider is None:  # resident
+                y = moe_forward(u, routing, self.experts, i, cfg.expert_dim)  # (N, D)
+            else:
+                y = outside_graph(moe_forward, u, routing, self._provider, i, cfg.expert_dim)
+            x = r + y.view(B, T, -1)
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def _rope_rows(self, start: int, T: int, length: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (T, Dh) for positions start..start+T-1, rows of a table of `length` rows.
+
+        The angles of a position never change, so they are computed once per generation (the
+        table covers the whole KV cache), not once per step; a longer sequence rebuilds it.
+        """
+        table = self._rope
+        if table is None or len(table[0]) < length or table[0].dtype != x.dtype:
+            positions = torch.arange(length, device=x.device)
+            table = self._rope = rope_cos_sin(
+                positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype
+            )
+        return table[0][start : start + T], table[1][start : start + T]
 
     def _mask(self, pos: Tensor, S: int, device: torch.device) -> Tensor | None:
         """Boolean (T, S) attention mask, or None when plain causal attention suffices."""
