@@ -270,7 +270,7 @@ def test_a_closed_pipe_ends_quietly(baby):
 @pytest.mark.parametrize(
     "tool, shown",
     [
-        (run_tool, ["--max-new-tokens N    tokens to generate (default: 64)", "--seed N"]),
+        (run_tool, ["--max-new-tokens N    new tokens (default: 64)", "--seed N"]),
         (
             bench,
             [

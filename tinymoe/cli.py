@@ -34,7 +34,7 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        shown = not (default is None or default is False or default == argparse.SUPPRESS)
+        shown = not (default is None or default is False or default in ([], argparse.SUPPRESS))
         shown = shown and not action.required  # (0 == False, hence `is`)
         if shown and "default" not in text and action.option_strings:
             text += " (default: %(default)s)"

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the prompt from FILE (UTF-8, used as is, a final newline too); - for stdin",
     )
     p.add_argument(
-        "--max-new-tokens", type=positive_int, default=64, metavar="N", help="tokens to generate"
+        "--max-new-tokens", type=positive_int, default=64, metavar="N", help="new tokens"
     )
     p.add_argument(
         "--allow-long",
@@ -70,17 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="let prompt + new tokens go past the model's max_position_embeddings (a warning, "
         "not an error; text degrades there)",
     )
-    samp = p.add_argument_group("sampling (greedy unless --temperature > 0)")
-    samp.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
-    samp.add_argument(
-        "--top-k", type=nonnegative_int, metavar="K", help="keep the K likeliest ids (default: all)"
-    )
-    samp.add_argument(
-        "--top-p", type=float, metavar="P", help="nucleus mass in (0, 1] (default: 1)"
-    )
-    samp.add_argument(
-        "--seed", type=int, metavar="N", help="for reproducible sampling (default: random)"
-    )
+    samp = p.add_argument_group("sampling (greedy unless --temperature > 0)").add_argument
+    samp("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy")
+    samp("--top-k", type=nonnegative_int, metavar="K", help="keep the K likeliest (default: all)")
+    samp("--top-p", type=float, metavar="P", help="nucleus mass in (0, 1] (default: 1)")
+    samp("--seed", type=int, metavar="N", help="for reproducible sampling (default: random)")
     p.add_argument(
         "--stop",
         action="append",
@@ -103,9 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="device expert slots (default: per policy, see docs/offloading.md)",
     )
-    off.add_argument(
-        "--expert-budget-gb", type=float, metavar="GB", help="or a budget in GB (1e9 B)"
-    )
+    off.add_argument("--expert-budget-gb", type=float, metavar="GB", help="or a budget (1e9 B)")
     add_link_flags(off)
     off.add_argument(
         "--miss-handler",
@@ -129,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with --offload-policy on-demand (default then), lru or lfu",
     )
     spec.add_argument(
-        "--lookahead", type=positive_int, metavar="D", help="D, with --prefetch (default: 1)"
+        "--lookahead", type=positive_int, metavar="D", help="with --prefetch (default: 1)"
     )
     spec.add_argument(
         "--prefetch-depth",
