@@ -24,30 +24,21 @@ import torch
 
 from tinymoe.offload.cache import ExpertCache
 from tinymoe.offload.link import LinkSpec
-from tinymoe.offload.meter import Meter
+from tinymoe.offload.meter import HostClock, Meter
 from tinymoe.offload.policy import parse_policy, resolve_slots
 from tinymoe.offload.scheduler import Prefetch, Scheduler
 from tinymoe.offload.transfer import Transfer
 from tinymoe.simulator.record import LayerRecord, RoutingTrace
 
 
-class VirtualClock:
-    """Simulated seconds; doubles as the meter's clock (stamps are the time, ready at once)."""
+class VirtualClock(HostClock):
+    """Simulated seconds; the meter's clock too (its stamps are the time, ready at once)."""
 
     def __init__(self) -> None:
         self.now = 0.0
 
     def stamp(self) -> float:
         return self.now
-
-    def ready(self, stamp: object) -> bool:
-        return True
-
-    def wait(self, stamp: object) -> None:
-        pass
-
-    def seconds(self, stamp: object) -> float:
-        return stamp  # type: ignore[return-value]
 
 
 class VirtualTransfer(Transfer):
