@@ -1,15 +1,20 @@
-"""Benchmark: tinymoe's decode speed (TPOT) against transformers on the same random checkpoint.
+"""Benchmark: tinymoe's decode speed (TPOT) against transformers and the weight-read floor.
 
     .venv/bin/python tests/bench_vs_transformers.py [--repeats 7] [--threads 1] [--expert-dim 512]
+                                                    [--no-compile]
 
 Builds a random OLMoE-shaped model with transformers (8 layers, hidden 256, 16 experts, top-2),
 saves it with save_pretrained, loads it with tinymoe, then decodes 64 tokens greedily after a
-32-token prompt with both (fp32, CPU, batch 1, same thread count). After a warm-up, the two
-alternate (the order flips each repeat) so background load hits both alike; each repeat's TPOT is
-the mean over its 63 decode steps (the first token is prefill), and the medians are compared.
+32-token prompt (fp32, CPU, batch 1, the same thread count for all). After a warm-up, the runs
+alternate (the order flips each repeat) so background load hits all alike; each repeat's TPOT is
+the mean over its decode steps (the first token is prefill), and the medians are compared.
 
-transformers is timed two ways: `generate()` as a user calls it (each step timed by a streamer),
-and a bare loop of forward calls with its KV cache (the model without generate's machinery).
+The rows: tinymoe eager and compiled (generate(compile=True); it compiles in the warm-up, and the
+compile time is printed); transformers' `generate()` as a user calls it (each step timed by a
+streamer) and a bare loop of its forward calls with its KV cache; and the floor: only the matrix
+-vector products a decode step needs, on the same weights, one call per matrix, in a bare loop
+(run_matmul_floor), eager and through torch.compile. Then the operations in one eager decode
+step, and how far apart the logits are (compiled, eager, transformers, float64).
 Not collected by pytest (the file name does not start with test_); transformers is an oracle.
 """
 
@@ -17,16 +22,20 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import OlmoeConfig, OlmoeForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 import tinymoe
 from tinymoe.engine.experts import expert_views
-from tinymoe.engine.generate import generate
+from tinymoe.engine.generate import compiled_steps, decode_one_token, generate, prefill
+from tinymoe.engine.kvcache import KVCache
 
 PROMPT_LEN, NEW_TOKENS = 32, 64
 
@@ -75,8 +84,10 @@ def build_model(args: argparse.Namespace) -> OlmoeForCausalLM:
     return model.eval()
 
 
-def run_tinymoe(model: tinymoe.MoETransformer, prompt: list[int]) -> tuple[list[float], list[int]]:
-    out = generate(model, prompt, max_new_tokens=NEW_TOKENS, temperature=0.0, eos_ids=())
+def run_tinymoe(
+    model: tinymoe.MoETransformer, prompt: list[int], compile: bool = False
+) -> tuple[list[float], list[int]]:
+    out = generate(model, prompt, NEW_TOKENS, temperature=0.0, eos_ids=(), compile=compile)
     return out.step_s, out.tokens
 
 
@@ -111,39 +122,108 @@ def run_hf_forward_loop(
     return steps, tokens
 
 
-@torch.no_grad()
-def run_matmul_floor(model: tinymoe.MoETransformer) -> tuple[list[float], list[int]]:
-    """Only the matrix-vector products of a decode step, on the same weights, fewest calls: a floor.
+Matrices = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, ...]]]]
 
-    Per layer: q, k and v as one matrix, o, the router, and K=2 experts' gate_up and down
-    (different experts per layer); then the LM head. Every weight byte a decode step must read,
-    one F.linear per matrix, nothing else: no norms, no attention, no routing, no copies. The
-    matrices are cut out before the timed loop, so not even a view is taken inside it.
-    """
+
+def floor_step(layers: Matrices, lm_head: torch.Tensor, x, h, a) -> list[torch.Tensor]:
+    """One decode step's matrix-vector products: per layer q/k/v (one matrix), o, the router and
+    K=2 experts' gate_up and down; then the LM head. One F.linear per matrix, nothing else."""
+    out = []
+    for qkv, o, router, experts in layers:
+        out += [F.linear(x, qkv), F.linear(h, o), F.linear(x, router)]
+        for gate_up, down in experts:
+            out += [F.linear(x, gate_up), F.linear(a, down)]
+    out.append(F.linear(x, lm_head))
+    return out  # returned, so that torch.compile cannot drop any product
+
+
+def floor_inputs(model: tinymoe.MoETransformer) -> tuple:
+    """floor_step's arguments, on tinymoe's weights: different experts in every layer, every
+    matrix cut out here (so the timed loop takes not even a view), fixed input vectors."""
     cfg = model.cfg
     D, I, E = cfg.hidden_size, cfg.expert_dim, cfg.num_experts
-    x, h, a = torch.randn(1, D), torch.randn(1, cfg.num_heads * cfg.head_dim), torch.randn(1, I)
     layers = []
     for i, layer in enumerate(model.layers):
-        experts = [
-            expert_views(model.experts.weights[i][e], I, D) for e in (i % E, (i + E // 2) % E)
-        ]
+        w = model.experts.weights[i].detach()
+        experts = [expert_views(w[e], I, D) for e in (i % E, (i + E // 2) % E)]
         attn = layer.self_attn
         layers.append((attn.qkv_proj.weight, attn.o_proj.weight, layer.mlp.gate.weight, experts))
-    lm_head = model.lm_head.weight
+    x, h, a = torch.randn(1, D), torch.randn(1, cfg.num_heads * cfg.head_dim), torch.randn(1, I)
+    return layers, model.lm_head.weight, x, h, a
+
+
+@torch.inference_mode()
+def run_matmul_floor(step: Callable[..., list[torch.Tensor]], inputs: tuple) -> tuple[list, list]:
+    """The floor: floor_step in a bare loop, as many steps as a generation has."""
     steps = []
     for _ in range(NEW_TOKENS - 1):
         t0 = time.perf_counter()
-        for qkv, o, router, experts in layers:
-            F.linear(x, qkv)
-            F.linear(h, o)
-            F.linear(x, router)
-            for gate_up, down in experts:
-                F.linear(x, gate_up)
-                F.linear(a, down)
-        F.linear(x, lm_head)
+        step(*inputs)
         steps.append(time.perf_counter() - t0)
     return steps, []
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operations run under it (views, casts and matmuls alike), by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(model: tinymoe.MoETransformer, prompt: list[int]) -> dict[str, int]:
+    """The aten operations of one eager decode step (the KV cache holds the prompt)."""
+    cfg = model.cfg
+    cache = KVCache(
+        cfg.num_layers, 1, cfg.num_kv_heads, len(prompt) + 1, cfg.head_dim, "cpu", torch.float32
+    )
+    token = prefill(model, torch.tensor([prompt]), cache).argmax(-1)
+    with CountOps() as c:
+        decode_one_token(model, token.view(1, 1), cache, len(prompt))
+    return c.ops
+
+
+@torch.inference_mode()
+def decode_logits(model: tinymoe.MoETransformer, ids: list[int], compiled: bool = False):
+    """The logits of ids[PROMPT_LEN:], one decode step each after a prefill (teacher-forced)."""
+    cfg, dtype = model.cfg, model.embed_tokens.weight.dtype
+    cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, len(ids), cfg.head_dim, "cpu", dtype)
+    prefill(model, torch.tensor([ids[:PROMPT_LEN]]), cache)
+    with compiled_steps(model) if compiled else nullcontext():
+        steps = [
+            decode_one_token(model, torch.tensor([[ids[p]]]), cache, p)
+            for p in range(PROMPT_LEN, len(ids))
+        ]
+    return torch.cat(steps).double()  # (steps, V)
+
+
+@torch.inference_mode()
+def logits_apart(tm, tm64, hf: OlmoeForCausalLM, ids: list[int]) -> dict[str, float]:
+    """Max |logits| differences over ids' decode steps: tinymoe compiled, tinymoe eager and
+    transformers, each against eager tinymoe and against tinymoe in float64 (the exact answer,
+    up to float64's own rounding), which says how much of a difference is fp32 rounding."""
+    hf_cache = transformers.DynamicCache(config=hf.config)
+    hf(torch.tensor([ids[:PROMPT_LEN]]), cache=hf_cache, use_cache=True)
+    hf_steps = [
+        hf(torch.tensor([[ids[p]]]), cache=hf_cache, use_cache=True).logits[:, -1]
+        for p in range(PROMPT_LEN, len(ids))
+    ]
+    runs = {
+        "compiled": decode_logits(tm, ids, compiled=True),
+        "eager": decode_logits(tm, ids),
+        "transformers": torch.cat(hf_steps).double(),
+    }
+    exact = decode_logits(tm64, ids)
+    apart = {f"{a} vs eager": (runs[a] - runs["eager"]).abs().max().item() for a in runs}
+    apart |= {f"{a} vs fp64": (run - exact).abs().max().item() for a, run in runs.items()}
+    del apart["eager vs eager"]
+    apart["largest |logit|"] = exact.abs().max().item()
+    return apart
 
 
 def main() -> None:
@@ -151,9 +231,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     # One thread by default: on a small shared machine, two multi-threaded runs fight each other
     # and the background load, and the noise swamps the difference being measured.
-    p.add_argument("--threads", type=int, default=1, help="torch threads, for both engines")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, for every run")
     p.add_argument("--expert-dim", type=int, default=512, help="I, each expert's SwiGLU width")
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -163,19 +244,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         tm = tinymoe.load_model(d, device="cpu", dtype=torch.float32)
+        tm64 = tinymoe.load_model(d, device="cpu", dtype=torch.float64)
     prompt = torch.randint(0, args.vocab, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1))
     prompt = prompt.tolist()
+    floor_args = floor_inputs(tm)
 
     runners = {
-        "tinymoe": lambda: run_tinymoe(tm, prompt),
+        "tinymoe eager": lambda: run_tinymoe(tm, prompt),
         "transformers generate": lambda: run_hf_generate(hf, prompt),
         "transformers forward loop": lambda: run_hf_forward_loop(hf, prompt),
-        "matmul floor": lambda: run_matmul_floor(tm),
+        "matmul floor": lambda: run_matmul_floor(floor_step, floor_args),
     }
+    compile_s = {}
+    if not args.no_compile:
+        compiled_floor = torch.compile(floor_step)
+        runners["tinymoe compiled"] = lambda: run_tinymoe(tm, prompt, compile=True)
+        runners["matmul floor compiled"] = lambda: run_matmul_floor(compiled_floor, floor_args)
+        t0 = time.perf_counter()
+        out = generate(tm, prompt, 3, eos_ids=(), compile=True)  # compiles
+        compile_s["tinymoe"] = (out.compile_s, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            compiled_floor(*floor_args)
+        compile_s["floor"] = (time.perf_counter() - t0,) * 2
     tokens = {name: run()[1] for name, run in runners.items()}  # warm-up
-    same = (
-        tokens["tinymoe"] == tokens["transformers generate"] == tokens["transformers forward loop"]
-    )
+    engines = [n for n in runners if "floor" not in n]
+    same = all(tokens[n] == tokens["tinymoe eager"] for n in engines)
     mean: dict[str, list[float]] = {name: [] for name in runners}  # per repeat, ms
     p50: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
@@ -188,19 +282,41 @@ def main() -> None:
     print(
         f"OLMoE-shaped: 8 layers, hidden 256, 16 experts top-2, I={args.expert_dim}, "
         f"vocab {args.vocab}; fp32 CPU batch 1, {args.threads} thread(s); prompt {PROMPT_LEN}, "
-        f"{NEW_TOKENS} new tokens, {args.repeats} alternating repeats; greedy tokens identical: "
-        f"{same}"
+        f"{NEW_TOKENS} new tokens, {args.repeats} alternating repeats; greedy tokens identical "
+        f"({', '.join(engines)}): {same}"
     )
-    print("TPOT in ms: median over repeats of each repeat's mean (and p50) over its 63 steps")
+    print("TPOT in ms: median over repeats of each repeat's mean (and p50) over its decode steps")
     med = {name: statistics.median(v) for name, v in mean.items()}
     med50 = {name: statistics.median(v) for name, v in p50.items()}
     for name in names:
         runs = ", ".join(f"{x:.2f}" for x in mean[name])
         print(f"{name:>26}: {med[name]:6.2f} (p50 {med50[name]:6.2f})   repeats: {runs}")
-    for ref in names[1:3]:
+    ratios = [
+        ("tinymoe eager", "matmul floor"),
+        ("tinymoe eager", "transformers generate"),
+        ("tinymoe eager", "transformers forward loop"),
+        ("tinymoe compiled", "matmul floor"),
+        ("tinymoe compiled", "matmul floor compiled"),
+        ("tinymoe compiled", "transformers generate"),
+    ]
+    for a, b in ratios:
+        if a in med and b in med:
+            print(f"ratio {a} / {b}: {med[a] / med[b]:.2f}x (p50: {med50[a] / med50[b]:.2f}x)")
+    for what, (first, total) in compile_s.items():
+        print(f"compile time, {what}: {total:.1f} s (first compiled step {first:.1f} s)")
+    ops = count_ops(tm, prompt)
+    print(
+        f"aten operations in one eager decode step: {sum(ops.values())} "
+        f"({ops.get('linear', 0)} matmuls, {ops.get('scaled_dot_product_attention', 0)} "
+        f"attentions; most common: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:6])
+        + ")"
+    )
+    if not args.no_compile:
+        apart = logits_apart(tm, tm64, hf, prompt + tokens["tinymoe eager"][:16])
         print(
-            f"ratio tinymoe / {ref}: {med['tinymoe'] / med[ref]:.2f}x "
-            f"(p50: {med50['tinymoe'] / med50[ref]:.2f}x)"
+            "max |logits difference| over 16 decode steps (fp32 unless named): "
+            + ", ".join(f"{k} {v:.2e}" for k, v in apart.items())
         )
 
 

@@ -2,9 +2,14 @@
 
 TPOT (time per output token) excludes the first token, as in the paper: the first token's time
 is prefill (time to first token, TTFT); every later token costs one decode step.
+
+generate(compile=True) runs the decode steps through torch.compile (compiled_forward): the
+same forward pass, traced once, with inductor's fused kernels instead of one kernel per
+operation. Prefill stays eager (it runs once, and every prompt length would be a new graph).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +28,9 @@ class GenerationResult:
     ttft_s: float  # prefill + first token
     step_s: list[float] = field(default_factory=list)  # one decode step per later token
     stopped_at_eos: bool = False
+    # compile=True: the first decode step, which traces and compiles (unless an earlier call
+    # compiled this model already); kept out of step_s, so TPOT is the compiled steady state
+    compile_s: float | None = None
 
     @property
     def tpot_ms(self) -> dict[str, float]:
@@ -70,6 +78,34 @@ def decode_one_token(model: MoETransformer, token: Tensor, cache: KVCache, pos: 
     return model(token, cache=cache, start=pos)[:, -1]
 
 
+def compiled_forward(model: MoETransformer) -> Callable[..., Tensor]:
+    """model.forward compiled with torch.compile, made once per model and kept on it.
+
+    Shapes are dynamic, so one graph serves every position and cache length: the step does not
+    recompile as the sequence grows. A route hook or an offloading provider runs eagerly inside
+    it (model.outside_graph); with neither, the whole step is one graph: the experts are read by
+    index (experts_by_index) and no id goes to the host.
+    """
+    if model.compiled_forward is None:
+        model.compiled_forward = torch.compile(MoETransformer.forward.__get__(model), dynamic=True)
+    return model.compiled_forward
+
+
+@contextmanager
+def compiled_steps(model: MoETransformer) -> Iterator[None]:
+    """Inside the block, model(...) runs compiled_forward(model). The model's forward hooks (the
+    offloading runtime's, which tell prefill from decode) still run around it, eagerly."""
+    saved = vars(model).get("forward")  # normally none: forward is MoETransformer's method
+    model.forward = compiled_forward(model)  # an instance attribute: nn.Module.__call__ uses it
+    try:
+        yield
+    finally:
+        if saved is None:
+            del model.forward
+        else:
+            model.forward = saved
+
+
 def generate(
     model: MoETransformer,
     input_ids: list[int],
@@ -80,12 +116,14 @@ def generate(
     eos_ids: list[int] | tuple[int, ...] | None = None,
     on_token: Callable[[int], bool | None] | None = None,
     top_k: int = 0,
+    compile: bool = False,
 ) -> GenerationResult:
     """Generate up to max_new_tokens after input_ids (batch 1). Stops early at an EOS id.
 
     eos_ids defaults to the checkpoint's eos_token_id; pass () to never stop early.
     on_token is called with each new id as soon as it exists (for streamed printing); if it
     returns True, generation ends there (run.py's stop strings). top_k: see sample().
+    compile: run the decode steps compiled (compiled_forward); the first one compiles.
     """
     if not input_ids:
         raise TinyMoeError("the prompt is empty; give at least one token")
@@ -121,15 +159,18 @@ def generate(
     result = GenerationResult(tokens=[tok], prompt_len=len(input_ids), ttft_s=ttft)
     stop = bool(on_token and on_token(tok))
     pos = len(input_ids)
-    while len(result.tokens) < max_new_tokens and tok not in eos and not stop:
-        t0 = now()
-        token = sample(
-            decode_one_token(model, token.view(1, 1), cache, pos), temperature, top_p, gen, top_k
-        )
-        tok = int(token.item())  # SYNC: one per token, as above; the step is done, so timed
-        result.step_s.append(now() - t0)
-        result.tokens.append(tok)
-        pos += 1
-        stop = bool(on_token and on_token(tok))
+    with compiled_steps(model) if compile else nullcontext():
+        while len(result.tokens) < max_new_tokens and tok not in eos and not stop:
+            t0 = now()
+            logits = decode_one_token(model, token.view(1, 1), cache, pos)
+            token = sample(logits, temperature, top_p, gen, top_k)
+            tok = int(token.item())  # SYNC: one per token, as above; the step is done, so timed
+            if compile and result.compile_s is None:
+                result.compile_s = now() - t0
+            else:
+                result.step_s.append(now() - t0)
+            result.tokens.append(tok)
+            pos += 1
+            stop = bool(on_token and on_token(tok))
     result.stopped_at_eos = tok in eos
     return result

@@ -282,6 +282,7 @@ class MoETransformer(nn.Module):
         self.route_hook: RouteHook | None = None
         self._provider: ExpertProvider | None = None
         self._rope: tuple[Tensor, Tensor] | None = None  # cos, sin (n, Dh) for positions < n
+        self.compiled_forward: Callable[..., Tensor] | None = None  # see generate.py
 
     @property
     def provider(self) -> ExpertProvider:
