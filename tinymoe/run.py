@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop when the generated text contains TEXT (not printed); repeat for several",
     )
     add_device_flags(p)
+    p.add_argument("--compile", action="store_true", help="decode steps via torch.compile")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     off = p.add_argument_group("expert offloading (see docs/offloading.md)")
     off.add_argument(
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     with runtime:
         try:
             out = generate(model, prompt_ids, args.max_new_tokens, **sampling(args),
-                           on_token=on_token)  # fmt: skip
+                           on_token=on_token, compile=args.compile)  # fmt: skip
         except KeyboardInterrupt:
             if not args.json:
                 print(flush=True)  # the interrupted text still ends its line
