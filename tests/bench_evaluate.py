@@ -106,6 +106,7 @@ def main() -> None:
     finally:
         for b in busy:
             b.kill()
+            b.wait()
     med = {k: statistics.median(v) for k, v in runs.items()}
     best_ref = min(med["reference 1"], med["reference T"])
     summary = {
