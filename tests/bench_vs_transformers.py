@@ -311,6 +311,12 @@ def main() -> None:
     for a, b in ratios:
         if a in med and b in med:
             print(f"ratio {a} / {b}: {med[a] / med[b]:.2f}x (p50: {med50[a] / med50[b]:.2f}x)")
+    if compile_s:
+        counters = torch._dynamo.utils.counters
+        print(
+            f"compiled decode step: {counters['stats']['unique_graphs']} graph(s), "
+            f"{sum(counters['graph_break'].values())} graph break(s)"
+        )
     for what, (first, total) in compile_s.items():
         print(
             f"compile time, {what}: {first:.1f} s (the first compiled step; {total:.1f} s in all)"
