@@ -29,7 +29,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 import transformers
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import CountOps  # (this script's folder, tests/, is on sys.path)
 from transformers import OlmoeConfig, OlmoeForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
@@ -174,19 +174,6 @@ def run_matmul_floor(step: Callable[..., list[torch.Tensor]], inputs: tuple) -> 
         step(*inputs)
         steps.append(time.perf_counter() - t0)
     return steps, []
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the aten operations run under it (views, casts and matmuls alike), by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.ops[name] = self.ops.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def count_ops(model: tinymoe.MoETransformer, prompt: list[int]) -> dict[str, int]:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tinymoe import ModelConfig, MoETransformer, save_model
 
@@ -78,3 +79,17 @@ def add_tokenizer(path: Path, vocab_size: int = 96) -> Path:
     assert tok.get_vocab_size() <= vocab_size
     tok.save(str(path / "tokenizer.json"))
     return path
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operations run under it (views, casts and matmuls alike), by name
+    (tests/test_decode_path.py and tests/bench_vs_transformers.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))

@@ -12,9 +12,8 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import make_checkpoint
+from conftest import CountOps, make_checkpoint
 from safetensors import safe_open
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tinymoe
 from tinymoe.engine.experts import experts_by_index
@@ -95,19 +94,6 @@ def test_experts_by_index_equals_the_loop_over_experts(dtype, fp32_weights, tmp_
         assert got.dtype == want.dtype == dtype
         tol = 1e-6 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the aten operations run under it, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.ops[name] = self.ops.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "olmoe", "qwen3_moe"])

@@ -22,7 +22,7 @@ from tinymoe.engine.loader import load_model
 from tinymoe.engine.model import MoETransformer, Routing
 from tinymoe.engine.tokenizer import load_tokenizer
 from tinymoe.errors import TinyMoeError
-from tinymoe.exercises.exercise import REPO, expect, expect_close
+from tinymoe.exercises.exercise import REPO, expect, expect_close, patched
 from tinymoe.speculation.calibration import Calibration, load_speculation
 from tinymoe.speculation.recording import RouteRecorder
 
@@ -86,6 +86,17 @@ def agree(got: tuple[Tensor, list[int]], want: tuple[Tensor, list[int]], what: s
     expect_close(got[0], want[0], f"{what}: the logits", atol=1e-4, rtol=1e-4)
     expect(got[1] == want[1], f"{what}: greedy generation picks other tokens than the engine")
     return what
+
+
+def models_agree(name: str, value: object, archs: tuple[str, ...], seed: int) -> str:
+    """With the engine's `tinymoe.engine.model.<name>` replaced by `value`, baby models of each
+    architecture give the engine's own logits and greedy tokens."""
+    done = []
+    for arch in archs:
+        want = run_baby(baby_model(arch, seed=seed))
+        with patched("tinymoe.engine.model", name, value):
+            done.append(agree(run_baby(baby_model(arch, seed=seed)), want, arch))
+    return f"logits and greedy tokens equal the engine's ({', '.join(done)})"
 
 
 # ---------------------------------------------------------------- the demo model

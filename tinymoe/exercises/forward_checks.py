@@ -24,6 +24,7 @@ from tinymoe.exercises.fixtures import (
     agree,
     baby_config,
     baby_model,
+    models_agree,
     randn,
     random_ids,
     run_baby,
@@ -216,12 +217,7 @@ def check_routing_precision(code) -> str:
 
 
 def check_routing_model(code) -> str:
-    done = []
-    for arch in ARCHS:
-        want = run_baby(baby_model(arch, seed=6))
-        with patched("tinymoe.engine.model", "route_topk", code.route_topk):
-            done.append(agree(run_baby(baby_model(arch, seed=6)), want, arch))
-    return f"logits and greedy tokens equal the engine's ({', '.join(done)})"
+    return models_agree("route_topk", code.route_topk, ARCHS, seed=6)
 
 
 ROUTING = Exercise(

@@ -20,10 +20,9 @@ from tinymoe.exercises.exercise import (
     expect_close,
     expect_equal,
     expect_tensor,
-    patched,
     targets,
 )
-from tinymoe.exercises.fixtures import agree, baby_model, randn, run_baby
+from tinymoe.exercises.fixtures import models_agree, randn
 
 D, I, E = 32, 16, 8  # hidden, expert width, experts
 
@@ -87,12 +86,7 @@ def check_swiglu(code) -> str:
 
 
 def check_expert_model(code) -> str:
-    done = []
-    for arch in ("olmoe", "mixtral"):
-        want = run_baby(baby_model(arch, seed=7))
-        with patched("tinymoe.engine.model", "expert_forward", code.expert_forward):
-            done.append(agree(run_baby(baby_model(arch, seed=7)), want, arch))
-    return f"logits and greedy tokens equal the engine's ({', '.join(done)})"
+    return models_agree("expert_forward", code.expert_forward, ("olmoe", "mixtral"), seed=7)
 
 
 EXPERT = Exercise(
@@ -225,12 +219,7 @@ def check_moe_dtypes(code) -> str:
 
 
 def check_moe_model(code) -> str:
-    done = []
-    for arch in ("olmoe", "mixtral"):
-        want = run_baby(baby_model(arch, seed=8))
-        with patched("tinymoe.engine.model", "moe_forward", code.moe_forward):
-            done.append(agree(run_baby(baby_model(arch, seed=8)), want, arch))
-    return f"logits and greedy tokens equal the engine's ({', '.join(done)})"
+    return models_agree("moe_forward", code.moe_forward, ("olmoe", "mixtral"), seed=8)
 
 
 MOE_LAYER = Exercise(
