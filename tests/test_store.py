@@ -52,6 +52,21 @@ def expert_bytes(model) -> int:
 # ---- host_buffer
 
 
+def fail_copies_from_layer_1(model, monkeypatch):
+    """Every copy whose source is layer 1's experts raises, as a failed pin or copy would;
+    returns the real Tensor.copy_, to put back."""
+    layer1 = model.experts.weights[1].data_ptr()
+    copy = torch.Tensor.copy_
+
+    def failing_copy(dst, src, *args, **kwargs):
+        if src.data_ptr() == layer1:
+            raise RuntimeError("injected copy failure at layer 1")
+        return copy(dst, src, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", failing_copy)
+    return copy
+
+
 def test_host_buffer_locks_one_exact_page_aligned_range(fake_lock):
     buf = host_buffer((3, 8, 1536), torch.bfloat16, pin=True)
     nbytes = 3 * 8 * 1536 * 2  # 73,728: a power-of-two allocator would lock 131,072
@@ -129,15 +144,7 @@ def test_take_from_is_all_or_nothing_when_a_copy_fails(ckpt, fake_lock, monkeypa
     model = load_model(ckpt, expert_device="cpu")
     want = generate(model, PROMPT, 6, eos_ids=()).tokens
     before = [(w.data_ptr(), tuple(w.shape)) for w in model.experts.weights]
-    layer1 = model.experts.weights[1].data_ptr()
-    copy = torch.Tensor.copy_
-
-    def failing_copy(dst, src, *args, **kwargs):
-        if src.data_ptr() == layer1:
-            raise RuntimeError("injected copy failure at layer 1")
-        return copy(dst, src, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "copy_", failing_copy)
+    copy = fail_copies_from_layer_1(model, monkeypatch)
     with pytest.raises(RuntimeError, match="injected copy failure"):
         HostExpertStore.take_from(model, pin=True)
     monkeypatch.setattr(torch.Tensor, "copy_", copy)
@@ -258,15 +265,7 @@ def test_cuda_experts_loaded_on_the_host_stay_pinned_with_the_model(ckpt, unlock
 def test_cuda_take_from_is_all_or_nothing(ckpt, unlocks, monkeypatch):
     model = load_model(ckpt, device="cuda")
     want = generate(model, PROMPT, 6, eos_ids=()).tokens
-    layer1 = model.experts.weights[1].data_ptr()
-    copy = torch.Tensor.copy_
-
-    def failing_copy(dst, src, *args, **kwargs):
-        if src.data_ptr() == layer1:
-            raise RuntimeError("injected copy failure at layer 1")
-        return copy(dst, src, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "copy_", failing_copy)
+    copy = fail_copies_from_layer_1(model, monkeypatch)
     with pytest.raises(RuntimeError, match="injected copy failure"):
         HostExpertStore.take_from(model)
     monkeypatch.setattr(torch.Tensor, "copy_", copy)
