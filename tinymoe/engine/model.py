@@ -42,6 +42,18 @@ from tinymoe.engine.experts import (
 from tinymoe.engine.kvcache import KVCache
 
 
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dim, computed in fp32, returned in x's dtype.
+
+    (Not yet scaled by a weight: see RMSNorm.) The casts are skipped, not called, in fp32: a
+    decode step pays per operation, even for one that would return its input.
+    """
+    if x.dtype == torch.float32:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -50,9 +62,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32, cast back, then scale: the order Hugging Face uses, so bf16 matches.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * rms_normalize(x, self.eps)
 
 
 def rope_cos_sin(
@@ -91,6 +101,29 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
 
+    def norm_qk(self, qk: Tensor) -> Tensor:
+        """q and k normed, in one call where the rows allow: qk (B, T, (H + Hkv) * Dh) -> same.
+
+        The reference is self.q_norm(q) and self.k_norm(k) apart (the "full" case with H != Hkv
+        still does that). Otherwise q and k are viewed as G rows of equal length, normalised
+        together, then scaled by each row's weight: "full" (H == Hkv) is two rows of H * Dh,
+        "head" is H + Hkv rows of Dh (q's weight for the H query heads, k's for the rest).
+        Element for element the arithmetic is RMSNorm.forward's, so the bits are the same.
+        """
+        cfg = self.cfg
+        B, T, _ = qk.shape
+        H, Hkv, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        wq, wk = self.q_norm.weight, self.k_norm.weight
+        if cfg.qk_norm == "head":
+            w = torch.cat((wq.expand(H, Dh), wk.expand(Hkv, Dh)))  # (H + Hkv, Dh)
+        elif Hkv == H:
+            w = torch.stack((wq, wk))  # (2, H * Dh)
+        else:
+            q, k = qk.split((H * Dh, Hkv * Dh), dim=-1)
+            return torch.cat((self.q_norm(q), self.k_norm(k)), dim=-1)
+        rows = qk.view(B, T, *w.shape)  # (B, T, G, row)
+        return (w * rms_normalize(rows, self.q_norm.eps)).view(B, T, -1)
+
     def forward(
         self,
         x: Tensor,
@@ -105,15 +138,13 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = self.qkv_proj(x)  # (B, T, (H + 2*Hkv) * Dh): q, k, v side by side
-        if cfg.qk_norm == "full":
-            q, k, v = qkv.split((H * Dh, Hkv * Dh, Hkv * Dh), dim=-1)
-            qkv = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=-1)
+        qk, v = qkv.split(((H + Hkv) * Dh, Hkv * Dh), dim=-1)
+        if cfg.qk_norm != "none":  # OLMoE's over the whole projection, Qwen3's per head
+            qk = self.norm_qk(qk)
         if cfg.clip_qkv is not None:  # OLMoE: after the q/k norm, on q, k and v alike
-            qkv = qkv.clamp(-cfg.clip_qkv, cfg.clip_qkv)
-        heads = qkv.view(B, T, H + 2 * Hkv, Dh).transpose(1, 2)  # (B, H + 2*Hkv, T, Dh)
-        qk, v = heads[:, : H + Hkv], heads[:, H + Hkv :]  # (B, H + Hkv, T, Dh), (B, Hkv, T, Dh)
-        if cfg.qk_norm == "head":
-            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
+            qk, v = qk.clamp(-cfg.clip_qkv, cfg.clip_qkv), v.clamp(-cfg.clip_qkv, cfg.clip_qkv)
+        qk = qk.view(B, T, H + Hkv, Dh).transpose(1, 2)  # (B, H + Hkv, T, Dh)
+        v = v.view(B, T, Hkv, Dh).transpose(1, 2)  # (B, Hkv, T, Dh)
         qk = apply_rope(qk, cos, sin)  # q and k heads rotated in one go
         q, k = qk[:, :H], qk[:, H:]  # (B, H, T, Dh), (B, Hkv, T, Dh)
         if cache is not None:
@@ -167,7 +198,9 @@ def route_topk(logits: Tensor, top_k: int, normalise: bool, dtype: torch.dtype) 
     weights, ids = torch.topk(probs, top_k, dim=-1)  # (N, K) each
     if normalise:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return Routing(ids=ids, weights=weights.to(dtype), logits=logits)
+    return Routing(
+        ids=ids, weights=weights if weights.dtype == dtype else weights.to(dtype), logits=logits
+    )
 
 
 class MoE(nn.Module):
@@ -211,7 +244,8 @@ def moe_forward(
         if len(y) != K:
             raise RuntimeError(f"expert provider did not supply experts {ids} of layer {layer}")
         ys = torch.stack([y[e] for e in ids])  # (K, 1, D) in k order, whatever the yield order
-        return (ys * routing.weights.view(K, 1, 1)).sum(dim=0).to(u.dtype)  # (1, D)
+        y = (ys * routing.weights.view(K, 1, 1)).sum(dim=0)  # (1, D)
+        return y if y.dtype == u.dtype else y.to(u.dtype)
     flat = routing.ids.reshape(-1)  # (N*K,)
     order = torch.argsort(flat, stable=True)  # (N*K,) slots grouped by expert
     # SYNC: the host must know which experts are used (and how many tokens each) to fetch them.
