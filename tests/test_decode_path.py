@@ -78,6 +78,60 @@ def test_compiled_decode_under_the_offloading_runtime(tmp_path):
     assert report["decode"]["bytes_copied"] > 0  # 3 slots for 8 experts: it had to copy
 
 
+@pytest.mark.parametrize("case", list(ARCHS))
+def test_the_static_shape_step_equals_the_plain_one(case, tmp_path):
+    """start as a tensor (index_copy_ into the cache, attention over all of it behind a mask,
+    Mixtral's window included) against start as an int (the cache narrowed), eagerly. Within
+    1e-5, as the compiled step: the masked attention kernel rounds in its own order."""
+    model = tinymoe.load_model(make_checkpoint(tmp_path, seed=8, **ARCHS[case]))
+    caches = [new_cache(model, len(PROMPT) + 9) for _ in range(2)]
+    token = [prefill(model, torch.tensor([PROMPT]), c).argmax(-1) for c in caches][0]
+    for pos in range(len(PROMPT), len(PROMPT) + 9):  # past Mixtral's window of 6
+        want = decode_one_token(model, token.view(1, 1), caches[0], pos)
+        got = decode_one_token(model, token.view(1, 1), caches[1], torch.tensor([pos]))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # attention's rounding
+        token = want.argmax(-1)
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-5, rtol=0)  # written in place
+    torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-5, rtol=0)
+    assert torch.equal(caches[0].k[0], caches[1].k[0])  # layer 0's keys: before any attention
+    with pytest.raises(tinymoe.TinyMoeError, match="one new token"):
+        model(torch.tensor([PROMPT[:2]]), caches[1], torch.tensor([3]))
+
+
+@pytest.mark.slow
+def test_the_compiled_step_compiles_once_for_every_position(tmp_path):
+    """Static shapes: one graph for the whole decode, not one per position (what lets CUDA
+    graphs capture the step), and no graph break when nothing is offloaded."""
+    model = tinymoe.load_model(make_checkpoint(tmp_path, seed=9, model_type="mixtral"))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    decode_logits(model, 10, compiled=True)
+    generate(model, PROMPT, 6, eos_ids=(), compile=True)  # a new cache, a new prompt length
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["graph_break"].values()) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_replay_the_compiled_step(tmp_path):
+    """On CUDA, resident: the compiled step is captured as a CUDA graph (none skipped) and
+    generates eager's greedy tokens; with an offloading runtime it still runs, uncaptured."""
+    model = tinymoe.load_model(make_checkpoint(tmp_path, seed=10), device="cuda")
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    want = generate(model, PROMPT, 12, eos_ids=())
+    got = generate(model, PROMPT, 12, eos_ids=(), compile=True)
+    again = generate(model, PROMPT, 12, eos_ids=(), compile=True)  # a new cache: re-recorded
+    assert got.tokens == want.tokens == again.tokens
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    with OffloadRuntime(model, "lru", slots=3) as rt:
+        offloaded = generate(model, PROMPT, 12, eos_ids=(), compile=True)
+        assert rt.report()["decode"]["bytes_copied"] > 0
+    assert offloaded.tokens == want.tokens
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fp32_weights", [True, False])
 def test_experts_by_index_equals_the_loop_over_experts(dtype, fp32_weights, tmp_path):

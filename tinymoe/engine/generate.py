@@ -73,30 +73,83 @@ def prefill(model: MoETransformer, ids: Tensor, cache: KVCache) -> Tensor:
 
 
 @torch.inference_mode()
-def decode_one_token(model: MoETransformer, token: Tensor, cache: KVCache, pos: int) -> Tensor:
-    """One new token (1, 1) at position pos -> logits (1, V)."""
+def decode_one_token(
+    model: MoETransformer, token: Tensor, cache: KVCache, pos: int | Tensor
+) -> Tensor:
+    """One new token (1, 1) at position pos (an int, or a (1,) tensor: see forward) -> (1, V)."""
     return model(token, cache=cache, start=pos)[:, -1]
 
 
-def compiled_forward(model: MoETransformer) -> Callable[..., Tensor]:
-    """model.forward compiled with torch.compile, made once per model and kept on it.
+def cuda_graphs_apply(model: MoETransformer) -> bool:
+    """Whether the compiled decode step is also captured as a CUDA graph: on CUDA, with neither a
+    route hook nor an offloading provider installed (their eager calls cut the step into pieces
+    around host work: reading ids, Python state, copies on another stream)."""
+    on_cuda = model.embed_tokens.weight.device.type == "cuda"
+    return on_cuda and model.route_hook is None and model._provider is None
 
-    Shapes are dynamic, so one graph serves every position and cache length: the step does not
-    recompile as the sequence grows. A route hook or an offloading provider runs eagerly inside
-    it (model.outside_graph); with neither, the whole step is one graph: the experts are read by
-    index (experts_by_index) and no id goes to the host.
+
+def compiled_forward(model: MoETransformer, cuda_graphs: bool = False) -> Callable[..., Tensor]:
+    """model.forward compiled with torch.compile for the static-shape decode step (start a (1,)
+    tensor: MoETransformer._static_step), made once per model (and mode) and kept on it.
+
+    Every decode step has the same shapes, so one graph serves every position: the step compiles
+    once and never again as the sequence grows. cuda_graphs: also capture it as a CUDA graph
+    (mode "reduce-overhead"), replayed each step as one launch instead of one per kernel. A route
+    hook or an offloading provider runs eagerly inside the step (model.outside_graph); with
+    neither, the whole step is one graph: the experts are read by index (experts_by_index) and
+    no id goes to the host.
     """
-    if model.compiled_forward is None:
-        model.compiled_forward = torch.compile(MoETransformer.forward.__get__(model), dynamic=True)
-    return model.compiled_forward
+    mode = "reduce-overhead" if cuda_graphs else "default"
+    if mode not in model.compiled:
+        fn = MoETransformer.forward.__get__(model)
+        # dynamic=None: shapes static unless marked (compiled_steps marks the cache length) or
+        # seen to change (the layer index of the pieces a hook or provider cuts the step into)
+        model.compiled[mode] = torch.compile(fn, dynamic=None, mode=mode)
+    return model.compiled[mode]
 
 
 @contextmanager
 def compiled_steps(model: MoETransformer) -> Iterator[None]:
-    """Inside the block, model(...) runs compiled_forward(model). The model's forward hooks (the
-    offloading runtime's, which tell prefill from decode) still run around it, eagerly."""
+    """Inside the block, model(token, cache, start) runs the compiled decode step. The model's
+    forward hooks (the offloading runtime's, which tell prefill from decode) still run around
+    it, eagerly. An int start is made a (1,) tensor on the token's device (generate keeps one on
+    the device instead, so a step costs no host-to-device copy)."""
+    graphs = cuda_graphs_apply(model)
+    step = compiled_forward(model, graphs)
+    prepared: list[KVCache] = []  # the cache prepare() saw last
+
+    def prepare(cache: KVCache) -> None:
+        """Once per cache. Its length (and the rotary table's) changes from one generation to
+        the next: made symbolic, so one compilation serves them all (positions never change a
+        shape). With CUDA graphs, the cache and the table keep their addresses from step to
+        step: the graph reads and writes them in place instead of copying them in as inputs; a
+        new cache (a new generation) has the graph recorded again, not recompiled."""
+        prepared[:] = [cache]
+        for t in (cache.k, cache.v):  # (L, B, Hkv, max_len, Dh)
+            torch._dynamo.mark_dynamic(t, 3)
+        for t in model._rope:  # (n, Dh)
+            torch._dynamo.mark_dynamic(t, 0)
+        if graphs:
+            for t in (cache.k, cache.v, *model._rope):
+                torch._dynamo.mark_static_address(t)
+
+    def forward(input_ids: Tensor, cache: KVCache | None = None, start: int | Tensor = 0):
+        if not isinstance(start, Tensor):
+            start = torch.tensor([start], device=input_ids.device)
+        # Tensors made outside inference_mode differ in kind (a dispatch key) from those made
+        # inside, and the graph's guards would compile the step again for them: pass one kind.
+        if not input_ids.is_inference():
+            input_ids = input_ids.clone()
+        if not start.is_inference():
+            start = start.clone()
+        if cache is not None and prepared[:1] != [cache]:
+            prepare(cache)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs were consumed
+        return step(input_ids, cache, start)
+
     saved = vars(model).get("forward")  # normally none: forward is MoETransformer's method
-    model.forward = compiled_forward(model)  # an instance attribute: nn.Module.__call__ uses it
+    model.forward = forward  # an instance attribute: nn.Module.__call__ uses it
     try:
         yield
     finally:
@@ -159,10 +212,16 @@ def generate(
     result = GenerationResult(tokens=[tok], prompt_len=len(input_ids), ttft_s=ttft)
     stop = bool(on_token and on_token(tok))
     pos = len(input_ids)
-    with compiled_steps(model) if compile else nullcontext():
+    # The compiled step takes its position as a (1,) tensor on the device, advanced in place
+    # (made, like every tensor the steps make, under inference_mode: the same kind of tensor
+    # from step to step, which the compiled graph's guards check).
+    with torch.inference_mode():
+        position = torch.tensor([pos], device=device) if compile else None
+    with torch.inference_mode(), compiled_steps(model) if compile else nullcontext():
         while len(result.tokens) < max_new_tokens and tok not in eos and not stop:
             t0 = now()
-            logits = decode_one_token(model, token.view(1, 1), cache, pos)
+            at = pos if position is None else position
+            logits = decode_one_token(model, token.view(1, 1), cache, at)
             token = sample(logits, temperature, top_p, gen, top_k)
             tok = int(token.item())  # SYNC: one per token, as above; the step is done, so timed
             if compile and result.compile_s is None:
@@ -171,6 +230,8 @@ def generate(
                 result.step_s.append(now() - t0)
             result.tokens.append(tok)
             pos += 1
+            if position is not None:
+                position += 1
             stop = bool(on_token and on_token(tok))
     result.stopped_at_eos = tok in eos
     return result

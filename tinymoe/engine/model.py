@@ -40,6 +40,7 @@ from tinymoe.engine.experts import (
     experts_by_index,
 )
 from tinymoe.engine.kvcache import KVCache
+from tinymoe.errors import TinyMoeError
 
 
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
@@ -320,7 +321,7 @@ class MoETransformer(nn.Module):
         self.route_hook: RouteHook | None = None
         self._provider: ExpertProvider | None = None
         self._rope: tuple[Tensor, Tensor] | None = None  # cos, sin (n, Dh) for positions < n
-        self.compiled_forward: Callable[..., Tensor] | None = None  # see generate.py
+        self.compiled: dict[str, Callable[..., Tensor]] = {}  # generate.compiled_forward's
 
     @property
     def provider(self) -> ExpertProvider:
@@ -346,17 +347,24 @@ class MoETransformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, start: int = 0) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, cache: KVCache | None = None, start: int | Tensor = 0
+    ) -> Tensor:
         """input_ids (B, T) at positions start..start+T-1 -> logits (B, T, V).
 
         Without a cache this is a full causal forward. With one, k/v are appended at `start`.
+        start may also be a (1,) long tensor, for one new token (T = 1) with a cache: the
+        static-shape decode step (see `_static_step`), which the compiled decode uses.
         """
         cfg = self.cfg
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, D)
-        pos = torch.arange(start, start + T, device=x.device)  # (T,)
-        cos, sin = self._rope_rows(start, T, max(start + T, cache.max_len if cache else 0), x)
-        mask = self._mask(pos, start + T, x.device)
+        if isinstance(start, Tensor):
+            cos, sin, mask = self._static_step(start, T, cache, x)
+        else:
+            pos = torch.arange(start, start + T, device=x.device)  # (T,)
+            cos, sin = self._rope_rows(start, T, max(start + T, cache.max_len if cache else 0), x)
+            mask = self._mask(pos, start + T, x.device)
         for i, layer in enumerate(self.layers):
             # ---- attention ----
             r = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, cache, i, start)
@@ -387,6 +395,30 @@ class MoETransformer(nn.Module):
                 positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype
             )
         return table[0][start : start + T], table[1][start : start + T]
+
+    def _static_step(
+        self, start: Tensor, T: int, cache: KVCache | None, x: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """cos, sin (1, Dh) at position start, a (1,) tensor, and the (1, max_len) mask of the
+        cached positions it sees.
+
+        The one-token step then has the same shapes at every position: k/v are written at start
+        with index_copy_ (KVCache.update) and attention reads the whole preallocated cache, the
+        positions after start masked out (they hold zeros, never NaN). No Python int changes
+        between steps, so torch.compile makes one graph for the whole decode, and on CUDA that
+        graph can be captured once and replayed (CUDA graphs; generate.compiled_forward).
+        The plain path (start an int: narrowed cache, no mask) is the reference it is tested
+        against (tests/test_decode_path.py).
+        """
+        if T != 1 or cache is None:
+            raise TinyMoeError("a tensor start is for one new token (T = 1) with a KV cache")
+        S = cache.k.shape[3]  # max_len, read off the tensor so that compiling keeps it symbolic
+        cos, sin = self._rope_rows(0, S, S, x)  # (S, Dh) each: the whole table
+        k_pos = torch.arange(S, device=x.device)  # (S,)
+        sees = k_pos <= start  # (S,)
+        if self.cfg.sliding_window is not None:  # Mixtral: q - window < k <= q
+            sees = sees & (k_pos > start - self.cfg.sliding_window)
+        return cos[start], sin[start], sees[None, :]  # (1, Dh), (1, Dh), (1, S)
 
     def _mask(self, pos: Tensor, S: int, device: torch.device) -> Tensor | None:
         """Boolean (T, S) attention mask, or None when plain causal attention suffices."""

@@ -193,11 +193,14 @@ class OffloadRuntime:
 
     def _forward_start(self, module, args, kwargs) -> None:
         start = kwargs.get("start", args[2] if len(args) > 2 else 0)
-        phase = "prefill" if start == 0 else "decode"
+        # (a tensor start is the compiled static-shape decode step: never position 0, and never
+        # compared here, which would read it to the host)
+        fresh = not isinstance(start, Tensor) and start == 0
+        phase = "prefill" if fresh else "decode"
         # Speculate in decode steps only: a prefill streams nearly every expert anyway, so a
         # guess saves nothing there, and it would degrade the prompt's KV cache for good.
         self.hook.speculate = self.policy.speculate and phase == "decode"
-        if start == 0:
+        if fresh:
             self.hook.reset()  # a new sequence: predictors forget the previous one
             if self.policy.offload:
                 self.scheduler.new_sequence()
