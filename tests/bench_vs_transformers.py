@@ -14,8 +14,11 @@ compile time is printed); transformers' `generate()` as a user calls it (each st
 streamer) and a bare loop of its forward calls with its KV cache; and the floor: only the matrix
 -vector products a decode step needs, on the same weights, one call per matrix, in a bare loop
 (floor_step, the issue's floor), and the same matrices only read, each summed once (read_step:
-the memory's speed). Then the operations in one eager decode step, and how far apart the logits
-are (compiled, eager, transformers, float64).
+the memory's speed); between them a "flat eager step" (FlatStep): tinymoe's operations inlined
+by hand for this one checkpoint, to split eager's distance to the floor into the engine's
+structure and PyTorch's cost per operation. Then the operations in one eager decode step (the
+engine's and the flat step's), and how far apart the logits are (compiled, flat, eager,
+transformers, float64).
 Not collected by pytest (the file name does not start with test_); transformers is an oracle.
 """
 
@@ -150,6 +153,91 @@ def read_step(layers: Matrices, lm_head: torch.Tensor, x, h, a) -> list[torch.Te
     return out
 
 
+class FlatStep:
+    """The eager decode step with the engine taken away: the same operations as tinymoe's one
+    token step, hand-inlined for this benchmark's checkpoint only (OLMoE: q/k norm over the
+    whole projection with H == Hkv, no clip, no bias, top-K without renormalising, resident
+    experts, no hook), every weight and expert view resolved before the loop, no module calls.
+
+    Not an engine path (it knows one architecture and nothing of offloading): a measurement of
+    how much of eager tinymoe's distance to the matmul floor is the engine's own structure
+    (modules, hooks, providers, the general attention) and how much is PyTorch's cost per
+    operation, which no eager code avoids. Its logits are compared with the engine's.
+    """
+
+    def __init__(self, model: tinymoe.MoETransformer, cache: KVCache) -> None:
+        cfg, self.model, self.cache = model.cfg, model, cache
+        assert cfg.qk_norm == "full" and cfg.num_heads == cfg.num_kv_heads and not cfg.clip_qkv
+        D, I = cfg.hidden_size, cfg.expert_dim
+        self.layers = []
+        for i, layer in enumerate(model.layers):
+            a, W = layer.self_attn, model.experts.weights[i].detach()
+            experts = [expert_views(W[e], I, D) for e in range(cfg.num_experts)]
+            qk_norm = torch.stack((a.q_norm.weight, a.k_norm.weight)).detach()  # (2, H*Dh)
+            self.layers.append(
+                (
+                    layer.input_layernorm.weight,
+                    a.qkv_proj.weight,
+                    qk_norm,
+                    a.o_proj.weight,
+                    layer.post_attention_layernorm.weight,
+                    layer.mlp.gate.weight,
+                    experts,
+                    cache.k[i],
+                    cache.v[i],
+                )  # fmt: skip
+            )
+
+    @torch.inference_mode()
+    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        m, cfg = self.model, self.model.cfg
+        H, Dh, eps, K = cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.top_k
+
+        def norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+        cos, sin = m._rope_rows(pos, 1, self.cache.max_len, m.embed_tokens.weight)  # (1, Dh)
+        x = F.embedding(token.view(1), m.embed_tokens.weight)  # (1, D)
+        for w_in, w_qkv, w_qk, w_o, w_post, w_router, experts, k_all, v_all in self.layers:
+            qk, v = F.linear(norm(x, w_in), w_qkv).view(3, H * Dh).split((2, 1))
+            qk = norm(qk, w_qk).view(2 * H, Dh)  # q heads then k heads
+            x1, x2 = qk.chunk(2, dim=-1)
+            qk = qk * cos + torch.cat((-x2, x1), dim=-1) * sin
+            k_all[0, :, pos] = qk[H:]
+            v_all[0, :, pos] = v.view(H, Dh)
+            k, v = k_all[:, :, : pos + 1], v_all[:, :, : pos + 1]
+            y = F.scaled_dot_product_attention(qk[:H].view(1, H, 1, Dh), k, v)
+            r = x + F.linear(y.view(1, H * Dh), w_o)
+            u = norm(r, w_post)
+            probs = torch.softmax(F.linear(u, w_router), dim=-1, dtype=torch.float32)
+            weights, ids = torch.topk(probs, K)
+            ys = []
+            for e in ids[0].tolist():
+                gate_up, down = experts[e]
+                g, up = F.linear(u, gate_up).chunk(2, dim=-1)
+                ys.append(F.linear(F.silu(g) * up, down))
+            x = r + (torch.stack(ys) * weights.view(K, 1, 1)).sum(dim=0)
+        return F.linear(norm(x, m.norm.weight), m.lm_head.weight)  # (1, V)
+
+
+def run_flat(model: tinymoe.MoETransformer, prompt: list[int]) -> tuple[list[float], list[int]]:
+    """FlatStep in generate's loop: prefill (the engine's), then greedy one-token steps."""
+    cfg = model.cfg
+    cache = KVCache(
+        cfg.num_layers, 1, cfg.num_kv_heads, len(prompt) + NEW_TOKENS, cfg.head_dim, "cpu",
+        torch.float32,
+    )  # fmt: skip
+    step = FlatStep(model, cache)
+    token = prefill(model, torch.tensor([prompt]), cache).argmax(-1)
+    tokens, steps = [int(token)], []
+    for pos in range(len(prompt), len(prompt) + NEW_TOKENS - 1):
+        t0 = time.perf_counter()
+        token = step(token, pos).argmax(-1)
+        tokens.append(int(token))
+        steps.append(time.perf_counter() - t0)
+    return steps, tokens
+
+
 def floor_inputs(model: tinymoe.MoETransformer) -> tuple:
     """floor_step's arguments, on tinymoe's weights: different experts in every layer, every
     matrix cut out here (so the timed loop takes not even a view), fixed input vectors."""
@@ -176,8 +264,9 @@ def run_matmul_floor(step: Callable[..., list[torch.Tensor]], inputs: tuple) -> 
     return steps, []
 
 
-def count_ops(model: tinymoe.MoETransformer, prompt: list[int]) -> dict[str, int]:
-    """The aten operations of one eager decode step (the KV cache holds the prompt)."""
+def count_ops(model: tinymoe.MoETransformer, prompt: list[int]) -> tuple[dict, dict]:
+    """The aten operations of one eager decode step (the KV cache holds the prompt), the
+    engine's and FlatStep's."""
     cfg = model.cfg
     cache = KVCache(
         cfg.num_layers, 1, cfg.num_kv_heads, len(prompt) + 1, cfg.head_dim, "cpu", torch.float32
@@ -185,7 +274,10 @@ def count_ops(model: tinymoe.MoETransformer, prompt: list[int]) -> dict[str, int
     token = prefill(model, torch.tensor([prompt]), cache).argmax(-1)
     with CountOps() as c:
         decode_one_token(model, token.view(1, 1), cache, len(prompt))
-    return c.ops
+    flat_step = FlatStep(model, cache)
+    with CountOps() as flat:
+        flat_step(token.view(1, 1), len(prompt))
+    return c.ops, flat.ops
 
 
 @torch.inference_mode()
@@ -213,8 +305,17 @@ def logits_apart(tm, tm64, hf: OlmoeForCausalLM, ids: list[int]) -> dict[str, fl
         hf(torch.tensor([[ids[p]]]), cache=hf_cache, use_cache=True).logits[:, -1]
         for p in range(PROMPT_LEN, len(ids))
     ]
+    cfg = tm.cfg
+    cache = KVCache(
+        cfg.num_layers, 1, cfg.num_kv_heads, len(ids), cfg.head_dim, "cpu", torch.float32
+    )
+    prefill(tm, torch.tensor([ids[:PROMPT_LEN]]), cache)
+    flat = FlatStep(tm, cache)
     runs = {
         "compiled": decode_logits(tm, ids, compiled=True),
+        "flat": torch.cat(
+            [flat(torch.tensor([ids[p]]), p) for p in range(PROMPT_LEN, len(ids))]
+        ).double(),
         "eager": decode_logits(tm, ids),
         "transformers": torch.cat(hf_steps).double(),
     }
@@ -253,6 +354,7 @@ def main() -> None:
         "tinymoe eager": lambda: run_tinymoe(tm, prompt),
         "transformers generate": lambda: run_hf_generate(hf, prompt),
         "transformers forward loop": lambda: run_hf_forward_loop(hf, prompt),
+        "flat eager step": lambda: run_flat(tm, prompt),
         "matmul floor": lambda: run_matmul_floor(floor_step, floor_args),
         "read floor": lambda: run_matmul_floor(read_step, floor_args),
     }
@@ -263,7 +365,7 @@ def main() -> None:
         out = generate(tm, prompt, 3, eos_ids=(), compile=True)  # compiles
         compile_s["tinymoe"] = (out.compile_s, time.perf_counter() - t0)
     tokens = {name: run()[1] for name, run in runners.items()}  # warm-up
-    engines = [n for n in runners if "floor" not in n]
+    engines = [n for n in runners if "floor" not in n]  # (the flat step too: same tokens)
     same = all(tokens[n] == tokens["tinymoe eager"] for n in engines)
     mean: dict[str, list[float]] = {name: [] for name in runners}  # per repeat, ms
     p50: dict[str, list[float]] = {name: [] for name in runners}
@@ -290,6 +392,9 @@ def main() -> None:
         ("tinymoe eager", "matmul floor"),
         ("tinymoe eager", "transformers generate"),
         ("tinymoe eager", "transformers forward loop"),
+        ("flat eager step", "matmul floor"),
+        ("flat eager step", "transformers generate"),
+        ("tinymoe eager", "flat eager step"),
         ("tinymoe compiled", "matmul floor"),
         ("tinymoe compiled", "read floor"),
         ("matmul floor", "read floor"),
@@ -308,7 +413,8 @@ def main() -> None:
         print(
             f"compile time, {what}: {first:.1f} s (the first compiled step; {total:.1f} s in all)"
         )
-    ops = count_ops(tm, prompt)
+    ops, flat_ops = count_ops(tm, prompt)
+    print(f"aten operations in one flat eager step: {sum(flat_ops.values())}")
     print(
         f"aten operations in one eager decode step: {sum(ops.values())} "
         f"({ops.get('linear', 0)} matmuls, {ops.get('scaled_dot_product_attention', 0)} "

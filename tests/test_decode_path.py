@@ -7,12 +7,13 @@ path's experts, against the loop over experts; and the fused q/k/v matrix agains
 checkpoint tensors it is loaded from and saved back to.
 """
 
+import json
 import shutil
 from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import CountOps, make_checkpoint
+from conftest import CountOps, add_tokenizer, make_checkpoint
 from safetensors import safe_open
 
 import tinymoe
@@ -110,6 +111,30 @@ def test_the_compiled_step_compiles_once_for_every_position(tmp_path):
     generate(model, PROMPT, 6, eos_ids=(), compile=True)  # a new cache, a new prompt length
     assert counters["stats"]["unique_graphs"] == 1
     assert sum(counters["graph_break"].values()) == 0
+
+
+@pytest.mark.slow
+def test_run_compile_keeps_the_resident_step_one_graph(tmp_path, capsys):
+    """run.py --compile with the resident policy: the runtime times forward passes but adds no
+    per-layer hook, which would cut the compiled step into pieces; the tokens are eager's."""
+    from tinymoe.run import cli
+
+    model_dir = add_tokenizer(make_checkpoint(tmp_path / "baby", seed=11))
+    base = ["--model", str(model_dir), "--prompt", "the cat sat", "--max-new-tokens", "6"]
+    assert cli([*base, "--json"]) == 0
+    eager = json.loads(capsys.readouterr().out)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    assert cli([*base, "--json", "--compile"]) == 0
+    compiled = json.loads(capsys.readouterr().out)
+    assert compiled["tokens"] == eager["tokens"] and compiled["compile_s"] > 0
+    assert eager["compile_s"] is None and eager["hit_rate"] == 1.0
+    assert compiled["hit_rate"] is None  # (layers were not timed one by one)
+    assert sum(counters["graph_break"].values()) == 0
+    model = tinymoe.load_model(model_dir)
+    with pytest.raises(tinymoe.TinyMoeError, match="layer by layer"):
+        OffloadRuntime(model, "lru", slots=3, per_layer=False)
 
 
 @pytest.mark.cuda

@@ -66,8 +66,13 @@ class OffloadRuntime:
         trace: bool = False,
         prefetch_depth: int | None = 1,
         miss_handler: str = "copy",
+        per_layer: bool = True,
     ) -> None:
         self.policy = parse_policy(policy) if isinstance(policy, str) else policy
+        if not per_layer and (self.policy.offload or predictor is not None):
+            raise TinyMoeError(
+                f"offload policy {self.policy.name!r} works layer by layer: it needs per_layer"
+            )
         if (self.policy.predictor is None) != (predictor is None):
             raise TinyMoeError(
                 f"offload policy {self.policy.name!r} "
@@ -127,9 +132,13 @@ class OffloadRuntime:
             raise TinyMoeError(
                 "--expert-slots/--expert-budget-gb/--miss-handler need an offloading policy"
             )
-        # Install. The forward hooks mark where each forward pass starts and ends.
+        # Install. The forward hooks mark where each forward pass starts and ends; the route
+        # hook and the provider see every layer. per_layer=False (resident only) leaves those
+        # two out: forward passes are still timed, layers are not, and a compiled decode step
+        # is not cut into pieces around them.
         self._saved_hook = model.route_hook
-        model.provider, model.route_hook = self, self._route
+        if per_layer:
+            model.provider, model.route_hook = self, self._route
         self._handles = [
             model.register_forward_pre_hook(self._forward_start, with_kwargs=True),
             model.register_forward_hook(self._forward_end),
