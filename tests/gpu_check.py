@@ -12,7 +12,9 @@ Run it on a machine with an NVIDIA GPU (about three minutes; it needs ~6 GB of G
     bench.json/.txt   tinymoe.bench on a random checkpoint with Qwen3-30B-A3B's shapes (hidden
                       2048, 128 experts of width 768, top-8, bf16; 9.4 MB per expert) and
                       --layers layers: TPOT per policy on the real link
-    summary.json      the headline figures of all three
+    decode.json       resident decode on the GPU, eager against the compiled step captured as
+                      a CUDA graph (generate(compile=True)): TPOT, compile time, same tokens
+    summary.json      the headline figures of all four
 
 Not collected by pytest (the file name does not start with test_). Random weights route close to
 uniformly, so the bench's hit rates are a stress test, not Qwen3's; its TPOT and bandwidth
@@ -32,7 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tinymoe import ModelConfig, MoETransformer, save_model  # noqa: E402
+from tinymoe import ModelConfig, MoETransformer, load_model, save_model  # noqa: E402
+from tinymoe.engine.generate import generate  # noqa: E402
 
 QWEN3_30B_A3B = dict(  # the published config.json of Qwen/Qwen3-30B-A3B, fewer layers
     model_type="qwen3_moe",
@@ -137,11 +140,35 @@ def run_bench(model_dir: Path, out: Path, new_tokens: int) -> dict:
     return {r["policy"]: {k: r.get(k) for k in keys} for r in result["rows"]}
 
 
+def decode_speed(model_dir: Path, new_tokens: int) -> dict:
+    """Resident decode, eager against compiled with CUDA graphs, alternating, two runs each (the
+    first compiled run compiles and records the graph; the second is the steady state)."""
+    model = load_model(model_dir, device="cuda", dtype=torch.bfloat16)
+    prompt = list(range(1, 65))
+    runs: dict[str, list] = {"eager": [], "compiled": []}
+    for _ in range(2):
+        for name in runs:
+            runs[name].append(
+                generate(model, prompt, new_tokens, eos_ids=(), compile=name != "eager")
+            )
+    median = {n: 1e3 * sorted(r[-1].step_s)[len(r[-1].step_s) // 2] for n, r in runs.items()}
+    counters = torch._dynamo.utils.counters
+    return {
+        "tpot_p50_ms": median,
+        "compiled_over_eager": median["compiled"] / median["eager"],
+        "compile_s": runs["compiled"][0].compile_s,
+        "same_tokens": runs["compiled"][-1].tokens == runs["eager"][-1].tokens,
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu-check", help="directory for the result files")
     p.add_argument("--layers", type=int, default=4, help="layers of the Qwen3-shaped checkpoint")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--no-compile", action="store_true", help="skip step 4 (compiles ~1 minute)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("error: no CUDA device; this script checks the GPU path", file=sys.stderr)
@@ -149,18 +176,22 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    print("1/3 CUDA tests ...", file=sys.stderr, flush=True)
+    print("1/4 CUDA tests ...", file=sys.stderr, flush=True)
     summary["tests"] = run_tests(out)
     print(f"    {summary['tests']['result']}", file=sys.stderr)
-    print("2/3 pinned host-to-device bandwidth ...", file=sys.stderr, flush=True)
+    print("2/4 pinned host-to-device bandwidth ...", file=sys.stderr, flush=True)
     cfg = ModelConfig(num_layers=1, **QWEN3_30B_A3B)
     summary["h2d"] = h2d_bandwidth(cfg.expert_numel * 2)
     (out / "h2d.json").write_text(json.dumps(summary["h2d"], indent=2))
     print(f"    {summary['h2d']}", file=sys.stderr)
-    print(f"3/3 bench, Qwen3-30B-A3B shapes, {args.layers} layers, bf16 ...", file=sys.stderr)
+    print(f"3/4 bench, Qwen3-30B-A3B shapes, {args.layers} layers, bf16 ...", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         make_checkpoint(Path(tmp), args.layers)
         summary["bench"] = run_bench(Path(tmp), out, args.new_tokens)
+        if not args.no_compile:
+            print("4/4 resident decode, eager vs compiled + CUDA graphs ...", file=sys.stderr)
+            summary["decode"] = decode_speed(Path(tmp), args.new_tokens)
+            (out / "decode.json").write_text(json.dumps(summary["decode"], indent=2))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return 0 if summary["tests"]["returncode"] == 0 else 1
