@@ -77,6 +77,12 @@ def test_compiled_decode_under_the_offloading_runtime(tmp_path):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
     assert report["decode"]["steps"] == 5  # the runtime's forward hooks saw every step
     assert report["decode"]["bytes_copied"] > 0  # 3 slots for 8 experts: it had to copy
+    # generate(compile=True): the compiling step is metered apart, as it is kept out of TPOT
+    with OffloadRuntime(model, "lru", slots=3, link=LinkSpec(100.0, 0.0)) as rt:
+        out = generate(model, PROMPT, 7, eos_ids=(), compile=True)
+        report = rt.report()
+    assert report["compile"]["steps"] == 1 and report["decode"]["steps"] == len(out.step_s) == 5
+    assert report["compile"]["misses"] + report["compile"]["hits"] == model.cfg.num_layers * 2
 
 
 @pytest.mark.parametrize("case", list(ARCHS))

@@ -221,7 +221,11 @@ def generate(
         while len(result.tokens) < max_new_tokens and tok not in eos and not stop:
             t0 = now()
             at = pos if position is None else position
-            logits = decode_one_token(model, token.view(1, 1), cache, at)
+            model.compiling = compile and result.compile_s is None
+            try:
+                logits = decode_one_token(model, token.view(1, 1), cache, at)
+            finally:
+                model.compiling = False
             token = sample(logits, temperature, top_p, gen, top_k)
             tok = int(token.item())  # SYNC: one per token, as above; the step is done, so timed
             if compile and result.compile_s is None:

@@ -322,6 +322,9 @@ class MoETransformer(nn.Module):
         self._provider: ExpertProvider | None = None
         self._rope: tuple[Tensor, Tensor] | None = None  # cos, sin (n, Dh) for positions < n
         self.compiled: dict[str, Callable[..., Tensor]] = {}  # generate.compiled_forward's
+        # True during generate(compile=True)'s first decode step, the one that compiles: a
+        # runtime's meter files that pass apart, as the GenerationResult keeps it out of TPOT.
+        self.compiling = False
 
     @property
     def provider(self) -> ExpertProvider:

@@ -217,7 +217,9 @@ class Meter:
     def reset(self) -> None:
         """Forget everything measured so far (spans not yet folded included)."""
         L = self.num_layers
-        self.stats = {"prefill": PhaseStats(L), "decode": PhaseStats(L)}
+        # "compile": a decode step that compiled the step first (generate(compile=True)), kept
+        # apart as GenerationResult keeps it out of TPOT; its tokens and copies are real
+        self.stats = {"prefill": PhaseStats(L), "decode": PhaseStats(L), "compile": PhaseStats(L)}
         self.phase = "prefill"
         self._spans: list[_Span] = []  # recorded, not yet folded
         self._copies: list[tuple[Transfer, LayerStats]] = []  # copies whose times are unread

@@ -189,6 +189,7 @@ class OffloadRuntime:
             },
             "prefill": self.stats["prefill"].summary(),
             "decode": self.stats["decode"].summary(),
+            "compile": self.stats["compile"].summary(),  # (generate(compile=True)'s first step)
         }
 
     def write_trace(self, path: str | Path) -> None:
@@ -214,7 +215,7 @@ class OffloadRuntime:
             if self.policy.offload:
                 self.scheduler.new_sequence()
         self.hook.next_forward(self.cfg.num_layers)
-        self.meter.forward_start(phase)
+        self.meter.forward_start("compile" if self.model.compiling else phase)
 
     def _forward_end(self, module, args, output) -> None:
         self.meter.forward_end()
