@@ -27,7 +27,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
-        prog="python -m tinymoe.exercises",
+        prog="tinymoe exercises",
         description="Exercises cut from tinymoe's own code: start one, fill the holes, check it.",
     )
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
