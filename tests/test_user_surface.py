@@ -221,6 +221,27 @@ def test_ctrl_c_while_generating_ends_the_line_writes_the_trace_and_exits_130(
     assert json.loads(trace.read_text())["traceEvents"]  # the trace so far
 
 
+def test_ctrl_c_in_the_bench_writes_the_running_policys_trace(baby, tmp_path, capsys, monkeypatch):
+    real_generate = bench.generate
+
+    def interrupted(*args, **kwargs):
+        def tick(token: int) -> None:
+            if token is not None and len(seen) == 2:
+                raise KeyboardInterrupt  # Ctrl-C at the third token of the first policy
+            seen.append(token)
+
+        seen: list[int] = []
+        return real_generate(*args, on_token=tick, **kwargs)
+
+    monkeypatch.setattr(bench, "generate", interrupted)
+    argv = ["--model", str(baby), "--policies", "lru,resident", "--max-new-tokens", "8"]
+    rc, _, err = call(bench, [*argv, "--trace-dir", str(tmp_path / "traces")], capsys)
+    assert rc == 130 and "Traceback" not in err
+    (written,) = (tmp_path / "traces").iterdir()  # the interrupted policy's; no later one ran
+    assert f"wrote the trace so far to {written}" in err
+    assert json.loads(written.read_text())["traceEvents"]
+
+
 # A Ctrl-C during `import torch` made deterministic: an import hook raises KeyboardInterrupt
 # where the signal would, at torch's import, in a real process started the way a user does.
 INTERRUPT_TORCH_IMPORT = """

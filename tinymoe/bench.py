@@ -111,7 +111,13 @@ def run_policy(
         trace=trace is not None,
         prefetch_depth=prefetch_depth,
     ) as rt:
-        out = generate(model, ids, max_new_tokens, eos_ids=())
+        try:
+            out = generate(model, ids, max_new_tokens, eos_ids=())
+        except KeyboardInterrupt:  # what ran so far is worth seeing, as in run.py
+            if trace is not None:
+                rt.write_trace(trace)
+                print(f"wrote the trace so far to {trace}", file=sys.stderr)
+            raise
         report = rt.report()
         if trace is not None:
             rt.write_trace(trace)
