@@ -116,7 +116,7 @@ def compiled_steps(model: MoETransformer) -> Iterator[None]:
     the device instead, so a step costs no host-to-device copy)."""
     graphs = cuda_graphs_apply(model)
     step = compiled_forward(model, graphs)
-    prepared: list[KVCache] = []  # the cache prepare() saw last
+    prepared: KVCache | None = None  # the cache prepare() saw last
 
     def prepare(cache: KVCache) -> None:
         """Once per cache. Its length (and the rotary table's) changes from one generation to
@@ -124,16 +124,17 @@ def compiled_steps(model: MoETransformer) -> Iterator[None]:
         shape). With CUDA graphs, the cache and the table keep their addresses from step to
         step: the graph reads and writes them in place instead of copying them in as inputs; a
         new cache (a new generation) has the graph recorded again, not recompiled."""
-        prepared[:] = [cache]
+        rope = model._rope or ()  # (made by the prefill before, normally)
         for t in (cache.k, cache.v):  # (L, B, Hkv, max_len, Dh)
             torch._dynamo.mark_dynamic(t, 3)
-        for t in model._rope:  # (n, Dh)
+        for t in rope:  # (n, Dh)
             torch._dynamo.mark_dynamic(t, 0)
         if graphs:
-            for t in (cache.k, cache.v, *model._rope):
+            for t in (cache.k, cache.v, *rope):
                 torch._dynamo.mark_static_address(t)
 
     def forward(input_ids: Tensor, cache: KVCache | None = None, start: int | Tensor = 0):
+        nonlocal prepared
         if not isinstance(start, Tensor):
             start = torch.tensor([start], device=input_ids.device)
         # Tensors made outside inference_mode differ in kind (a dispatch key) from those made
@@ -142,8 +143,9 @@ def compiled_steps(model: MoETransformer) -> Iterator[None]:
             input_ids = input_ids.clone()
         if not start.is_inference():
             start = start.clone()
-        if cache is not None and prepared[:1] != [cache]:
+        if cache is not None and cache is not prepared:
             prepare(cache)
+            prepared = cache
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs were consumed
         return step(input_ids, cache, start)
