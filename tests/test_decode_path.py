@@ -119,6 +119,17 @@ def test_the_compiled_step_compiles_once_for_every_position(tmp_path):
     assert sum(counters["graph_break"].values()) == 0
 
 
+def test_compile_without_a_cpp_compiler_is_one_clear_error(tmp_path):
+    import torch._inductor.config as inductor_config
+
+    model = tinymoe.load_model(make_checkpoint(tmp_path, seed=12))
+    with (
+        inductor_config.patch({"cpp.cxx": ("/no/such/c++",)}),
+        pytest.raises(tinymoe.TinyMoeError, match="needs a C\\+\\+ compiler.*apt install g"),
+    ):
+        generate(model, PROMPT, 4, eos_ids=(), compile=True)
+
+
 @pytest.mark.slow
 def test_run_compile_keeps_the_resident_step_one_graph(tmp_path, capsys):
     """run.py --compile with the resident policy: the runtime times forward passes but adds no

@@ -101,11 +101,27 @@ def compiled_forward(model: MoETransformer, cuda_graphs: bool = False) -> Callab
     """
     mode = "reduce-overhead" if cuda_graphs else "default"
     if mode not in model.compiled:
+        if model.embed_tokens.weight.device.type == "cpu":
+            _need_a_cpp_compiler()
         fn = MoETransformer.forward.__get__(model)
         # dynamic=None: shapes static unless marked (compiled_steps marks the cache length) or
         # seen to change (the layer index of the pieces a hook or provider cuts the step into)
         model.compiled[mode] = torch.compile(fn, dynamic=None, mode=mode)
     return model.compiled[mode]
+
+
+def _need_a_cpp_compiler() -> None:
+    """On the CPU inductor builds its kernels with a C++ compiler: without one, say so now, in
+    one line, rather than in a long trace from inside the first compiled step."""
+    from torch._inductor import cpp_builder, exc  # (inductor's own search, as it will run it)
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise TinyMoeError(
+            "--compile on the CPU needs a C++ compiler, which torch.compile builds its kernels "
+            "with; install one (Debian/Ubuntu: apt install g++) or run without --compile"
+        ) from None
 
 
 @contextmanager
