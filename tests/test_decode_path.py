@@ -154,6 +154,19 @@ def test_run_compile_keeps_the_resident_step_one_graph(tmp_path, capsys):
         OffloadRuntime(model, "lru", slots=3, per_layer=False)
 
 
+@pytest.mark.slow
+def test_the_cuda_graph_branch_runs_on_the_cpu(tmp_path, monkeypatch):
+    """What of the CUDA-graph setup the CPU can run (mode "reduce-overhead", static addresses,
+    a graph step marked each call): no error, eager's tokens. Capturing needs a GPU (below)."""
+    from tinymoe.engine import generate as generate_module
+
+    model = tinymoe.load_model(make_checkpoint(tmp_path, seed=13))
+    want = generate(model, PROMPT, 8, eos_ids=())
+    monkeypatch.setattr(generate_module, "cuda_graphs_apply", lambda model: True)
+    got = generate(model, PROMPT, 8, eos_ids=(), compile=True)
+    assert got.tokens == want.tokens and "reduce-overhead" in model.compiled
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_replay_the_compiled_step(tmp_path):
