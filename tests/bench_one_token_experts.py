@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from tinymoe.engine.experts import ResidentExperts, experts_by_index
-from tinymoe.engine.model import Routing, moe_forward
+from tinymoe.engine.moe import Routing, moe_forward
 
 L, TOKENS = 8, 40
 

@@ -20,7 +20,7 @@ import tinymoe
 from tinymoe.engine.experts import experts_by_index
 from tinymoe.engine.generate import compiled_steps, decode_one_token, generate, prefill
 from tinymoe.engine.kvcache import KVCache
-from tinymoe.engine.model import Routing, moe_forward
+from tinymoe.engine.moe import Routing, moe_forward
 from tinymoe.offload.link import LinkSpec
 from tinymoe.offload.runtime import OffloadRuntime
 

@@ -7,7 +7,7 @@ import torch
 
 from tinymoe import TinyMoeError, generate, load_model
 from tinymoe.engine.kvcache import KVCache
-from tinymoe.engine.model import Routing
+from tinymoe.engine.moe import Routing
 from tinymoe.offload.link import LinkSpec
 from tinymoe.offload.policy import parse_policy
 from tinymoe.offload.runtime import OffloadRuntime

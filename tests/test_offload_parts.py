@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tinymoe import load_model
-from tinymoe.engine.model import Routing
+from tinymoe.engine.moe import Routing
 from tinymoe.offload.cache import ExpertCache
 from tinymoe.offload.link import LinkSpec, SimulatedLink
 from tinymoe.offload.meter import classify_miss, eq1_bound_ms

@@ -211,7 +211,7 @@ def test_bf16_moe_layers_match_transformers_bit_for_bit(arch, tmp_path):
     rounding, which would hide this.) transformers 5's default experts implementation,
     grouped_mm, is pinned; its eager loop rounds Mixtral's K contributions one by one instead.
     """
-    from tinymoe.engine.model import Routing, moe_forward
+    from tinymoe.engine.moe import Routing, moe_forward
 
     hf = copy.deepcopy(oracle(arch).hf).to(torch.bfloat16)
     hf.set_experts_implementation("grouped_mm")

@@ -7,7 +7,7 @@ from conftest import make_checkpoint
 
 from tinymoe import TinyMoeError, load_model
 from tinymoe.engine.experts import expert_forward
-from tinymoe.engine.model import Routing
+from tinymoe.engine.moe import Routing
 from tinymoe.speculation.calibration import Calibration
 from tinymoe.speculation.estimator import EstimatorConfig, build_estimator
 from tinymoe.speculation.hook import PredictionHook

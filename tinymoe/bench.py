@@ -45,7 +45,8 @@ from tinymoe.cli import (
     positive_int_or_auto,
     run_cli,
 )
-from tinymoe.engine.model import MoETransformer, Routing
+from tinymoe.engine.model import MoETransformer
+from tinymoe.engine.moe import Routing
 from tinymoe.offload.link import PRESETS, LinkSpec
 from tinymoe.offload.meter import eq1_bound_ms
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy

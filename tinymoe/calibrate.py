@@ -43,7 +43,8 @@ from tinymoe.corpus import fewer_tokens, read_token_ids
 from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.experts import expert_forward
 from tinymoe.engine.loader import load_model
-from tinymoe.engine.model import MoETransformer, Routing
+from tinymoe.engine.model import MoETransformer
+from tinymoe.engine.moe import Routing
 from tinymoe.errors import TinyMoeError
 from tinymoe.progress import Progress
 from tinymoe.speculation.calibration import (

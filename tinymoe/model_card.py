@@ -16,7 +16,8 @@ from torch import Tensor
 
 from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.loader import save_model
-from tinymoe.engine.model import MoETransformer, Routing
+from tinymoe.engine.model import MoETransformer
+from tinymoe.engine.moe import Routing
 from tinymoe.speculation.recording import RouteRecorder
 
 # ---------------------------------------------------------------------------------------------

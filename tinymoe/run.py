@@ -255,8 +255,7 @@ def make_runtime(
         trace=args.trace is not None,
         prefetch_depth=args.prefetch_depth,
         miss_handler=args.miss_handler,
-        # resident + --compile: no per-layer timing, which would cut the compiled step apart
-        per_layer=not (args.compile and name == "resident"),
+        per_layer=not (args.compile and name == "resident"),  # else compiled in pieces
     )
 
 

@@ -40,7 +40,8 @@ from tinymoe.cli import (
 from tinymoe.corpus import DEFAULT_CORPUS, EOS, prepare_data
 from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.loader import load_model
-from tinymoe.engine.model import MoETransformer, Routing
+from tinymoe.engine.model import MoETransformer
+from tinymoe.engine.moe import Routing
 from tinymoe.errors import TinyMoeError
 from tinymoe.model_card import export, loss_and_usage, model_card, param_counts, usage_table
 from tinymoe.progress import Progress

@@ -1,7 +1,7 @@
 """What an exercise is: its holes, its checks, and the small vocabulary checks are written in.
 
 An exercise names *targets*, functions or methods of the engine, as "module:qualname"
-("tinymoe.engine.model:route_topk", "tinymoe.offload.cache:ExpertCache._victim"). `start` cuts
+("tinymoe.engine.moe:route_topk", "tinymoe.offload.cache:ExpertCache._victim"). `start` cuts
 each target's body out of the live source (holes.py); `check` runs the exercise's checks on a
 `code` namespace that holds one object per target's top-level name: the student's function, or
 the student's subclass of the engine's class, or, with `--solution`, the engine's own object.

@@ -19,7 +19,8 @@ from torch import Tensor
 from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.generate import generate
 from tinymoe.engine.loader import load_model
-from tinymoe.engine.model import MoETransformer, Routing
+from tinymoe.engine.model import MoETransformer
+from tinymoe.engine.moe import Routing
 from tinymoe.engine.tokenizer import load_tokenizer
 from tinymoe.errors import TinyMoeError
 from tinymoe.exercises.exercise import REPO, expect, expect_close, patched
@@ -88,13 +89,13 @@ def agree(got: tuple[Tensor, list[int]], want: tuple[Tensor, list[int]], what: s
     return what
 
 
-def models_agree(name: str, value: object, archs: tuple[str, ...], seed: int) -> str:
-    """With the engine's `tinymoe.engine.model.<name>` replaced by `value`, baby models of each
-    architecture give the engine's own logits and greedy tokens."""
+def models_agree(module: str, name: str, value: object, archs: tuple[str, ...], seed: int) -> str:
+    """With the engine's `<module>.<name>` (the module whose code calls it) replaced by `value`,
+    baby models of each architecture give the engine's own logits and greedy tokens."""
     done = []
     for arch in archs:
         want = run_baby(baby_model(arch, seed=seed))
-        with patched("tinymoe.engine.model", name, value):
+        with patched(module, name, value):
             done.append(agree(run_baby(baby_model(arch, seed=seed)), want, arch))
     return f"logits and greedy tokens equal the engine's ({', '.join(done)})"
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from tinymoe.engine import model as engine
+from tinymoe.engine import moe as engine_moe
 from tinymoe.engine.kvcache import KVCache
 from tinymoe.errors import TinyMoeError
 from tinymoe.exercises.exercise import (
@@ -160,7 +161,7 @@ def check_weights_dtype(code) -> str:
         for act in (torch.float32, torch.bfloat16):
             got = code.routing_weights_dtype(cfg, act)
             expect(
-                got == engine.routing_weights_dtype(cfg, act),
+                got == engine_moe.routing_weights_dtype(cfg, act),
                 f"routing_weights_dtype({arch}, activations {act}) gives {got}, not the "
                 f"dtype {arch}'s transformers code scales experts in (docs/forward.md)",
             )
@@ -170,7 +171,7 @@ def check_weights_dtype(code) -> str:
 def check_routing_shapes(code) -> str:
     logits = _logits()
     r = code.route_topk(logits, 2, True, torch.bfloat16)
-    expect(isinstance(r, engine.Routing), "route_topk should return a Routing")
+    expect(isinstance(r, engine_moe.Routing), "route_topk should return a Routing")
     expect_tensor(r.ids, "ids", (6, 2), torch.long)
     expect_tensor(r.weights, "weights", (6, 2), torch.bfloat16)
     expect(
@@ -183,7 +184,7 @@ def check_routing_shapes(code) -> str:
 def check_routing_ids(code) -> str:
     for seed in range(3):
         logits = _logits(seed=seed)
-        want = engine.route_topk(logits, 3, False, torch.float32).ids
+        want = engine_moe.route_topk(logits, 3, False, torch.float32).ids
         expect_equal(
             code.route_topk(logits, 3, False, torch.float32).ids,
             want,
@@ -197,7 +198,7 @@ def check_routing_weights(code) -> str:
     for normalise, who in ((False, "OLMoE-1B-7B: not renormalised"), (True, "renormalised")):
         logits = _logits(seed=4)
         got = code.route_topk(logits, 2, normalise, torch.float32).weights
-        want = engine.route_topk(logits, 2, normalise, torch.float32).weights
+        want = engine_moe.route_topk(logits, 2, normalise, torch.float32).weights
         expect_close(got, want, f"weights ({who})", atol=1e-6)
     return "softmax over all E, top-K, renormalised only when asked"
 
@@ -205,7 +206,7 @@ def check_routing_weights(code) -> str:
 def check_routing_precision(code) -> str:
     logits = _logits(seed=5, dtype=torch.bfloat16)
     got = code.route_topk(logits, 2, True, torch.float32).weights
-    want = engine.route_topk(logits, 2, True, torch.float32).weights
+    want = engine_moe.route_topk(logits, 2, True, torch.float32).weights
     expect_close(
         got,
         want,
@@ -217,16 +218,14 @@ def check_routing_precision(code) -> str:
 
 
 def check_routing_model(code) -> str:
-    return models_agree("route_topk", code.route_topk, ARCHS, seed=6)
+    return models_agree("tinymoe.engine.moe", "route_topk", code.route_topk, ARCHS, seed=6)
 
 
 ROUTING = Exercise(
     id="routing",
     title="Top-k routing and the three architectures' conventions",
     concepts=("fp32 softmax over E experts", "top-K", "renormalisation", "routing-weight dtype"),
-    targets=targets(
-        "tinymoe.engine.model:routing_weights_dtype", "tinymoe.engine.model:route_topk"
-    ),
+    targets=targets("tinymoe.engine.moe:routing_weights_dtype", "tinymoe.engine.moe:route_topk"),
     minutes=20,
     prerequisites=(),
     checks=(

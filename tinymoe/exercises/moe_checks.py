@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tinymoe.engine import experts as engine_experts
-from tinymoe.engine import model as engine
+from tinymoe.engine import moe as engine
 from tinymoe.exercises.exercise import (
     Exercise,
     expect,
@@ -86,7 +86,9 @@ def check_swiglu(code) -> str:
 
 
 def check_expert_model(code) -> str:
-    return models_agree("expert_forward", code.expert_forward, ("olmoe", "mixtral"), seed=7)
+    return models_agree(
+        "tinymoe.engine.moe", "expert_forward", code.expert_forward, ("olmoe", "mixtral"), seed=7
+    )
 
 
 EXPERT = Exercise(
@@ -219,7 +221,9 @@ def check_moe_dtypes(code) -> str:
 
 
 def check_moe_model(code) -> str:
-    return models_agree("moe_forward", code.moe_forward, ("olmoe", "mixtral"), seed=8)
+    return models_agree(
+        "tinymoe.engine.model", "moe_forward", code.moe_forward, ("olmoe", "mixtral"), seed=8
+    )
 
 
 MOE_LAYER = Exercise(
@@ -231,7 +235,7 @@ MOE_LAYER = Exercise(
         "order-independent sums",
         "one host sync per layer",
     ),
-    targets=targets("tinymoe.engine.model:moe_forward"),
+    targets=targets("tinymoe.engine.moe:moe_forward"),
     minutes=45,
     prerequisites=("routing", "expert"),
     checks=(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tinymoe.engine.kvcache import KVCache
-from tinymoe.engine.model import Routing
+from tinymoe.engine.moe import Routing
 from tinymoe.exercises.exercise import (
     Exercise,
     expect,

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from tinymoe.engine.model import MoETransformer, Routing
+from tinymoe.engine.model import MoETransformer
+from tinymoe.engine.moe import Routing
 from tinymoe.errors import TinyMoeError
 from tinymoe.offload.cache import ExpertCache
 from tinymoe.offload.link import PRESETS, LinkSpec, SimulatedLink

@@ -7,7 +7,7 @@ runtime installs (and tinymoe.evaluate uses on its own to measure what speculati
 import torch
 from torch import Tensor
 
-from tinymoe.engine.model import Routing
+from tinymoe.engine.moe import Routing
 from tinymoe.speculation.predictors import Predictor
 
 

@@ -8,7 +8,8 @@ recording; `OraclePredictor` replays it one layer (or `lookahead` layers) ahead.
 from torch import Tensor
 
 from tinymoe.engine.generate import GenerationResult, generate
-from tinymoe.engine.model import MoETransformer, Routing
+from tinymoe.engine.model import MoETransformer
+from tinymoe.engine.moe import Routing
 from tinymoe.errors import TinyMoeError
 from tinymoe.speculation.recording import RouteRecorder
 

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tinymoe.engine.model import MoETransformer, Routing, route_topk, routing_weights_dtype
+from tinymoe.engine.model import MoETransformer
+from tinymoe.engine.moe import Routing, route_topk, routing_weights_dtype
 from tinymoe.errors import TinyMoeError
 from tinymoe.speculation.calibration import Calibration
 from tinymoe.speculation.oracle import OraclePredictor

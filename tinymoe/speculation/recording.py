@@ -14,7 +14,8 @@ from contextlib import contextmanager
 
 from torch import Tensor
 
-from tinymoe.engine.model import MoETransformer, Routing
+from tinymoe.engine.model import MoETransformer
+from tinymoe.engine.moe import Routing
 
 # keep(layer, resid, u, routing): resid is r_l and u = RMSNorm_moe(r_l), both (N, D).
 Keep = Callable[[int, Tensor, Tensor, Routing], None]

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from tinymoe.engine.kvcache import KVCache
-from tinymoe.engine.model import MoETransformer, Routing, moe_forward
+from tinymoe.engine.model import MoETransformer
+from tinymoe.engine.moe import Routing, moe_forward
 from tinymoe.speculation.predictors import Predictor, recall_at_k
 
 
