@@ -235,25 +235,26 @@ def generate(
     # from step to step, which the compiled graph's guards check).
     with torch.inference_mode():
         position = torch.tensor([pos], device=device) if compile else None
-    with torch.inference_mode(), compiled_steps(model) if compile else nullcontext():
-        while len(result.tokens) < max_new_tokens and tok not in eos and not stop:
-            t0 = now()
-            at = pos if position is None else position
-            model.compiling = compile and result.compile_s is None
-            try:
+    model.compiling = compile  # the first compiled step compiles (a runtime meters it apart)
+    try:
+        with torch.inference_mode(), compiled_steps(model) if compile else nullcontext():
+            while len(result.tokens) < max_new_tokens and tok not in eos and not stop:
+                t0 = now()
+                at = pos if position is None else position
                 logits = decode_one_token(model, token.view(1, 1), cache, at)
-            finally:
-                model.compiling = False
-            token = sample(logits, temperature, top_p, gen, top_k)
-            tok = int(token.item())  # SYNC: one per token, as above; the step is done, so timed
-            if compile and result.compile_s is None:
-                result.compile_s = now() - t0
-            else:
-                result.step_s.append(now() - t0)
-            result.tokens.append(tok)
-            pos += 1
-            if position is not None:
-                position += 1
-            stop = bool(on_token and on_token(tok))
+                token = sample(logits, temperature, top_p, gen, top_k)
+                tok = int(token.item())  # SYNC: one per token, as above; the step is done
+                if model.compiling:
+                    result.compile_s = now() - t0
+                    model.compiling = False
+                else:
+                    result.step_s.append(now() - t0)
+                result.tokens.append(tok)
+                pos += 1
+                if position is not None:
+                    position += 1
+                stop = bool(on_token and on_token(tok))
+    finally:
+        model.compiling = False
     result.stopped_at_eos = tok in eos
     return result
