@@ -85,7 +85,7 @@ def cuda_graphs_apply(model: MoETransformer) -> bool:
     route hook nor an offloading provider installed (their eager calls cut the step into pieces
     around host work: reading ids, Python state, copies on another stream)."""
     on_cuda = model.embed_tokens.weight.device.type == "cuda"
-    return on_cuda and model.route_hook is None and model._provider is None
+    return on_cuda and model.route_hook is None and model.provider is model.experts
 
 
 def compiled_forward(model: MoETransformer, cuda_graphs: bool = False) -> Callable[..., Tensor]:
@@ -230,14 +230,13 @@ def generate(
     result = GenerationResult(tokens=[tok], prompt_len=len(input_ids), ttft_s=ttft)
     stop = bool(on_token and on_token(tok))
     pos = len(input_ids)
-    # The compiled step takes its position as a (1,) tensor on the device, advanced in place
-    # (made, like every tensor the steps make, under inference_mode: the same kind of tensor
-    # from step to step, which the compiled graph's guards check).
-    with torch.inference_mode():
-        position = torch.tensor([pos], device=device) if compile else None
     model.compiling = compile  # the first compiled step compiles (a runtime meters it apart)
     try:
         with torch.inference_mode(), compiled_steps(model) if compile else nullcontext():
+            # The compiled step takes its position as a (1,) tensor on the device, advanced in
+            # place (made, like every tensor the steps make, under inference_mode: the same
+            # kind of tensor from step to step, which the compiled graph's guards check).
+            position = torch.tensor([pos], device=device) if compile else None
             while len(result.tokens) < max_new_tokens and tok not in eos and not stop:
                 t0 = now()
                 at = pos if position is None else position

@@ -39,10 +39,9 @@ def rms_normalize(x: Tensor, eps: float) -> Tensor:
     (Not yet scaled by a weight: see RMSNorm.) The casts are skipped, not called, in fp32: a
     decode step pays per operation, even for one that would return its input.
     """
-    if x.dtype == torch.float32:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    xf = x if x.dtype == torch.float32 else x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
