@@ -1,6 +1,9 @@
-"""Shared fixtures: baby checkpoints built with tinymoe itself (no transformers, no network)."""
+"""Shared fixtures: baby checkpoints built with tinymoe itself (no transformers, no network),
+and the helpers that write exercise answers (a starter with its holes filled)."""
 
 import json
+import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,23 @@ class CountOps(TorchDispatchMode):
         name = func.overloadpacket.__name__
         self.ops[name] = self.ops.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
+
+
+# ---------------------------------------------------------------- exercise answers
+
+
+def fill(text: str, name: str, body: str) -> str:
+    """Replace the hole `name` in a starter with `body` (dedented; indented to fit)."""
+    pattern = re.compile(rf'^( *)raise NotImplementedError\("hole: {re.escape(name)} \(.*$', re.M)
+    match = pattern.search(text)
+    assert match, f"no hole {name}"
+    code = textwrap.indent(textwrap.dedent(body).strip("\n"), match.group(1)) + "\n"
+    return text[: match.start()] + code + text[match.end() + 1 :]
+
+
+def started(tmp_path: Path, exercise_id: str) -> Path:
+    """Write exercise `exercise_id`'s starter into tmp_path (as `exercises start` does)."""
+    from tinymoe.exercises.catalog import get
+    from tinymoe.exercises.holes import write_starter
+
+    return write_starter(get(exercise_id), tmp_path, force=True)

@@ -7,12 +7,12 @@ breaks an exercise: a renamed function, a changed signature, a behaviour the che
 
 import ast
 import json
-import re
 import runpy
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import fill, started
 
 from tinymoe.exercises.__main__ import cli as main  # cli: a TinyMoeError is status 2
 from tinymoe.exercises.catalog import EXERCISES, get
@@ -20,20 +20,6 @@ from tinymoe.exercises.holes import starter_source
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = [ex.id for ex in EXERCISES]
-
-
-def fill(text: str, name: str, body: str) -> str:
-    """Replace the hole `name` in a starter with `body` (dedented; indented to fit)."""
-    pattern = re.compile(rf'^( *)raise NotImplementedError\("hole: {re.escape(name)} \(.*$', re.M)
-    match = pattern.search(text)
-    assert match, f"no hole {name}"
-    code = textwrap.indent(textwrap.dedent(body).strip("\n"), match.group(1)) + "\n"
-    return text[: match.start()] + code + text[match.end() + 1 :]
-
-
-def started(tmp_path: Path, exercise_id: str) -> Path:
-    assert main(["start", exercise_id, "--workdir", str(tmp_path)]) == 0
-    return tmp_path / get(exercise_id).starter_name
 
 
 def test_list_json_names_at_least_eight_exercises(capsys):

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: tinymoe/, docs/, weights/, tests/
 
@@ -145,3 +146,33 @@ def expect_equal(got: Tensor, want: Tensor, what: str, hint: str = "") -> None:
         n = (got != want).sum().item()
         msg = f"{what} is not bit-identical to the reference ({n} of {want.numel()} values differ)"
         raise CheckFailed(msg + (f"; {hint}" if hint else ""))
+
+
+# Tensor methods that hand a tensor's values to Python: on a GPU each one waits for the device
+# (a host-device sync); on a CPU they cost nothing, so a check must count them to see them.
+HOST_READS = frozenset(
+    {"tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"}
+)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts host reads of tensor values (HOST_READS) made inside the `with` block.
+
+        with HostReads() as reads:
+            code.moe_forward(...)
+        expect(reads.count <= 1, ...)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
