@@ -159,16 +159,22 @@ def test_miss_taxonomy_on_a_hand_made_sequence(tmp_path):
     rt.engine.before_copy = lambda t: t.tag.kind == "prefetch" and gate.wait(10)
     hook = rt.hook
     try:
-        list(rt.experts(0, [0, 1]))  # A: first uses, no prediction -> 2 compulsory
+        list(rt.layers.experts(0, [0, 1]))  # A: first uses, no prediction -> 2 compulsory
         hook.last_prediction[1] = routing(5, 6)
         hook.pending[2] = routing(3, 4)
-        list(rt.experts(1, [0]))  # B: predicted {5, 6} -> mispredicted; prefetches (2,3), (2,4)
+        list(
+            rt.layers.experts(1, [0])
+        )  # B: predicted {5, 6} -> mispredicted; prefetches (2,3), (2,4)
         hook.last_prediction[2] = routing(3, 4)
         threading.Timer(0.2, gate.set).start()
-        list(rt.experts(2, [3, 5]))  # C: (2,3) in flight -> late; 5 not predicted -> mispredicted
+        list(
+            rt.layers.experts(2, [3, 5])
+        )  # C: (2,3) in flight -> late; 5 not predicted -> mispredicted
         del hook.last_prediction[1]
-        list(rt.experts(0, [0]))  # D: (0,0) was evicted at B -> capacity; evicts unused (2,4)
-        list(rt.experts(2, [3]))  # E: a hit
+        list(
+            rt.layers.experts(0, [0])
+        )  # D: (0,0) was evicted at B -> capacity; evicts unused (2,4)
+        list(rt.layers.experts(2, [3]))  # E: a hit
         layers = rt.report()["prefill"]["layers"]
         kinds = [dict(+s.miss_kinds) for s in rt.stats["prefill"].layers]
     finally:
@@ -299,7 +305,7 @@ def test_an_error_while_issuing_copies_leaves_no_slot_pinned(tmp_path):
 
     model = load_model(make_checkpoint(tmp_path / "m"))
     with OffloadRuntime(model, "lru", slots=4, link=LinkSpec(100.0)) as rt:
-        list(rt.experts(0, [0]))  # expert 0 is now held
+        list(rt.layers.experts(0, [0]))  # expert 0 is now held
         issue = rt.engine.copy
 
         def refuse(*args, **kwargs):
@@ -307,8 +313,8 @@ def test_an_error_while_issuing_copies_leaves_no_slot_pinned(tmp_path):
 
         rt.engine.copy = refuse
         with pytest.raises(TinyMoeError, match="injected"):
-            list(rt.experts(0, [0, 1]))  # 0: a hit, pinned first; 1: a miss, refused
+            list(rt.layers.experts(0, [0, 1]))  # 0: a hit, pinned first; 1: a miss, refused
         assert rt.cache.pins == [0] * rt.num_slots
         assert rt.cache.lookup((0, 1)) is None
         rt.engine.copy = issue
-        assert [e for e, _ in rt.experts(0, [0, 1])] == [0, 1]  # usable again
+        assert [e for e, _ in rt.layers.experts(0, [0, 1])] == [0, 1]  # usable again

@@ -41,7 +41,7 @@ def test_replay_copies_what_the_engine_copies(baby, trace, policy, slots):
     model = load_model(baby)
     predictor = None
     if "router" in policy:
-        predictor = make_predictor("router-nodefault", model, None, 1, weights=False)
+        predictor = make_predictor("router-nodefault", model, None, 1)
     with OffloadRuntime(model, policy, predictor=predictor, slots=slots, link=LINK) as rt:
         generate(model, PROMPT, 6, eos_ids=())
         real = rt.report()

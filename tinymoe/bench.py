@@ -99,7 +99,6 @@ def run_policy(
             calibration,
             lookahead,
             recording=recording,
-            weights=policy.speculate,  # exact prefetch never uses a guess's weights
         )
     offload = policy.offload
     with OffloadRuntime(

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tinymoe.errors import TinyMoeError
 
 SUPPORTED = ("mixtral", "olmoe", "qwen3_moe")
@@ -100,6 +102,10 @@ class ModelConfig:
     def expert_numel(self) -> int:
         """Elements in one expert's packed buffer: gate and up (2I x D), then down (D x I)."""
         return 3 * self.expert_dim * self.hidden_size
+
+    def expert_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one expert's packed buffer in `dtype`: what one expert copy moves."""
+        return self.expert_numel * dtype.itemsize
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":

@@ -36,9 +36,7 @@ class Routing:
     """Which experts each token uses, and with what weights."""
 
     ids: Tensor  # (N, K) long
-    # (N, K), in routing_weights_dtype (fp32 for Mixtral, else the activations'); None only for
-    # a prediction made to prefetch, which nothing computes with (RouterPredictor(weights=False))
-    weights: Tensor | None
+    weights: Tensor  # (N, K), in routing_weights_dtype (fp32 for Mixtral, else the activations')
     logits: Tensor | None = None  # (N, E) the router's logits; None when the routing was predicted
     host_ids: list[list[int]] | None = None  # ids as read to the host, once (see ids_on_host)
 

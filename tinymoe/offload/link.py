@@ -49,6 +49,13 @@ class LinkSpec:
         return self.latency_us * 1e-6 + nbytes / (self.gbps * 1e9)
 
 
+def fifo(issued_s: float, link_free_s: float, busy_s: float) -> tuple[float, float]:
+    """When a copy issued at `issued_s` runs on a first-in-first-out link that finishes its
+    previous copy at `link_free_s`, if it keeps the link busy `busy_s`: (start, end)."""
+    start = max(issued_s, link_free_s)
+    return start, start + busy_s
+
+
 # Peak host-to-device bandwidth of common links, one direction. Real pinned copies reach roughly
 # 80-90% of these. The 10 us per transfer is an assumption (the usual order of a
 # cudaMemcpyAsync's launch and DMA setup), not a spec figure: measure yours.
@@ -62,6 +69,7 @@ PRESETS = {
     # total, 450 GB/s per direction between Grace's LPDDR5X and the Hopper GPU.
     "nvlink-c2c": LinkSpec(450.0, 10.0, "NVLink-C2C (GH200)"),
 }
+DEFAULT_LINK = "pcie4-x16"  # the simulated link when none is named
 
 
 class SimulatedTransfer(Transfer):
@@ -136,14 +144,13 @@ class SimulatedLink:
                 if self.before_copy is not None:
                     self.before_copy(t)
                 t.handed_over.wait(1.0)  # (a bound only against a host interrupted mid-call)
-                start = max(t.issued_s, self._link_free_s)  # first in, first out
                 t0 = now()
                 t.dst.copy_(t.src)  # the real bytes
                 # The link takes its modelled time, or the real memcpy's if that is slower. Not
                 # "until now": a worker the OS scheduled late is not a slow link (and waiters
                 # still wait for `copied`, so nobody sees the bytes before they are there).
                 busy = max(self.spec.seconds(t.nbytes), now() - t0)
-                t.start_s, t.end_s = start, start + busy
+                t.start_s, t.end_s = fifo(t.issued_s, self._link_free_s, busy)
                 self._link_free_s = t.end_s
             except Exception as e:  # any failure must reach the waiter, never kill the worker
                 t.error = e

@@ -1,7 +1,11 @@
 """The offloading runtime: plugs the scheduler and the meter into a model, without changing it.
 
-    model.route_hook = runtime._route     routing, via a PredictionHook (speculation/hook.py)
-    model.provider   = runtime            the MoE layer asks runtime.experts(layer, ids)
+    model.route_hook = runtime.layers.route   routing, via a PredictionHook (speculation/hook.py)
+    model.provider   = runtime.layers         the MoE layer asks layers.experts(layer, ids)
+
+`LayerDriver` is what happens at each of those calls and at each forward pass's start and end;
+the simulator (simulator/replay.py) drives the very same object through a recorded run, so a
+replay decides exactly as a real run would.
 
 The pieces, one file each: the host store (store.py) holds every expert; the device cache
 (cache.py) holds a few of them in slots; a transfer engine copies between the two on a second
@@ -26,7 +30,7 @@ from tinymoe.engine.model import MoETransformer
 from tinymoe.engine.moe import Routing
 from tinymoe.errors import TinyMoeError
 from tinymoe.offload.cache import ExpertCache
-from tinymoe.offload.link import PRESETS, LinkSpec, SimulatedLink
+from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec, SimulatedLink
 from tinymoe.offload.meter import Meter, clock_for
 from tinymoe.offload.policy import Policy, parse_policy, resolve_slots
 from tinymoe.offload.scheduler import MISS_HANDLERS, Prefetch, Scheduler
@@ -34,8 +38,6 @@ from tinymoe.offload.store import HostExpertStore
 from tinymoe.offload.transfer import CudaCopyEngine
 from tinymoe.speculation.hook import PredictionHook
 from tinymoe.speculation.predictors import Predictor
-
-DEFAULT_LINK = "pcie4-x16"
 
 
 class OffloadRuntime:
@@ -93,16 +95,15 @@ class OffloadRuntime:
                 "--link-gbps/--link-latency-us/--link-preset simulate a link on "
                 "the CPU; on CUDA the real host-to-device link is used"
             )
-        self.hook = PredictionHook(predictor, speculate=False, read_ids=self.policy.offload)
+        self.hook = PredictionHook(predictor, self.policy.speculate, read_ids=self.policy.offload)
         self.lookahead = predictor.lookahead if predictor is not None else 0
         self.meter = Meter(cfg.num_layers, clock_for(self.device), trace)
         self.link = link or PRESETS[DEFAULT_LINK]
         self.num_slots = 0
         if self.policy.offload:
             dtype = model.embed_tokens.weight.dtype
-            expert_bytes = cfg.expert_numel * dtype.itemsize
             self.num_slots = resolve_slots(
-                self.policy, cfg, expert_bytes, max(self.lookahead, 1), slots, budget_gb
+                self.policy, cfg, cfg.expert_bytes(dtype), max(self.lookahead, 1), slots, budget_gb
             )
             # The slots first: if the device is out of memory, nothing has been moved yet.
             self.cache = ExpertCache(
@@ -133,16 +134,22 @@ class OffloadRuntime:
             raise TinyMoeError(
                 "--expert-slots/--expert-budget-gb/--miss-handler need an offloading policy"
             )
+        self.layers = LayerDriver(
+            self.hook,
+            self.meter,
+            self.scheduler if self.policy.offload else None,
+            lambda layer: model.experts.weights[layer],  # (E, 3*I*D), resident
+        )
         # Install. The forward hooks mark where each forward pass starts and ends; the route
         # hook and the provider see every layer. per_layer=False (resident only) leaves those
         # two out: forward passes are still timed, layers are not, and a compiled decode step
         # is not cut into pieces around them.
         self._saved_hook = model.route_hook
         if per_layer:
-            model.provider, model.route_hook = self, self._route
+            model.provider, model.route_hook = self.layers, self.layers.route
         self._handles = [
             model.register_forward_pre_hook(self._forward_start, with_kwargs=True),
-            model.register_forward_hook(self._forward_end),
+            model.register_forward_hook(lambda *_: self.layers.forward_end()),
         ]
         self._closed = False
 
@@ -208,22 +215,46 @@ class OffloadRuntime:
         # compared here, which would read it to the host)
         fresh = not isinstance(start, Tensor) and start == 0
         phase = "prefill" if fresh else "decode"
-        # Speculate in decode steps only: a prefill streams nearly every expert anyway, so a
-        # guess saves nothing there, and it would degrade the prompt's KV cache for good.
-        self.hook.speculate = self.policy.speculate and phase == "decode"
+        self.layers.forward_start(phase, fresh, "compile" if self.model.compiling else phase)
+
+
+class LayerDriver:
+    """One forward pass, layer by layer, as the runtime runs it and the simulator replays it.
+
+    forward_start / route (the model's route hook) / experts (its provider) / forward_end: the
+    phase is told to the prediction hook (speculation is for decode steps only), a new sequence
+    resets the predictors and the scheduler's reservations, each layer's routing is decided by
+    the hook, and its experts come from the scheduler (offloaded) or from `resident(layer)`, an
+    (E, 3*I*D) tensor; the meter times and counts every step.
+    """
+
+    def __init__(
+        self,
+        hook: PredictionHook,
+        meter: Meter,
+        scheduler: Scheduler | None,
+        resident: Callable[[int], Tensor],
+    ) -> None:
+        self.hook, self.meter, self.scheduler, self.resident = hook, meter, scheduler, resident
+        self.num_layers = meter.num_layers
+        self.lookahead = hook.predictor.lookahead if hook.predictor is not None else 0
+
+    def forward_start(self, phase: str, fresh: bool, meter_phase: str) -> None:
+        """A forward pass starts: "prefill" | "decode"; fresh: a new sequence (position 0)."""
+        self.hook.phase = phase
         if fresh:
             self.hook.reset()  # a new sequence: predictors forget the previous one
-            if self.policy.offload:
+            if self.scheduler is not None:
                 self.scheduler.new_sequence()
-        self.hook.next_forward(self.cfg.num_layers)
-        self.meter.forward_start("compile" if self.model.compiling else phase)
+        self.hook.next_forward(self.num_layers)
+        self.meter.forward_start(meter_phase)
 
-    def _forward_end(self, module, args, output) -> None:
+    def forward_end(self) -> None:
         self.meter.forward_end()
-        if self.policy.offload:
+        if self.scheduler is not None:
             self.scheduler.end_forward()
 
-    def _route(
+    def route(
         self, layer: int, resid: Tensor, u: Tensor, router: Callable[[Tensor], Routing]
     ) -> Routing:
         self.meter.route_start(layer)
@@ -231,12 +262,10 @@ class OffloadRuntime:
         self.meter.route_end(layer)
         return routing
 
-    # ---- the provider
-
     def experts(self, layer: int, ids: list[int]) -> Iterator[tuple[int, Tensor]]:
         """The ExpertProvider method moe_forward calls: (expert, packed weights) for each id."""
-        if not self.policy.offload:
-            weights = self.model.experts.weights[layer]  # (E, 3*I*D), resident
+        if self.scheduler is None:
+            weights = self.resident(layer)
             st = self.meter.layer(layer)
             for e in ids:
                 self.meter.hit(st)
@@ -248,7 +277,7 @@ class OffloadRuntime:
             prefetch = None
             target = layer + self.lookahead
             nxt = hook.pending.get(target) if self.lookahead else None
-            if nxt is not None and (target < self.cfg.num_layers or hook.crosses_tokens):
+            if nxt is not None and (target < self.num_layers or hook.crosses_tokens):
                 # A decode step read these with the layer's own ids (PredictionHook.read_ids),
                 # so no second sync; a prefill pass reads them here (a sync, once per layer).
                 prefetch = Prefetch(target, list(_experts(nxt.ids_on_host())))

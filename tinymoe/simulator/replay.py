@@ -1,15 +1,16 @@
-"""Replay: a recorded run's routing, through the engine's own scheduler, on a virtual clock.
+"""Replay: a recorded run's routing, through the engine's own runtime code, on a virtual clock.
 
 Nothing is computed and nothing is copied. Time is a number (`VirtualClock`) that the replay
 advances by what each piece of work costs (a `Costs`: measured times from the trace, or a
 roofline projection for other hardware, costs.py), and transfers are entries on a virtual
 first-in-first-out link (`VirtualLink`) that land when the link model says. Everything that
-decides (what to copy, into which slot, when to stall, what to evict) is the real
-`offload.scheduler.Scheduler`, `offload.cache.ExpertCache` and `offload.meter.Meter`: the
-replay only stands in for the model's forward pass, layer by layer:
+decides is the engine's own: the runtime's `LayerDriver` (offload/runtime.py) with its
+`PredictionHook` (what to predict, when to speculate), `Scheduler`, `ExpertCache` and `Meter`.
+The replay only stands in for the model's forward pass, layer by layer:
 
-    attention + router  -> clock += costs        (+ the predictor's guess, if the policy has one)
-    run_layer(...)      -> for each expert the scheduler yields: clock += that expert's cost
+    attention + router  -> clock += costs; the driver routes (the recorded truth, or the guess
+                           when speculating); predictors replay their recorded guesses
+    experts             -> for each expert the driver yields: clock += that expert's cost
                            (waiting for a copy moves the clock to the copy's end: a stall)
     norm + LM head      -> clock += costs
 
@@ -21,14 +22,19 @@ exact run's states (a real speculative run drifts from it); a host-computed miss
 from typing import Protocol
 
 import torch
+from torch import Tensor
 
+from tinymoe.engine.moe import Routing
 from tinymoe.offload.cache import ExpertCache
-from tinymoe.offload.link import LinkSpec
+from tinymoe.offload.link import LinkSpec, fifo
 from tinymoe.offload.meter import HostClock, Meter
 from tinymoe.offload.policy import parse_policy, resolve_slots
-from tinymoe.offload.scheduler import Prefetch, Scheduler
+from tinymoe.offload.runtime import LayerDriver
+from tinymoe.offload.scheduler import Scheduler
 from tinymoe.offload.transfer import Transfer
 from tinymoe.simulator.record import LayerRecord, RoutingTrace
+from tinymoe.speculation.hook import PredictionHook
+from tinymoe.speculation.oracle import OraclePredictor
 
 
 class VirtualClock(HostClock):
@@ -70,8 +76,9 @@ class VirtualLink:
         self.free_at = 0.0
 
     def copy(self, dst, src, slot: int, tag: object) -> Transfer:
-        start = max(self.clock.now, self.free_at)
-        self.free_at = start + self.spec.seconds(self.expert_bytes)
+        start, self.free_at = fifo(
+            self.clock.now, self.free_at, self.spec.seconds(self.expert_bytes)
+        )
         return VirtualTransfer(tag, self.expert_bytes, start, self.free_at, self.clock)
 
     def release(self, slot: int) -> None:
@@ -106,22 +113,29 @@ class Costs(Protocol):
     def head_s(self, p: int) -> float: ...
 
 
-def _distinct(rows: list[list[int]]) -> list[int]:
-    return list(dict.fromkeys(e for row in rows for e in row))
+def _routing(rows: list[list[int]]) -> Routing:
+    """Recorded expert ids (N lists of K) as a Routing; the replay never uses the weights."""
+    ids = torch.tensor(rows)
+    return Routing(ids, torch.ones(ids.shape), host_ids=rows)
 
 
-def _guess(trace: RoutingTrace, p: int, layer: int, predictor: str) -> list[list[int]] | None:
-    """The guess made at (pass p, layer) for layer + lookahead; the oracle's is the truth, and
-    crosses into the next pass for targets past the last layer."""
-    L, d = trace.model["num_layers"], trace.lookahead
-    target = layer + d
-    if predictor != "oracle":
-        return trace.passes[p].layers[layer].guesses.get(predictor)
-    if target < L:
-        return trace.passes[p].layers[target].experts
-    if p + 1 < len(trace.passes):
-        return trace.passes[p + 1].layers[target - L].experts
-    return None
+class TracePredictor:
+    """Replays the guesses the trace recorded for predictor `name`, and charges the clock what
+    each guess cost (Costs.guess_s), as the runtime's predictor would take its time."""
+
+    def __init__(self, trace: RoutingTrace, name: str, clock: "VirtualClock", costs: Costs):
+        self.trace, self.name, self.clock, self.costs = trace, name, clock, costs
+        self.lookahead, self.step = trace.lookahead, -1
+
+    def reset(self) -> None:
+        self.step = -1
+
+    def observe(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None:
+        self.step += layer == 0
+        rec = self.trace.passes[self.step].layers[layer]
+        self.clock.now += self.costs.guess_s(self.step, layer, rec, self.name)
+        rows = rec.guesses.get(self.name)
+        return None if rows is None else _routing(rows)
 
 
 def simulate(
@@ -135,17 +149,21 @@ def simulate(
     """Replay `trace` under `policy_name`; the meter's decode summary plus TPOT and slots."""
     policy = parse_policy(policy_name)
     m = trace.model
-    L, d = m["num_layers"], trace.lookahead
+    L, E, d = m["num_layers"], m["num_experts"], trace.lookahead
     clock = VirtualClock()
     meter = Meter(L, clock)
-    predictor = policy.predictor
-    n_slots = 0
-    sched = None
+    predictor = None
+    if policy.predictor == "oracle":  # the truth, crossing into the next pass as the real one
+        truth = [[_routing(rec.experts) for rec in p.layers] for p in trace.passes]
+        predictor = OraclePredictor(truth, d)
+    elif policy.predictor is not None:
+        predictor = TracePredictor(trace, policy.predictor, clock, costs)
+    hook = PredictionHook(predictor, policy.speculate)
+    n_slots, sched = 0, None
     if policy.offload:
-        shape = _Shape(m)
-        n_slots = resolve_slots(policy, shape, costs.expert_bytes, max(d, 1), slots)
+        n_slots = resolve_slots(policy, _Shape(m), costs.expert_bytes, max(d, 1), slots)
         cache = ExpertCache(n_slots, 1, torch.device("cpu"), torch.float32, policy.eviction)
-        exact = not policy.speculate and predictor != "oracle"
+        exact = not policy.speculate and not hook.crosses_tokens
         sched = Scheduler(
             cache,
             _NoStore(costs.expert_bytes),
@@ -156,62 +174,36 @@ def simulate(
             depth=prefetch_depth if exact else None,
             miss_handler=miss_handler,
         )
-    pending: dict[int, list[list[int]]] = {}  # target layer (>= L: the next pass) -> guess
+    driver = LayerDriver(hook, meter, sched, lambda layer: torch.zeros(E, 1))
     for p, rec_pass in enumerate(trace.passes):
-        decode = rec_pass.phase == "decode"
-        meter.forward_start(rec_pass.phase)
-        if p == 0 and sched is not None:
-            sched.new_sequence()
-        pending = {t - L: g for t, g in pending.items() if t >= L and predictor == "oracle"}
+        driver.forward_start(rec_pass.phase, p == 0, rec_pass.phase)
         for layer, rec in enumerate(rec_pass.layers):
             clock.now += costs.layer_s(p, layer, rec)
-            meter.route_start(layer)
-            guess_here = pending.pop(layer, None)
-            rows = rec.experts
-            if policy.speculate and decode and guess_here is not None and layer >= d:
-                rows = guess_here  # speculating: the layer runs the guess (router skipped)
-            nxt = None
-            if predictor is not None:
-                if predictor != "oracle":
-                    clock.now += costs.guess_s(p, layer, rec, predictor)
-                nxt = _guess(trace, p, layer, predictor)
-                if nxt is not None:
-                    pending[layer + d] = nxt
-            meter.route_end(layer)
-            ids = sorted(_distinct(rows))
-            if sched is None:  # resident
-                for _ in ids:
-                    meter.hit(meter.layer(layer))
-                clock.now += len(ids) * costs.expert_s(p, layer, rec)
-            else:
-                guessed = None if guess_here is None else set(_distinct(guess_here))
-                prefetch = None if nxt is None else Prefetch(layer + d, _distinct(nxt))
-                _run_experts(sched, clock, costs, p, layer, rec, ids, guessed, prefetch)
-            meter.experts_end(layer, len(ids))
+            u = torch.zeros(len(rec.experts), 1)  # (N, 1): the tokens, no state
+            routing = driver.route(layer, u, u, lambda _, rec=rec: _routing(rec.experts))
+            ids = sorted({e for row in routing.ids_on_host() for e in row})
+            _run_experts(driver, sched, clock, costs, p, layer, rec, ids)
         clock.now += costs.head_s(p)
-        meter.forward_end()
-        if sched is not None:
-            sched.end_forward()
+        driver.forward_end()
     meter.fold(block=True)
     dec = meter.stats["decode"].summary()
     return {"policy": policy_name, "expert_slots": n_slots, "tpot_ms": dec["ms_per_step"], **dec}
 
 
 def _run_experts(
-    sched: Scheduler,
+    driver: LayerDriver,
+    sched: Scheduler | None,
     clock: VirtualClock,
     costs: Costs,
     p: int,
     layer: int,
     rec: LayerRecord,
     ids: list[int],
-    guessed: set[int] | None,
-    prefetch: Prefetch | None,
 ) -> None:
-    """Drive the scheduler through one layer: device experts in turn, host misses beside them."""
+    """Drive one layer's experts: device experts in turn, host misses beside them."""
     start, host_s = clock.now, 0.0
-    host_row = sched.store.row  # type: ignore[attr-defined]
-    for _, w in sched.run_layer(layer, ids, guessed, prefetch):
+    host_row = sched.store.row if sched is not None else None  # type: ignore[attr-defined]
+    for _, w in driver.experts(layer, ids):
         if w is host_row:  # a miss computed on the host (miss handler "cpu")
             host_s += costs.host_expert_s(p, layer, rec)
             if not costs.host_parallel:

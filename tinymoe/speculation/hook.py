@@ -11,6 +11,18 @@ from tinymoe.engine.moe import Routing
 from tinymoe.speculation.predictors import Predictor
 
 
+def speculates(speculate: bool, phase: str, layer: int, lookahead: int, guess: object) -> bool:
+    """The speculative decision: does `layer` run the guess it was given instead of its router?
+
+    Only in speculative mode, only in a decode step (a prefill streams nearly every expert
+    anyway, so a guess saves nothing there, and it would degrade the prompt's KV cache for
+    good), only when there is a guess (None: nothing was predicted for this layer), and only
+    from layer `lookahead` on: the first layers have nothing predicted from this forward pass
+    (a guess a predictor carried over from the previous pass may prefetch, never route).
+    """
+    return speculate and phase == "decode" and guess is not None and layer >= lookahead
+
+
 class PredictionHook:
     """A model route hook that runs a predictor and, in speculative mode, routes with it.
 
@@ -26,8 +38,9 @@ class PredictionHook:
 
     read_ids (the offloading runtime): the host needs both layer l's ids (to fetch its experts)
     and the prediction's (to prefetch them), so for a decode step both are read to the host in
-    ONE transfer, and kept on the Routings (Routing.ids_on_host). The runtime switches
-    `speculate` off for prefill passes (see OffloadRuntime._forward_start).
+    ONE transfer, and kept on the Routings (Routing.ids_on_host). `phase` is the forward
+    pass's ("prefill" | "decode"; the runtime sets it per pass, OffloadRuntime._forward_start);
+    a hook used on its own (tinymoe.evaluate) speculates at every position, as decoding does.
     """
 
     def __init__(
@@ -37,6 +50,7 @@ class PredictionHook:
             raise ValueError("speculative execution needs a predictor")
         self.predictor = predictor
         self.speculate = speculate
+        self.phase = "decode"
         self.read_ids = read_ids
         self.pending: dict[int, Routing] = {}  # target layer -> predicted routing (this forward)
         self.crosses_tokens = getattr(predictor, "crosses_tokens", False)
@@ -63,7 +77,7 @@ class PredictionHook:
         else:
             self.last_prediction.pop(layer, None)
         lookahead = self.predictor.lookahead if self.predictor is not None else 0
-        speculated = self.speculate and predicted is not None and layer >= lookahead
+        speculated = speculates(self.speculate, self.phase, layer, lookahead, predicted)
         routing = predicted if speculated else router(u)
         if self.predictor is not None:
             nxt = self.predictor.observe(layer, resid.reshape(u.shape), u, routing)

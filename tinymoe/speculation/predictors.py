@@ -23,7 +23,6 @@ import sys
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinymoe.engine.model import MoETransformer
@@ -124,41 +123,20 @@ def _as_prediction(routing: Routing) -> Routing:
 
 
 class RouterPredictor:
-    """Router-PF: layer t's own norm and router applied to r_l + d_l, with t = l + lookahead.
+    """Router-PF: layer t's own router applied to the quasi-hidden state q_l, t = l + lookahead.
 
     `default_vectors` (L, E, D) from calibration; None gives d_l = 0 ("router-nodefault").
     For lookahead > 1 the same r_l + d_l goes through layer t's norm and router, ignoring the
-    layers in between. `predict_from(layer, x)` routes any state x (N, D) the same way: fed the
-    true post-MoE hidden state h_l, it gives the "router on the full hidden state" variant that
-    tinymoe.evaluate scores as a reference.
-
-    observe() runs on every layer of every decode step, so it takes few operations; its plain
-    reference is `quasi_hidden` followed by layer t's router (tests check they agree):
-      - RMSNorm_t(x) = g_t * x / rms(x), and router_t is a matrix W_t, so router_t(Norm_t(x)) =
-        (W_t * g_t) x / rms(x): the gain is folded into the router once, here, and the whole
-        norm-then-router is one matmul and one scale per token.
-      - 1 / rms(x) > 0 scales all of a token's logits alike, so the top-k experts do not depend
-        on it. With weights=False (exact prefetch: a prediction only chooses what to copy, its
-        weights are never used) the prediction is the top-k of one matmul, and its weights None.
+    layers in between. Fed the true post-MoE hidden state h_l in place of r_l (and no default
+    vectors), it is the "router on the full hidden state" reference tinymoe.evaluate scores.
     """
 
     def __init__(
-        self,
-        model: MoETransformer,
-        default_vectors: Tensor | None = None,
-        lookahead: int = 1,
-        weights: bool = True,
+        self, model: MoETransformer, default_vectors: Tensor | None = None, lookahead: int = 1
     ) -> None:
-        cfg = model.cfg
-        check_lookahead(lookahead, cfg.num_layers)
-        self.model, self.lookahead, self.weights = model, lookahead, weights
+        check_lookahead(lookahead, model.cfg.num_layers)
+        self.model, self.lookahead = model, lookahead
         self.default_vectors = _on_model(model, default_vectors)
-        self.vectors = None if default_vectors is None else list(self.default_vectors)  # [(E, D)]
-        with torch.no_grad():
-            self.folded = [  # (E, D) per layer: W_t * g_t, layer t's router with its norm's gain
-                b.mlp.gate.weight * b.post_attention_layernorm.weight for b in model.layers
-            ]
-        self.weights_dtype = routing_weights_dtype(cfg, model.embed_tokens.weight.dtype)
 
     def reset(self) -> None:
         pass  # stateless: every token is predicted from its own state
@@ -166,46 +144,11 @@ class RouterPredictor:
     # (No torch.no_grad() here: every tensor it makes from is grad-free, and the decorator alone
     # costs as much as an operation, on every layer of every step.)
     def observe(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None:
-        cfg = self.model.cfg
-        target = layer + self.lookahead
-        if target >= cfg.num_layers:
-            return None
-        x = resid  # (N, D)
-        if self.vectors is not None:  # x = r_l + d_l, d_l = sum_k g_k v[l, e_k]
-            g = routing.weights  # (N, K)
-            if g.dtype != x.dtype:
-                g = g.to(x.dtype)  # Mixtral's fp32 routing weights, bf16 vectors
-            if x.shape[0] == 1:  # a decode step: (1, K) @ (K, D), one plain matmul
-                x = torch.addmm(x, g, self.vectors[layer][routing.ids[0]])  # (1, D)
-            else:
-                v = self.vectors[layer][routing.ids]  # (N, K, D)
-                x = torch.baddbmm(x.unsqueeze(1), g.unsqueeze(1), v).squeeze(1)  # (N, D)
-        logits = F.linear(x, self.folded[target])  # (N, E) = router_t(Norm_t(x)) * rms(x)
-        if not self.weights:
-            return Routing(ids=torch.topk(logits, cfg.top_k, dim=-1).indices, weights=None)
-        xf = x.float()
-        inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)  # (N, 1)
-        return top_k_routing(logits.float() * inv_rms, cfg.top_k, cfg.norm_topk_prob,
-                             self.weights_dtype)  # fmt: skip
-
-    def predict_from(self, layer: int, x: Tensor) -> Routing | None:
-        """Layer (layer + lookahead)'s router on Norm_t(x) for a given state x (N, D)."""
         target = layer + self.lookahead
         if target >= self.model.cfg.num_layers:
             return None
-        u_t = self.model.layers[target].post_attention_layernorm(x)  # (N, D)
-        return _as_prediction(self.model.layers[target].mlp.route(u_t))
-
-
-def top_k_routing(logits: Tensor, top_k: int, normalise: bool, dtype: torch.dtype) -> Routing:
-    """route_topk's routing in fewer operations, for predictions: renormalised top-k weights are
-    the softmax over the top-k logits alone (p_i / sum_topk p_j = e^l_i / sum_topk e^l_j)."""
-    if normalise:
-        top, ids = torch.topk(logits, top_k, dim=-1)  # (N, K) each
-        weights = torch.softmax(top, dim=-1)
-    else:
-        weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
-    return Routing(ids=ids, weights=weights.to(dtype))
+        q = quasi_hidden(self.model, self.default_vectors, layer, target, resid, routing)
+        return _as_prediction(self.model.layers[target].mlp.route(q))  # (N, K)
 
 
 class EstimatorPredictor:
@@ -325,12 +268,8 @@ def make_predictor(
     lookahead: int = 1,
     *,
     recording: list[list[Routing]] | None = None,
-    weights: bool = True,
 ) -> Predictor:
     """Build the predictor called `name` (one of PREDICTOR_NAMES, or "oracle") for `model`.
-
-    weights=False: the prediction only chooses what to prefetch (exact mode), so the router
-    predictor may skip computing its weights (see RouterPredictor); speculating needs them.
 
     `calibration` is what tinymoe.calibrate saved (read it with calibration.load_speculation);
     None when the checkpoint has none: then `router` runs with d_l = 0 and says so on stderr, and
@@ -353,7 +292,7 @@ def make_predictor(
     if name == "previous-token":
         return PreviousTokenPredictor(cfg.num_layers, lookahead)
     if name == "router-nodefault":
-        return RouterPredictor(model, None, lookahead, weights)
+        return RouterPredictor(model, None, lookahead)
     if name == "router":
         if calibration is None:
             print(
@@ -362,8 +301,8 @@ def make_predictor(
                 "--model DIR --text FILE` to create them.",
                 file=sys.stderr,
             )
-            return RouterPredictor(model, None, lookahead, weights)
-        return RouterPredictor(model, calibration.default_vectors, lookahead, weights)
+            return RouterPredictor(model, None, lookahead)
+        return RouterPredictor(model, calibration.default_vectors, lookahead)
     if calibration is None:
         raise TinyMoeError(
             f"predictor {name!r} needs trained estimators, and this checkpoint has no "
@@ -379,5 +318,5 @@ def make_predictor(
         raise TinyMoeError(
             f"speculation.json: no hybrid layers chosen for lookahead {lookahead}; recalibrate"
         )
-    router = RouterPredictor(model, calibration.default_vectors, lookahead, weights)
+    router = RouterPredictor(model, calibration.default_vectors, lookahead)
     return HybridPredictor(router, estimator, set(calibration.hybrid_layers[lookahead]))

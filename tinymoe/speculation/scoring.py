@@ -13,6 +13,7 @@ from torch import Tensor
 from tinymoe.engine.kvcache import KVCache
 from tinymoe.engine.model import MoETransformer
 from tinymoe.engine.moe import Routing, moe_forward
+from tinymoe.speculation.hook import speculates
 from tinymoe.speculation.predictors import Predictor, recall_at_k
 
 
@@ -111,8 +112,8 @@ class FirstPositionHook:
         pass
 
     def __call__(self, layer: int, resid: Tensor, u: Tensor, router) -> Routing:
-        routing = router(u)
-        if layer < self.lookahead:
+        routing = router(u)  # position 0's guess is its own routing (it has no previous pass)
+        if not speculates(True, "decode", layer, self.lookahead, routing):
             return routing
         B, T = resid.shape[:2]
 
