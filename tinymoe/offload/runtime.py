@@ -33,7 +33,7 @@ from tinymoe.offload.cache import ExpertCache
 from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec, SimulatedLink
 from tinymoe.offload.meter import Meter, clock_for
 from tinymoe.offload.policy import Policy, parse_policy, resolve_slots
-from tinymoe.offload.scheduler import MISS_HANDLERS, Prefetch, Scheduler
+from tinymoe.offload.scheduler import MISS_HANDLERS, Prefetch, Scheduler, exact_depth
 from tinymoe.offload.store import HostExpertStore
 from tinymoe.offload.transfer import CudaCopyEngine
 from tinymoe.speculation.hook import PredictionHook
@@ -118,8 +118,6 @@ class OffloadRuntime:
             except BaseException:
                 self.engine.close()
                 raise
-            # Speculative mode and the oracle use every prefetch: nothing to throttle.
-            exact = not self.policy.speculate and not self.hook.crosses_tokens
             self.scheduler = Scheduler(
                 self.cache,
                 self.store,
@@ -127,7 +125,7 @@ class OffloadRuntime:
                 self.meter,
                 cfg.num_layers,
                 pipeline=self.policy.pipeline,
-                depth=prefetch_depth if exact else None,
+                depth=exact_depth(prefetch_depth, self.policy.speculate, self.hook.crosses_tokens),
                 miss_handler=miss_handler,
             )
         elif slots is not None or budget_gb is not None or miss_handler != "copy":

@@ -72,6 +72,13 @@ def throttle_depth(layer_s: float, copy_s: float, limit: int) -> int:
     return max(1, min(limit, 1 + int(layer_s / copy_s)))
 
 
+def exact_depth(depth: int | None, speculate: bool, crosses_tokens: bool) -> int | None:
+    """The scheduler's `depth` for a policy: exact prefetch is throttled to `depth` copies per
+    layer; speculative mode and the oracle (a predictor that crosses tokens) use every guess they
+    prefetch, so nothing is throttled (None)."""
+    return depth if not speculate and not crosses_tokens else None
+
+
 @dataclass
 class CopyTag:
     """What a copy is for; it rides along on the Transfer (for errors and the trace)."""

@@ -121,7 +121,7 @@ class HostExpertStore:
     def __init__(self, layers: list[Tensor], home: torch.device) -> None:
         self.layers = layers  # [(E, 3*I*D)] * L, on the host (often views of one host_buffer)
         self.home = home  # where the model kept its experts (give_back returns them there)
-        self.expert_bytes = layers[0][0].numel() * layers[0].element_size()
+        self.expert_bytes = layers[0][0].nbytes
 
     @classmethod
     def take_from(cls, model: "MoETransformer", pin: bool | None = None) -> "HostExpertStore":

@@ -34,7 +34,7 @@ class Transfer:
 
     def __init__(self, dst: Tensor, src: Tensor, tag: object) -> None:
         self.dst, self.src, self.tag = dst, src, tag
-        self.nbytes = src.numel() * src.element_size()
+        self.nbytes = src.nbytes
         self.error: BaseException | None = None
 
     def done(self) -> bool:

@@ -21,6 +21,8 @@ some ten kernel launches) are assumptions, stated in every projection table.
 
 from dataclasses import dataclass
 
+import torch
+
 from tinymoe.engine.config import ModelConfig
 from tinymoe.offload.link import LinkSpec
 from tinymoe.simulator.record import LayerRecord, RoutingTrace
@@ -100,14 +102,14 @@ class RooflineCosts:
         hw: Hardware,
         cfg: ModelConfig,
         context: int,
-        bytes_per_param: int = 2,
+        dtype: torch.dtype = torch.bfloat16,
         efficiency: float = 0.7,
         layer_overhead_s: float = 40e-6,
         host_sync_s: float = 20e-6,
     ) -> None:
         self.hw, self.cfg, self.link = hw, cfg, hw.link
-        D, Dh, b = cfg.hidden_size, cfg.head_dim, bytes_per_param
-        self.expert_bytes = cfg.expert_numel * b
+        D, Dh, b = cfg.hidden_size, cfg.head_dim, dtype.itemsize
+        self.expert_bytes = cfg.expert_bytes(dtype)
         bw = hw.device_gbps * 1e9 * efficiency
         attn = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * Dh * D * b  # q, o and k, v
         kv = 2 * context * cfg.num_kv_heads * Dh * b  # this layer's cache, read once
@@ -180,7 +182,7 @@ def scale_trace(trace: RoutingTrace, cfg: ModelConfig) -> RoutingTrace:
         "top_k": K,
         "hidden_size": cfg.hidden_size,
         "expert_dim": cfg.expert_dim,
-        "expert_bytes": cfg.expert_numel * 2,
+        "expert_bytes": cfg.expert_bytes(torch.bfloat16),
     }
     machine = {**trace.machine, "scaled_from": trace.model}
     return RoutingTrace(model, machine, trace.lookahead, trace.predictors, passes)

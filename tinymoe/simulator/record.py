@@ -107,7 +107,7 @@ def model_info(model: MoETransformer) -> dict:
         "hidden_size": cfg.hidden_size,
         "expert_dim": cfg.expert_dim,
         "dtype": str(dtype).removeprefix("torch."),
-        "expert_bytes": cfg.expert_numel * dtype.itemsize,
+        "expert_bytes": cfg.expert_bytes(dtype),
     }
 
 

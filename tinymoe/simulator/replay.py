@@ -30,7 +30,7 @@ from tinymoe.offload.link import LinkSpec, fifo
 from tinymoe.offload.meter import HostClock, Meter
 from tinymoe.offload.policy import parse_policy, resolve_slots
 from tinymoe.offload.runtime import LayerDriver
-from tinymoe.offload.scheduler import Scheduler
+from tinymoe.offload.scheduler import Scheduler, exact_depth
 from tinymoe.offload.transfer import Transfer
 from tinymoe.simulator.record import LayerRecord, RoutingTrace
 from tinymoe.speculation.hook import PredictionHook
@@ -163,7 +163,6 @@ def simulate(
     if policy.offload:
         n_slots = resolve_slots(policy, _Shape(m), costs.expert_bytes, max(d, 1), slots)
         cache = ExpertCache(n_slots, 1, torch.device("cpu"), torch.float32, policy.eviction)
-        exact = not policy.speculate and not hook.crosses_tokens
         sched = Scheduler(
             cache,
             _NoStore(costs.expert_bytes),
@@ -171,7 +170,7 @@ def simulate(
             meter,
             L,
             pipeline=policy.pipeline,
-            depth=prefetch_depth if exact else None,
+            depth=exact_depth(prefetch_depth, policy.speculate, hook.crosses_tokens),
             miss_handler=miss_handler,
         )
     driver = LayerDriver(hook, meter, sched, lambda layer: torch.zeros(E, 1))
