@@ -5,7 +5,8 @@ import json
 import pytest
 from conftest import make_checkpoint
 
-from tinymoe import TinyMoeError, load_model
+from tinymoe import TinyMoeError, bench, load_model
+from tinymoe import simulate as simulate_tool
 from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.generate import generate
 from tinymoe.offload.link import LinkSpec
@@ -117,3 +118,22 @@ def test_mistakes_are_one_line(baby):
         simulate_main(["--model", str(baby), "--scale-to", "docs/configs/mixtral-8x7b.json"])
     with pytest.raises(TinyMoeError, match="miss-handlers"):
         simulate_main(["--model", str(baby), "--miss-handlers", "gpu"])
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--max-new-tokens", "0"), ("--max-new-tokens", "1"), ("--copy-share", "2"),
+     ("--prompt-tokens", "-1"), ("--repeat", "0"), ("--expert-slots", "0"),
+     ("--prefetch-depth", "0"), ("--lookahead", "x"), ("--seed", "x"), ("--threads", "0")],
+)  # fmt: skip
+def test_bad_run_flags_are_the_same_one_line_in_simulate_and_bench(baby, capsys, flag, value):
+    """The flags the two tools share are declared once (bench.add_run_flags), with one type."""
+    errors = []
+    for tool in (simulate_tool, bench):
+        with pytest.raises(SystemExit) as exit:
+            tool.cli(["--model", str(baby), flag, value])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+        assert err.startswith(f"error: {flag}: ")
+        errors.append(err)
+    assert errors[0] == errors[1]

@@ -29,7 +29,6 @@ import torch
 
 from tinymoe import GenerationResult, TinyMoeError, generate, load_model
 from tinymoe.cli import (
-    DEFAULT_LINK,
     OneLineParser,
     add_device_flags,
     add_link_flags,
@@ -41,13 +40,14 @@ from tinymoe.cli import (
     link_from_args,
     model_dir_from_args,
     open_fraction,
+    positive_float,
     positive_int,
     positive_int_or_auto,
     run_cli,
 )
 from tinymoe.engine.model import MoETransformer
 from tinymoe.engine.moe import Routing
-from tinymoe.offload.link import PRESETS, LinkSpec
+from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec
 from tinymoe.offload.meter import eq1_bound_ms
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy
 from tinymoe.offload.runtime import OffloadRuntime
@@ -57,7 +57,6 @@ from tinymoe.speculation.oracle import record_routing
 from tinymoe.speculation.predictors import PREDICTOR_NAMES, make_predictor
 
 FAST_LINK = LinkSpec(1e6, 0.0, "unlimited")  # for measuring compute alone
-depth_flag = positive_int_or_auto  # --prefetch-depth's argparse type
 
 
 def measure_h2d_peak_gbps(device: torch.device, nbytes: int = 256 * 2**20) -> float:
@@ -148,27 +147,27 @@ def run_policy(
     }
 
 
-def calibrate_link(
-    model: MoETransformer,
-    ids: list[int],
-    max_new_tokens: int,
-    share: float,
-    latency_us: float,
-    recording: list[list[Routing]],
-    refine: int = 2,
-) -> LinkSpec:
-    """A link over which on-demand (no cache) spends `share` of TPOT copying (see the top).
+def simulated_link(
+    model: MoETransformer, ids: list[int], args: argparse.Namespace,
+    recording: list[list[Routing]], refine: int = 2,
+) -> LinkSpec:  # fmt: skip
+    """The CPU's link: the --link-* flags' (default: DEFAULT_LINK), or with --copy-share S one
+    over which on-demand (no cache) spends share S of TPOT copying (see the top).
 
     First guess: compute per token C from on-demand over an unlimited link. Then `refine`
     times: run on-demand over the guessed link and take C as the part of TPOT the link did not
     cover (TPOT - copy time), which includes the runtime's own overhead at this speed.
     """
+    given = link_from_args(args) or PRESETS[DEFAULT_LINK]
+    share, latency_us = args.copy_share, given.latency_us
+    if share is None:
+        return given
     cfg, dtype = model.cfg, model.embed_tokens.weight.dtype
-    expert_bytes = cfg.expert_numel * dtype.itemsize
+    expert_bytes = cfg.expert_bytes(dtype)
     copies_per_token = cfg.num_layers * cfg.top_k  # top-k slots: every routed expert is copied
     link = FAST_LINK
     for i in range(refine + 1):
-        probe = run_policy(model, "on-demand", ids, max_new_tokens, link, recording)
+        probe = run_policy(model, "on-demand", ids, args.max_new_tokens, link, recording)
         compute_ms = probe["tpot_ms"] - (probe["stall_ms"] if i == 0 else probe["copy_ms"])
         per_copy_s = share / (1 - share) * compute_ms / 1e3 / copies_per_token
         if per_copy_s <= latency_us * 1e-6:
@@ -186,13 +185,80 @@ def auto_depth(
 ) -> int:
     """--prefetch-depth auto: from the resident run's TPOT and the link (throttle_depth)."""
     cfg = model.cfg
-    expert_bytes = cfg.expert_numel * model.embed_tokens.weight.dtype.itemsize
+    expert_bytes = cfg.expert_bytes(model.embed_tokens.weight.dtype)
     if link is not None:
         copy_s = link.seconds(expert_bytes)
     else:  # CUDA: the measured pinned bandwidth
         copy_s = expert_bytes / (h2d_gbps * 1e9)
     layer_s = resident.tpot_ms["mean"] / 1e3 / cfg.num_layers
     return throttle_depth(layer_s, copy_s, cfg.num_experts)
+
+
+def new_tokens(s: str) -> int:
+    """--max-new-tokens' argparse type: an integer >= 2."""
+    if positive_int(s) < 2:
+        raise argparse.ArgumentTypeError("must be >= 2 (TPOT excludes the first token)")
+    return int(s)
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """A bench run's flags, shared with `tinymoe simulate`: prompt, run, cache, link, device."""
+    a = p.add_argument
+    a("--prompt", default=None, help="prompt text (needs tokenizer.json)")
+    a("--prompt-tokens", type=positive_int, default=32, metavar="N", help="else N random ids")
+    a("--max-new-tokens", type=new_tokens, default=32, metavar="N", help="per run, >= 2")
+    a("--lookahead", type=positive_int, metavar="D", help="with a predictor (default: 1)")
+    a(
+        "--prefetch-depth",
+        type=positive_int_or_auto,
+        default="auto",
+        metavar="N|auto",
+        help="exact prefetch copies at most this many guessed experts per layer; auto: 1 + the "
+        "expert copies the link finishes in one layer's compute, from the resident run's TPOT "
+        "(measured once, so every row gets the same depth)",
+    )
+    a("--expert-slots", type=positive_int, metavar="N", help="for all (default: per policy)")
+    add_link_flags(p)
+    a(
+        "--copy-share",
+        type=open_fraction,
+        metavar="S",
+        help="calibrate --link-gbps so on-demand spends share S of TPOT copying, e.g. 0.85 "
+        "(default: off, the link is the --link-* flags')",
+    )
+    add_device_flags(p)
+    a("--seed", type=int, default=0, metavar="N", help="for the random prompt")
+    a("--repeat", type=positive_int, default=1, metavar="N", help="rounds; report medians")
+
+
+def run_rounds(
+    model: MoETransformer, names: list[str], ids: list[int], args: argparse.Namespace,
+    link: LinkSpec | None, ref: GenerationResult, recording: list[list[Routing]],
+    calibration: Calibration | None, depth: int, budget_gb: float | None = None,
+    trace_dir: Path | None = None,
+) -> list[dict]:  # fmt: skip
+    """Each policy's row from --repeat rounds (run_policy, with add_run_flags' `args`); "exact":
+    every run's tokens are those of `ref`, the resident run that recorded `recording`. Round-robin,
+    so a slow spell of a shared machine hits every policy alike; each policy keeps its median
+    run (by TPOT), whole, so its columns stay consistent with each other."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for i in range(args.repeat):
+        for name in names:
+            print(f"round {i + 1}/{args.repeat}: {name} ...", file=sys.stderr)
+            trace = trace_dir / f"{name}.trace.json" if trace_dir and i == 0 else None
+            row = run_policy(
+                model, name, ids, args.max_new_tokens, link, recording, args.expert_slots,
+                budget_gb, trace, calibration, args.lookahead, depth,
+            )  # fmt: skip
+            row["exact"] = row.pop("tokens") == ref.tokens
+            runs[name].append(row)
+    rows = []
+    for name in names:
+        row = sorted(runs[name], key=lambda r: r["tpot_ms"])[len(runs[name]) // 2]
+        row["exact"] = all(r["exact"] for r in runs[name])
+        row["tpot_ms_runs"] = [r["tpot_ms"] for r in runs[name]]
+        rows.append(row)
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,32 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"{', '.join(PREDICTOR_NAMES)}, oracle (e.g. prefetch+router+lru); on-demand is always "
         "run: it is the baseline",
     )
-    a("--prompt", default=None, help="prompt text (needs tokenizer.json)")
-    a("--prompt-tokens", type=positive_int, default=32, metavar="N", help="else N random ids")
-    a("--max-new-tokens", type=positive_int, default=32, metavar="N", help="per run, >= 2")
-    a("--lookahead", type=positive_int, metavar="D", help="with a predictor (default: 1)")
-    a(
-        "--prefetch-depth",
-        type=depth_flag,
-        default="auto",
-        metavar="N|auto",
-        help="exact prefetch copies at most this many guessed experts per layer; auto: 1 + the "
-        "expert copies the link finishes in one layer's compute, from the resident run's TPOT "
-        "(measured once, so every row gets the same depth)",
-    )
-    a("--expert-slots", type=positive_int, metavar="N", help="for all (default: per policy)")
-    a("--expert-budget-gb", type=float, metavar="GB", help="or a budget in GB (1e9 B)")
-    add_link_flags(p)
-    a(
-        "--copy-share",
-        type=open_fraction,
-        metavar="S",
-        help="calibrate --link-gbps so on-demand spends share S of TPOT copying, e.g. 0.85 "
-        "(default: off, the link is the --link-* flags')",
-    )
-    add_device_flags(p)
-    a("--seed", type=int, default=0, metavar="N", help="for the random prompt")
-    a("--repeat", type=positive_int, default=1, metavar="N", help="rounds; report medians")
+    add_run_flags(p)
+    a("--expert-budget-gb", type=positive_float, metavar="GB", help="or a budget in GB (1e9 B)")
     a("--trace-dir", metavar="DIR", help="write POLICY.trace.json files here")
     a("--json", action="store_true", help="print one JSON object")
     return p
@@ -252,8 +294,6 @@ def prompt_ids(args: argparse.Namespace, vocab_size: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 2:
-        raise TinyMoeError("--max-new-tokens must be >= 2 (TPOT excludes the first token)")
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
     for n in names:
         parse_policy(n)  # fail on a typo before any work
@@ -274,9 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     check_positions(model.cfg, len(ids), args.max_new_tokens, False, "--max-new-tokens")
     p = model.embed_tokens.weight
     check_kv_cache_fits(model.cfg, len(ids) + args.max_new_tokens, p.dtype, p.device)
-    calibration = None
-    if any(p != "oracle" for p in predictors):
-        calibration = load_speculation(args.model, model.cfg)
+    calibration = load_speculation(args.model, model.cfg) if set(predictors) - {"oracle"} else None
     log = sys.stderr
 
     # The resident run: reference tokens (exactness) and the routing the oracle replays.
@@ -284,55 +322,22 @@ def main(argv: list[str] | None = None) -> int:
     ref, recording = record_routing(model, ids, args.max_new_tokens, eos_ids=())
     for p in predictors:  # each once before any row: a missing file or bad --lookahead fails now
         make_predictor(p, model, calibration, args.lookahead, recording=recording)
-    given = link_from_args(args)  # None: no link flag given
-    latency = (given or PRESETS[DEFAULT_LINK]).latency_us
-    h2d_peak = None
+    h2d_peak = link = None
     if device.type == "cuda":
         if args.copy_share is not None or args.link_gbps is not None:
             raise TinyMoeError("--copy-share/--link-gbps set the simulated link: use --device cpu")
         h2d_peak = measure_h2d_peak_gbps(device)
-        link = None
         print(f"link: the GPU's; pinned host-to-device peak {h2d_peak:.1f} GB/s", file=log)
-    elif args.copy_share is not None:
-        link = calibrate_link(model, ids, args.max_new_tokens, args.copy_share, latency, recording)
     else:
-        link = given or PRESETS[DEFAULT_LINK]
-    if link is not None:
+        link = simulated_link(model, ids, args, recording)
         print(f"link: {link.gbps:.3f} GB/s, {link.latency_us} us per copy ({link.name})", file=log)
     depth = args.prefetch_depth or auto_depth(model, ref, link, h2d_peak)
     print(f"exact prefetch depth: {depth} copies per layer", file=log)
 
-    # Round-robin, so a slow spell of a shared machine hits every policy alike; keep each
-    # policy's median run (by TPOT), whole, so its columns stay consistent with each other.
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    for i in range(args.repeat):
-        for name in names:
-            print(f"round {i + 1}/{args.repeat}: {name} ...", file=log)
-            trace = trace_dir / f"{name}.trace.json" if trace_dir and i == 0 else None
-            row = run_policy(
-                model,
-                name,
-                ids,
-                args.max_new_tokens,
-                link,
-                recording,
-                args.expert_slots,
-                args.expert_budget_gb,
-                trace,
-                calibration,
-                args.lookahead,
-                depth,
-            )
-            row["exact"] = row.pop("tokens") == ref.tokens
-            runs[name].append(row)
-    rows = []
-    for name in names:
-        by_tpot = sorted(runs[name], key=lambda r: r["tpot_ms"])
-        row = by_tpot[len(by_tpot) // 2]
-        row["exact"] = all(r["exact"] for r in runs[name])
-        row["tpot_ms_runs"] = [r["tpot_ms"] for r in runs[name]]
-        rows.append(row)
-
+    rows = run_rounds(
+        model, names, ids, args, link, ref, recording, calibration, depth,
+        args.expert_budget_gb, trace_dir,
+    )  # fmt: skip
     od = next(r for r in rows if r["policy"] == "on-demand")
     bound = eq1_bound_ms(od["tpot_ms"], od["layers"])
     for r in rows:

@@ -23,9 +23,7 @@ import torch
 from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.loader import DTYPES
 from tinymoe.errors import TinyMoeError
-from tinymoe.offload.link import PRESETS, LinkSpec
-
-DEFAULT_LINK = "pcie4-x16"  # the simulated link when a link flag is given without a preset
+from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -15,7 +15,6 @@ import torch
 
 from tinymoe import GenerationResult, MoETransformer, TinyMoeError, generate, load_model
 from tinymoe.cli import (
-    DEFAULT_LINK,
     OneLineParser,
     add_device_flags,
     add_link_flags,
@@ -33,7 +32,7 @@ from tinymoe.cli import (
 from tinymoe.engine.loader import Checkpoint, resolve_dtype
 from tinymoe.engine.timing import peak_memory_bytes
 from tinymoe.engine.tokenizer import StopStrings, StreamDecoder, load_tokenizer
-from tinymoe.offload.link import PRESETS
+from tinymoe.offload.link import DEFAULT_LINK, PRESETS
 from tinymoe.offload.meter import format_layers
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy
 from tinymoe.offload.runtime import OffloadRuntime
@@ -230,7 +229,6 @@ def predictor_for(
         calibration,
         args.lookahead,
         recording=recording,
-        weights=args.speculate,  # exact prefetch never uses a guess's weights
     )
 
 

@@ -22,27 +22,19 @@ import sys
 from pathlib import Path
 
 from tinymoe import load_model
-from tinymoe.bench import auto_depth, calibrate_link, depth_flag, prompt_ids, run_policy
-from tinymoe.cli import (
-    DEFAULT_LINK,
-    OneLineParser,
-    add_device_flags,
-    add_link_flags,
-    device_from_args,
-    link_from_args,
-    model_dir_from_args,
-    run_cli,
-)
+from tinymoe.bench import add_run_flags, auto_depth, prompt_ids, run_rounds, simulated_link
+from tinymoe.cli import OneLineParser, device_from_args, model_dir_from_args, positive_int, run_cli
 from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.generate import generate
 from tinymoe.errors import TinyMoeError
-from tinymoe.offload.link import PRESETS, LinkSpec
+from tinymoe.offload.link import LinkSpec
 from tinymoe.offload.policy import parse_policy
 from tinymoe.offload.scheduler import MISS_HANDLERS
 from tinymoe.simulator.costs import HARDWARE, MeasuredCosts, RooflineCosts, scale_trace
 from tinymoe.simulator.record import RoutingTrace, record_run
 from tinymoe.simulator.replay import simulate
 from tinymoe.speculation.calibration import load_speculation
+from tinymoe.speculation.oracle import record_routing
 
 DEFAULT_POLICIES = "on-demand,lru,prefetch+router+lru,speculative+router,oracle,resident"
 
@@ -54,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", action="store_true", help="simulate beside a real bench run")
     p.add_argument("--hardware", choices=list(HARDWARE), default=None, help="project onto a GPU")
     p.add_argument("--scale-to", default=None, metavar="CONFIG", help="a published config.json")
-    p.add_argument("--context", type=int, default=2048, help="KV positions read per layer (proj.)")
+    p.add_argument("--context", type=positive_int, default=2048, help="KV length for --hardware")
     p.add_argument("--trace", default=None, metavar="FILE", help="replay this recorded trace")
     p.add_argument("--record", default=None, metavar="FILE", help="write the recorded trace")
     p.add_argument(
@@ -62,17 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="copy",
         help=f"comma-separated, of {', '.join(MISS_HANDLERS)}: one row per policy and handler",
     )
-    p.add_argument("--prompt", default=None, help="prompt text (default: random ids)")
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="for the random prompt")
-    p.add_argument("--lookahead", type=int, default=1)
-    p.add_argument("--expert-slots", type=int, default=None, help="slots for every policy")
-    p.add_argument("--prefetch-depth", type=depth_flag, default="auto", help="as tinymoe.bench")
-    p.add_argument("--copy-share", type=float, default=None, help="as tinymoe.bench")
-    p.add_argument("--repeat", type=int, default=3, help="--validate: real runs per policy")
-    add_link_flags(p)
-    add_device_flags(p)
+    add_run_flags(p)  # bench's; --repeat: --validate's real runs per policy
+    p.set_defaults(lookahead=1, repeat=3)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -109,21 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(args.model)
         ids = prompt_ids(args, model.cfg.vocab_size)
         generate(model, ids[:4], 2, eos_ids=())  # warm-up
-        ref = generate(model, ids, args.max_new_tokens, eos_ids=())
-        given = link_from_args(args) or PRESETS[DEFAULT_LINK]
-        link = given
-        if args.copy_share is not None:
-            link = calibrate_link(
-                model, ids, args.max_new_tokens, args.copy_share, given.latency_us, []
-            )
+        ref, recording = record_routing(model, ids, args.max_new_tokens, eos_ids=())
+        link = simulated_link(model, ids, args, recording)
         depth = args.prefetch_depth or auto_depth(model, ref, link, None)
         print(f"link: {link.gbps:.3f} GB/s + {link.latency_us} us; depth {depth}", file=log)
         print("recording the routing ...", file=log)
         trace = record_run(
             model, ids, args.max_new_tokens, link, predictor_names, args.model, args.lookahead
         )
-        if args.validate:
-            measured = measure(args, model, ids, names, link, depth)
+        if args.validate:  # the real bench's rows: their median TPOTs
+            learned = set(predictor_names) - {"oracle"}
+            calibration = load_speculation(args.model, model.cfg) if learned else None
+            rows = run_rounds(model, names, ids, args, link, ref, recording, calibration, depth)
+            measured = {r["policy"]: r["tpot_ms"] for r in rows}
     if args.record:
         trace.save(args.record)
 
@@ -161,26 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(result) if args.json else format_table(result))
     return 0
-
-
-def measure(args, model, ids, names, link, depth) -> dict[str, float]:
-    """The real bench rows (median TPOT of --repeat round-robin runs), for --validate."""
-    from tinymoe.speculation.oracle import record_routing
-
-    _, recording = record_routing(model, ids, args.max_new_tokens, eos_ids=())
-    calibration = None
-    if any(parse_policy(n).predictor not in (None, "oracle") for n in names):
-        calibration = load_speculation(args.model, model.cfg)
-    runs: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(args.repeat):
-        for n in names:
-            print(f"measuring {i + 1}/{args.repeat}: {n} ...", file=sys.stderr)
-            row = run_policy(
-                model, n, ids, args.max_new_tokens, link, recording, args.expert_slots,
-                None, None, calibration, args.lookahead, depth,
-            )  # fmt: skip
-            runs[n].append(row["tpot_ms"])
-    return {n: sorted(v)[len(v) // 2] for n, v in runs.items()}
 
 
 def format_table(result: dict) -> str:
