@@ -332,3 +332,47 @@ def test_each_formula_is_written_once(pattern):
         and not str(p.relative_to(PACKAGE)).startswith("exercises/")
     ]
     assert found == FINGERPRINTS[pattern]
+
+
+# ---------------------------------------------------------------- the package's shape
+
+
+def test_no_module_over_400_lines():
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400
+    }
+    assert not long, f"split by idea: {long}"
+
+
+def test_no_import_circle():
+    """Module-level imports among tinymoe's modules form no cycle (imports inside a function
+    or under TYPE_CHECKING do not count: they are how a cycle is avoided on purpose)."""
+    import ast
+
+    modules = {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in PACKAGE.rglob("*.py")
+    }
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                edges |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {m for m in edges if m in modules and m != name}
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(name) :]))
+        if name not in done:
+            for m in graph[name]:
+                visit(m, [*path, name])
+            done.add(name)
+
+    for name in graph:
+        visit(name, [])
