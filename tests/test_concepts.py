@@ -231,7 +231,7 @@ def test_fifo_link(trace):
         got = simulate(trace, "on-demand", slow)
         from tinymoe.offload.link import SimulatedLink
 
-        link = SimulatedLink(LinkSpec(1.0, 0.0))
+        link = SimulatedLink(LinkSpec(0.004, 0.0))  # 0.1 s a copy: b is issued long before
         try:
             a, b = (link.copy(torch.empty(10**5), torch.ones(10**5), 0, "t") for _ in range(2))
             a.compute_wait(), b.compute_wait()

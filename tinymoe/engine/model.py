@@ -19,7 +19,8 @@ each layer's state and, in speculative mode, replace the router's choice; expert
 the plain resident reference every fast path is tested against.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,20 +46,30 @@ def rms_normalize(x: Tensor, eps: float) -> Tensor:
 
 
 class RMSNorm(nn.Module):
+    """RMS norm over the last dim with a learned scale: `weight` (dim,), `eps` a float."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32, cast back, then scale: the order Hugging Face uses, so bf16 matches.
+        """x (..., dim) -> weight * x / sqrt(mean(x^2) + eps), the mean over the last dim.
+
+        Normalised in fp32 and cast back to x's dtype *before* the scale by weight, the order
+        Hugging Face uses, so bf16 results match transformers bit for bit.
+        """
         return self.weight * rms_normalize(x, self.eps)
 
 
 def rope_cos_sin(
     positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (T, Dh) for the "rotate-half" convention Hugging Face checkpoints use."""
+    """cos, sin of shape (T, Dh) for the "rotate-half" convention Hugging Face checkpoints use.
+
+    Position p's angle for pair i (i < Dh/2) is p * theta^(-2i/Dh), the same in both halves of a
+    head; computed in fp32 whatever `dtype`, then cast.
+    """
     inv_freq = 1.0 / theta ** (
         torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
     )
@@ -198,6 +209,15 @@ class MoETransformer(nn.Module):
         # runtime's meter files that pass apart, as the GenerationResult keeps it out of TPOT.
         self.compiling = False
 
+    @contextmanager
+    def routed_by(self, hook: RouteHook) -> Iterator[RouteHook]:
+        """`hook` decides every layer's routing inside the `with`; the previous one comes back."""
+        previous, self.route_hook = self.route_hook, hook
+        try:
+            yield hook
+        finally:
+            self.route_hook = previous
+
     @property
     def provider(self) -> ExpertProvider:
         """Where the MoE layers get experts: the resident ones, unless a runtime installed one."""
@@ -296,7 +316,12 @@ class MoETransformer(nn.Module):
         return cos[start], sin[start], sees[None, :]  # (1, Dh), (1, Dh), (1, S)
 
     def _mask(self, pos: Tensor, S: int, device: torch.device) -> Tensor | None:
-        """Boolean (T, S) attention mask, or None when plain causal attention suffices."""
+        """Boolean (T, S) attention mask, or None when plain causal attention suffices.
+
+        pos (T,) are the new tokens' positions, S - T .. S - 1. Position q sees cached position k
+        when k <= q and, with `cfg.sliding_window` W, q - W < k. None means `is_causal` for a
+        fresh sequence (T = S) and "everything" for one new token (T = 1).
+        """
         T, start = pos.numel(), S - pos.numel()
         window = self.cfg.sliding_window
         if window is None or window >= S:

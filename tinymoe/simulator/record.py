@@ -22,11 +22,11 @@ and per pass `head_s` (final norm + LM head). The file is JSON:
 `record_trace` makes one from two runs of the same prompt, which route identically because
 offloading is exact: the timed run (any exact policy, e.g. on-demand over the link being
 modelled, so its compute times include what running that way costs on this machine), then a
-resident pass with a route hook that keeps the routing and asks every predictor for its guess.
+resident pass with the hook that scores predictors (speculation/scoring.py), which keeps the
+routing and every predictor's guess.
 """
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from tinymoe.offload.link import LinkSpec
 from tinymoe.offload.runtime import OffloadRuntime
 from tinymoe.speculation.calibration import load_speculation
 from tinymoe.speculation.predictors import Predictor, make_predictor
-from tinymoe.speculation.recording import RouteRecorder
+from tinymoe.speculation.scoring import ScoringHook
 
 FORMAT, VERSION = "tinymoe-routing-trace", 1
 
@@ -149,25 +149,11 @@ def record_trace(
     from a resident pass here, which must generate the same tokens (offloading is exact)."""
     L = model.cfg.num_layers
     times = times_from_spans(timed[1], L)
-    for p in predictors.values():
-        p.reset()
-    seen: list[list[tuple[list[list[int]], dict]]] = []  # [pass][layer] -> (ids, guesses)
-
-    def keep(layer, resid, u, routing) -> None:
-        """The router decided: keep its ids, and ask every predictor for its guess (timed)."""
-        if layer == 0:
-            seen.append([])
-        guesses = {}
-        for name, p in predictors.items():
-            t0 = time.perf_counter()
-            g = p.observe(layer, resid, u, routing)
-            rows = None if g is None else g.ids.tolist()  # (timed too: a runtime reads it)
-            if rows is not None:
-                guesses[name] = (rows, time.perf_counter() - t0)
-        seen[-1].append((routing.ids.tolist(), guesses))
-
-    with RouteRecorder(keep).installed(model), torch.inference_mode():
+    hook = ScoringHook(model, {(n, lookahead): p for n, p in predictors.items()}, set(), log=True)
+    hook.reset()
+    with model.routed_by(hook), torch.inference_mode():
         out = generate(model, ids, max_new_tokens, eos_ids=())
+    seen = hook.log
     if out.tokens != timed[0].tokens or len(seen) != len(times):
         raise TinyMoeError(
             "record: the timed run and the resident pass generated different tokens; record "

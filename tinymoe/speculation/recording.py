@@ -9,8 +9,8 @@ A hook that changes the routing (speculation, hook.py) or scores predictors (eva
 different thing and lives with its tool.
 """
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from torch import Tensor
 
@@ -45,11 +45,6 @@ class RouteRecorder:
         self.keep(layer, resid.reshape(u.shape), u, routing)
         return routing
 
-    @contextmanager
-    def installed(self, model: MoETransformer) -> Iterator["RouteRecorder"]:
+    def installed(self, model: MoETransformer) -> AbstractContextManager["RouteRecorder"]:
         """Be the model's route hook inside the `with`; the previous hook comes back after."""
-        previous, model.route_hook = model.route_hook, self
-        try:
-            yield self
-        finally:
-            model.route_hook = previous
+        return model.routed_by(self)

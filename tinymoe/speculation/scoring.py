@@ -7,6 +7,8 @@ windows or, stepwise, one position at a time through a KV cache as decoding does
 ways compute the same numbers: tinymoe/evaluate.py's docstring.
 """
 
+import time
+
 import torch
 from torch import Tensor
 
@@ -25,6 +27,10 @@ class ScoringHook:
     to the state the next layer receives. Keys in `shifted` (previous-token, when each forward
     holds whole windows) are not run: their guess for position i is position i-1's true routing
     at the same layer, what previous-token predicts when decoding. Their predictor goes unused.
+
+    log=True also keeps, per forward pass and layer, the true ids and each predictor's guess
+    with what computing and reading it took: `log[pass][layer] = (ids, {name: (ids, seconds)})`
+    (the simulator's routing trace, simulator/record.py).
     """
 
     def __init__(
@@ -33,6 +39,7 @@ class ScoringHook:
         predictors: dict[tuple[str, int], Predictor],
         on_hidden: set[str],
         shifted: set[tuple[str, int]] = frozenset(),
+        log: bool = False,
     ) -> None:
         L, device = model.cfg.num_layers, model.embed_tokens.weight.device
         self.model, self.predictors, self.on_hidden = model, predictors, on_hidden
@@ -42,6 +49,7 @@ class ScoringHook:
         self.recall = {k: torch.zeros(L, dtype=torch.float64, device=device) for k in predictors}
         self.top1 = {k: torch.zeros(L, dtype=torch.float64, device=device) for k in predictors}
         self.tokens = torch.zeros(L, dtype=torch.long)  # tokens scored at each layer
+        self.log: list[list[tuple[list[list[int]], dict]]] | None = [] if log else None
 
     def reset(self) -> None:
         for key, p in self.predictors.items():
@@ -71,13 +79,21 @@ class ScoringHook:
         if self.on_hidden:
             cfg = self.model.cfg
             hidden = resid + moe_forward(u, true, self.model.provider, layer, cfg.expert_dim)
+        guesses = {}
         for key, p in self.predictors.items():
             if key in self.shifted:
                 continue
             state = hidden if key[0] in self.on_hidden else resid
+            t0 = time.perf_counter()
             nxt = p.observe(layer, state, u, true)
             if nxt is not None:
                 self.pending[key][layer + p.lookahead] = nxt
+                if self.log is not None:  # SYNC: reading it to the host is part of its cost
+                    guesses[key[0]] = (nxt.ids.tolist(), time.perf_counter() - t0)
+        if self.log is not None:
+            if layer == 0:
+                self.log.append([])
+            self.log[-1].append((true.ids.tolist(), guesses))
         return true
 
     def rates(self) -> dict[str, dict[str, dict]]:
@@ -131,15 +147,12 @@ def forward_logits(model: MoETransformer, ids: Tensor, hook, stepwise: bool = Fa
     otherwise one forward over the whole windows (see the module docstring)."""
     cfg, p = model.cfg, model.embed_tokens.weight
     ids = ids.to(p.device)
-    previous_hook, model.route_hook = model.route_hook, hook
     if hook is not None:
         hook.reset()
-    try:
+    with model.routed_by(hook):
         if not stepwise:
             return model(ids).float()
         B, T = ids.shape
         cache = KVCache(cfg.num_layers, B, cfg.num_kv_heads, T, cfg.head_dim, p.device, p.dtype)
         steps = [model(ids[:, i : i + 1], cache=cache, start=i).float() for i in range(T)]
         return torch.cat(steps, dim=1)
-    finally:
-        model.route_hook = previous_hook
