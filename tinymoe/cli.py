@@ -56,60 +56,29 @@ class OneLineParser(argparse.ArgumentParser):
 # Each raises ArgumentTypeError, which argparse prints as "--flag: <message>".
 
 
-def positive_int(s: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def _number(cast: Callable[[str], float], ok: Callable[[float], bool], what: str, auto=False):
+    """An argparse type: `cast(s)` if `ok` of it (and "auto" -> None when `auto`), else the
+    error "expected {what}, got 's'"."""
+
+    def parse(s: str):
+        if auto and s == "auto":
+            return None
+        try:
+            v = cast(s)
+        except ValueError:
+            v = None
+        if v is None or not ok(v):  # (`not ok` also refuses nan)
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return v
+
+    return parse
 
 
-def positive_int_or_auto(s: str) -> int | None:
-    """argparse type: an integer >= 1, or `auto` (None: the tool decides)."""
-    if s == "auto":
-        return None
-    try:
-        return positive_int(s)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer or auto, got {s!r}"
-        ) from None
-
-
-def nonnegative_int(s: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        v = int(s)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
-
-
-def positive_float(s: str) -> float:
-    """argparse type: a number > 0."""
-    try:
-        v = float(s)
-    except ValueError:
-        v = float("nan")
-    if not v > 0:  # also catches nan
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
-    return v
-
-
-def open_fraction(s: str) -> float:
-    """argparse type: a number strictly between 0 and 1."""
-    try:
-        v = float(s)
-    except ValueError:
-        v = float("nan")
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {s!r}")
-    return v
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+positive_int_or_auto = _number(int, lambda v: v >= 1, "a positive integer or auto", auto=True)
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+open_fraction = _number(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 
 
 def lookahead_list(s: str) -> tuple[int, ...]:
