@@ -36,6 +36,8 @@ class KVCache:
     ) -> tuple[Tensor, Tensor]:
         """Write k, v (B, Hkv, T, Dh) at start..start+T-1; return views of 0..start+T-1.
 
+        An int start whose T positions do not fit in max_len raises TinyMoeError.
+
         start as a (1,) tensor (the static-shape decode step, T = 1): write at that position and
         return the whole (B, Hkv, max_len, Dh) cache; the caller masks what lies after start.
         A position past the cache is the caller's to prevent: checking it here would read start

@@ -60,7 +60,8 @@ def routing_weights_dtype(cfg: ModelConfig, activation_dtype: torch.dtype) -> to
 def route_topk(logits: Tensor, top_k: int, normalise: bool, dtype: torch.dtype) -> Routing:
     """fp32 softmax over all E experts, top-K, optionally renormalised over the K.
 
-    dtype: the weights' dtype, from routing_weights_dtype (the ids do not depend on it).
+    logits (N, E) -> Routing(ids (N, K) long, most probable first; weights (N, K) in `dtype`;
+    logits as given). dtype: from routing_weights_dtype (the ids do not depend on it).
     """
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E), fp32 whatever the logits
     weights, ids = torch.topk(probs, top_k, dim=-1)  # (N, K) each
@@ -99,6 +100,9 @@ def moe_forward(
     Each contribution and the sum are in the dtype of expert output times routing weight: fp32
     when the weights are fp32 (Mixtral), rounded to u's dtype once at the end, as transformers
     does; else u's dtype throughout (the final cast is then a no-op).
+
+    The ids are read to the host once (the layer's one sync: it must know which experts to ask
+    for), or not at all for one token whose ids are already read (`routing.ids_on_host()`).
     """
     N, K = routing.ids.shape
     if N == 1 and torch.compiler.is_compiling() and isinstance(provider, ResidentExperts):

@@ -4,5 +4,6 @@
     python -m tinymoe.exercises start ID [--workdir DIR] [--force]
     python -m tinymoe.exercises check ID [--workdir DIR] [--solution]
 
-docs/exercises/README.md is the teachers' index; holes.py says how a starter is made.
+docs/exercises/README.md is the teachers' index; holes.py says how a starter is made, answers.py
+what counts as the student's own answer, runner.py how a check is run and reported.
 """

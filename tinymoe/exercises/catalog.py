@@ -1,14 +1,15 @@
 """The exercises, in the order a course takes them: from the forward pass to the paper's idea.
 
-Each exercise is defined next to its checks (forward_checks.py, moe_checks.py,
-offload_checks.py, prefetch_checks.py, speculation_checks.py, distillation_checks.py); this
-file only puts them in order.
+Each exercise is defined next to its checks (forward_checks.py, kvcache_checks.py,
+moe_checks.py, offload_checks.py, prefetch_checks.py, speculation_checks.py,
+distillation_checks.py); this file only puts them in order.
 """
 
 from tinymoe.errors import TinyMoeError
 from tinymoe.exercises.distillation_checks import DISTILLATION
 from tinymoe.exercises.exercise import Exercise
-from tinymoe.exercises.forward_checks import KV_CACHE, NORM_ROPE, ROUTING
+from tinymoe.exercises.forward_checks import NORM_ROPE, ROUTING
+from tinymoe.exercises.kvcache_checks import KV_CACHE
 from tinymoe.exercises.moe_checks import EXPERT, MOE_LAYER
 from tinymoe.exercises.offload_checks import EVICTION
 from tinymoe.exercises.prefetch_checks import PREFETCH, TIME_MODEL

@@ -8,6 +8,7 @@ import io
 
 import torch
 
+from tinymoe.calibrate import CalibrationSettings, calibrate
 from tinymoe.errors import TinyMoeError
 from tinymoe.exercises.exercise import (
     CheckFailed,
@@ -15,9 +16,16 @@ from tinymoe.exercises.exercise import (
     expect,
     expect_close,
     expect_tensor,
+    patched,
     targets,
 )
-from tinymoe.exercises.fixtures import demo_calibration, demo_exact_run, demo_model, randn
+from tinymoe.exercises.fixtures import (
+    demo_calibration,
+    demo_exact_run,
+    demo_model,
+    heldout_ids,
+    randn,
+)
 from tinymoe.speculation.estimator import (
     EstimatorConfig,
     LinearEstimator,
@@ -59,8 +67,8 @@ def _pairs() -> tuple[dict, dict]:
     train, val = {}, {}
     with torch.no_grad():
         for t in range(1, model.cfg.num_layers):
-            q = quasi_hidden(model, dv, t - 1, t, run.resid[t - 1], run.routing[t - 1])
-            logits = run.routing[t].logits.float()
+            q = quasi_hidden(model, dv, t - 1, t, run.resid[t - 1], run.routing(t - 1))
+            logits = run.logits[t]
             train[t], val[t] = (q[:768], logits[:768]), (q[768:], logits[768:])
     return train, val
 
@@ -119,6 +127,46 @@ def check_bad_steps(code) -> str:
     raise CheckFailed("steps=0 should raise TinyMoeError (a message the user can act on)")
 
 
+# Small enough for seconds on one thread: 12 windows to train on, 4 held back, 40 steps.
+SETTINGS = CalibrationSettings(lookaheads=(1,), steps=40, batch_size=64, val_fraction=0.25)
+
+
+def _calibrated(kl, train) -> dict:
+    """tinymoe.calibrate's procedure on held-out windows with these KL and training functions:
+    its held-out KLs ("val_kl": per estimator, before and after training)."""
+    with (
+        patched("tinymoe.speculation.estimator", "kl_to_router", kl),  # what mean_kl calls
+        patched("tinymoe.calibrate", "train_estimator", train),
+        contextlib.redirect_stderr(io.StringIO()),  # progress bars and notes
+    ):
+        return calibrate(demo_model(), heldout_ids(), SETTINGS).meta["val_kl"]
+
+
+@functools.cache
+def _engine_calibrated() -> dict:
+    return _calibrated(kl_to_router, train_estimator)
+
+
+def check_calibration(code) -> str:
+    mine, ref = _calibrated(code.kl_to_router, code.train_estimator), _engine_calibrated()
+    notes = []
+    for name, want in ref.items():
+        got = mine[name]
+        before, after = got["val_kl_before"], got["val_kl_after"]
+        expect(
+            abs(before - want["val_kl_before"]) <= 1e-4 * want["val_kl_before"],
+            f"{name}: the calibration tool measures a held-out KL of {before:.5f} before "
+            f"training with your kl_to_router, {want['val_kl_before']:.5f} with the engine's",
+        )
+        expect(
+            after <= 1.1 * want["val_kl_after"] + 1e-3,
+            f"{name}: held-out KL {before:.4f} -> {after:.4f} after the calibration tool trained "
+            f"with your train_estimator; the engine's reaches {want['val_kl_after']:.4f}",
+        )
+        notes.append(f"{name} {before:.3f} -> {after:.3f}")
+    return "tinymoe.calibrate on your code, held-out KL: " + ", ".join(notes)
+
+
 DISTILLATION = Exercise(
     id="distillation",
     title="A small estimator trained by distillation from the router",
@@ -138,5 +186,8 @@ DISTILLATION = Exercise(
         ("the KL", check_kl_values),
         ("training", check_training),
         ("bad settings", check_bad_steps),
+        ("the calibration tool on your code", check_calibration),
     ),
+    engine_checks=("the calibration tool on your code",),
+    given=("TinyMoeError",),  # what train_estimator raises for bad settings
 )

@@ -10,11 +10,13 @@ A check is a function `check(code) -> str` that returns a one-line note on succe
 size) and raises `CheckFailed` with a message that names the property that failed (a shape, a
 value against the reference, exactness, a figure out of range) without giving the answer away.
 Checks test behaviour against the engine's own implementation, never source text, so the
-engine may change underneath them.
+engine may change underneath them. An exercise names the checks that run the engine itself on
+the student's code (`engine_checks`): only when those pass does `check` say so.
 """
 
 import contextlib
 import importlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,13 @@ class Target:
     def engine_object(self) -> object:
         return getattr(importlib.import_module(self.module), self.name)
 
+    def engine_function(self) -> object:
+        """The engine's own function: the target itself, or the class's method."""
+        obj = self.engine_object()
+        if self.is_method:
+            obj = inspect.getattr_static(obj, self.qualname.split(".", 1)[1])
+        return getattr(obj, "__func__", obj)  # a staticmethod's or classmethod's function
+
 
 @dataclass(frozen=True)
 class Exercise:
@@ -73,6 +82,17 @@ class Exercise:
     minutes: int  # an estimate for a student who has read the docs page
     prerequisites: tuple[str, ...]  # exercise ids to do first
     checks: tuple[tuple[str, Check], ...]  # (property, check) in the order they run
+    # The properties (names in `checks`) whose check runs the engine on the student's code: a
+    # model, runtime or scheduler, not just the student's function on its own.
+    engine_checks: tuple[str, ...] = ()
+    # Engine names the starter imports besides torch, F, Tensor and what the signatures need:
+    # the helpers the page lets the student use (nothing that computes the answer).
+    given: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.engine_checks) - {prop for prop, _ in self.checks}
+        if unknown:
+            raise ValueError(f"exercise {self.id}: engine_checks {sorted(unknown)} are not checks")
 
     @property
     def starter_name(self) -> str:
@@ -158,9 +178,9 @@ HOST_READS = frozenset(
 class HostReads(TorchFunctionMode):
     """Counts host reads of tensor values (HOST_READS) made inside the `with` block.
 
-        with HostReads() as reads:
-            code.moe_forward(...)
-        expect(reads.count <= 1, ...)
+    with HostReads() as reads:
+        code.moe_forward(...)
+    expect(reads.count <= 1, ...)
     """
 
     def __init__(self) -> None:

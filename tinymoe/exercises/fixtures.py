@@ -10,8 +10,9 @@ tests/fixtures. Both are loaded once per process and shared: a check that instal
 runtime on the demo model must take it off again (a `with` block does).
 """
 
+import contextlib
 import functools
-from dataclasses import dataclass
+import io
 
 import torch
 from torch import Tensor
@@ -20,12 +21,11 @@ from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.generate import generate
 from tinymoe.engine.loader import load_model
 from tinymoe.engine.model import MoETransformer
-from tinymoe.engine.moe import Routing
 from tinymoe.engine.tokenizer import load_tokenizer
 from tinymoe.errors import TinyMoeError
 from tinymoe.exercises.exercise import REPO, expect, expect_close, patched
 from tinymoe.speculation.calibration import Calibration, load_speculation
-from tinymoe.speculation.recording import RouteRecorder
+from tinymoe.speculation.exact_run import ExactRunRecord, record_exact_run
 
 DEMO = REPO / "weights" / "pydoc-moe"
 HELDOUT = REPO / "tests" / "fixtures" / "heldout_sample.txt"
@@ -130,36 +130,8 @@ def heldout_ids(rows: int = 16, seq_len: int = 64) -> Tensor:
     return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
 
 
-@dataclass
-class ExactRun:
-    """Every layer's state in an exact (router-routed) run of the demo model, N tokens."""
-
-    resid: list[Tensor]  # per layer: r_l (N, D), the residual after attention
-    routing: list[Routing]  # per layer: what the router chose, with its logits
-
-
 @functools.cache
-def demo_exact_run(rows: int = 16) -> ExactRun:
-    """The demo model over `rows` held-out windows, recorded with the engine's RouteRecorder."""
-    model = demo_model()
-    L = model.cfg.num_layers
-    resid: list[list[Tensor]] = [[] for _ in range(L)]
-    routing: list[list[Routing]] = [[] for _ in range(L)]
-
-    def keep(layer: int, r: Tensor, u: Tensor, rt: Routing) -> None:
-        resid[layer].append(r)
-        routing[layer].append(rt)
-
-    with torch.no_grad(), RouteRecorder(keep).installed(model):
-        model(heldout_ids(rows))
-    return ExactRun(
-        resid=[torch.cat(r) for r in resid],
-        routing=[
-            Routing(
-                ids=torch.cat([r.ids for r in rs]),
-                weights=torch.cat([r.weights for r in rs]),
-                logits=torch.cat([r.logits for r in rs]),
-            )
-            for rs in routing
-        ],
-    )
+def demo_exact_run(rows: int = 16) -> ExactRunRecord:
+    """The demo model over `rows` held-out windows, recorded as tinymoe.calibrate records."""
+    with contextlib.redirect_stderr(io.StringIO()):  # the engine's progress bar
+        return record_exact_run(demo_model(), heldout_ids(rows))

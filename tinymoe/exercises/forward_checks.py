@@ -1,4 +1,4 @@
-"""Exercises on the forward pass around the experts: norms and rotary angles, routing, the KV cache.
+"""Exercises on the forward pass around the experts: norms and rotary angles, and routing.
 
 Each check compares the student's code with the engine's on the same inputs, and the last check
 of each exercise runs whole baby models on the student's code against the engine's.
@@ -9,10 +9,7 @@ from torch import Tensor
 
 from tinymoe.engine import model as engine
 from tinymoe.engine import moe as engine_moe
-from tinymoe.engine.kvcache import KVCache
-from tinymoe.errors import TinyMoeError
 from tinymoe.exercises.exercise import (
-    CheckFailed,
     Exercise,
     expect,
     expect_close,
@@ -27,7 +24,6 @@ from tinymoe.exercises.fixtures import (
     baby_model,
     models_agree,
     randn,
-    random_ids,
     run_baby,
 )
 
@@ -43,6 +39,19 @@ def _norm_pair(code, dim: int, dtype: torch.dtype):
         mine.weight.copy_(0.5 + torch.rand(dim, generator=torch.Generator().manual_seed(2)))
         ref.weight.copy_(mine.weight)
     return mine.to(dtype), ref.to(dtype)
+
+
+def check_rms_normalize(code) -> str:
+    x = 3 * randn(2, 5, 48)
+    expect_close(code.rms_normalize(x, 1e-6), engine.rms_normalize(x, 1e-6), "rms_normalize(x)")
+    xb = x.to(torch.bfloat16)
+    expect_equal(
+        code.rms_normalize(xb, 1e-6),
+        engine.rms_normalize(xb, 1e-6),
+        "rms_normalize(x) in bf16",
+        hint="computed in fp32, returned in x's dtype (rounded once)",
+    )
+    return "fp32 values; bf16 in, computed in fp32, bf16 out"
 
 
 def check_rmsnorm_fp32(code) -> str:
@@ -115,6 +124,7 @@ def check_norm_rope_model(code) -> str:
         with patched("tinymoe.engine.model", "RMSNorm", code.RMSNorm):
             mine = baby_model(arch, seed=5)  # every norm of this model is your RMSNorm
         with (
+            patched("tinymoe.engine.model", "rms_normalize", code.rms_normalize),  # q/k norms
             patched("tinymoe.engine.model", "rope_cos_sin", code.rope_cos_sin),
             patched("tinymoe.engine.model", "apply_rope", code.apply_rope),
         ):
@@ -131,6 +141,7 @@ NORM_ROPE = Exercise(
         "relative position",
     ),
     targets=targets(
+        "tinymoe.engine.model:rms_normalize",
         "tinymoe.engine.model:RMSNorm.forward",
         "tinymoe.engine.model:rope_cos_sin",
         "tinymoe.engine.model:apply_rope",
@@ -138,6 +149,7 @@ NORM_ROPE = Exercise(
     minutes=25,
     prerequisites=(),
     checks=(
+        ("rms_normalize", check_rms_normalize),
         ("RMSNorm values (fp32)", check_rmsnorm_fp32),
         ("RMSNorm exactness (bf16)", check_rmsnorm_bf16),
         ("rotary angles", check_rope_angles),
@@ -145,6 +157,7 @@ NORM_ROPE = Exercise(
         ("relative positions", check_rope_relative),
         ("the whole model on your code", check_norm_rope_model),
     ),
+    engine_checks=("the whole model on your code",),
 )
 
 
@@ -236,134 +249,5 @@ ROUTING = Exercise(
         ("fp32 precision", check_routing_precision),
         ("the whole model on your routing", check_routing_model),
     ),
-)
-
-
-# ---------------------------------------------------------------- kv-cache
-
-
-def _cache(cls, max_len: int = 10) -> KVCache:
-    return cls(2, 2, 2, max_len, 4, "cpu", torch.float32)  # L, B, Hkv, max_len, Dh
-
-
-def check_update_values(code) -> str:
-    cache = _cache(code.KVCache)
-    k1, v1 = randn(2, 2, 3, 4, seed=1), randn(2, 2, 3, 4, seed=2)
-    k, v = cache.update(1, 0, k1, v1)
-    expect_close(k, k1, "keys after a 3-token prefill")
-    expect_close(v, v1, "values after a 3-token prefill")
-    k2, v2 = randn(2, 2, 1, 4, seed=3), randn(2, 2, 1, 4, seed=4)
-    k, v = cache.update(1, 3, k2, v2)
-    expect_close(k, torch.cat([k1, k2], dim=2), "keys after one more token at position 3")
-    expect_close(v, torch.cat([v1, v2], dim=2), "values after one more token at position 3")
-    k, _ = cache.update(0, 0, k2, v2)
-    expect_close(k, k2, "layer 0's keys (layers must not share positions)")
-    return "returns every cached position 0..start+T-1 of its layer, (B, Hkv, S, Dh)"
-
-
-def check_update_views(code) -> str:
-    cache = _cache(code.KVCache)
-    k, v = cache.update(0, 0, randn(2, 2, 5, 4), randn(2, 2, 5, 4))
-    for got, buf, what in ((k, cache.k, "keys"), (v, cache.v, "values")):
-        expect(
-            got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr(),
-            f"the returned {what} are a copy: return views of the preallocated buffer, so a "
-            "decode step does not copy the whole cache",
-        )
-    return "views of the preallocated buffers, no copy"
-
-
-def check_update_full(code) -> str:
-    cache = _cache(code.KVCache, max_len=4)
-    cache.update(0, 0, randn(2, 2, 3, 4), randn(2, 2, 3, 4))
-    try:
-        cache.update(0, 3, randn(2, 2, 2, 4), randn(2, 2, 2, 4))
-    except TinyMoeError:
-        return "writing past max_len raises TinyMoeError"
-    except NotImplementedError:
-        raise  # an untouched hole: the runner says so
-    except Exception as e:
-        raise CheckFailed(
-            f"writing past max_len raised {type(e).__name__}, expected "
-            "TinyMoeError (a message the user can act on)"
-        ) from None
-    raise CheckFailed("writing past max_len should raise TinyMoeError, and nothing was raised")
-
-
-def _implied(mask: Tensor | None, T: int, S: int) -> Tensor:
-    """The boolean (T, S) mask attention applies; None means causal (T > 1) or everything."""
-    if mask is None:
-        return torch.ones(T, S, dtype=torch.bool).tril(S - T)
-    return mask.expand(T, S).bool()
-
-
-def check_mask(code) -> str:
-    cases = [(None, 5, 0), (None, 1, 7), (None, 3, 4), (4, 6, 0), (4, 1, 9), (4, 3, 5), (64, 3, 5)]
-    for window, T, start in cases:
-        mine = baby_model("mixtral", cls=code.MoETransformer, num_layers=1, sliding_window=window)
-        ref = baby_model("mixtral", num_layers=1, sliding_window=window)
-        pos, S = torch.arange(start, start + T), start + T
-        got = mine._mask(pos, S, torch.device("cpu"))
-        want = ref._mask(pos, S, torch.device("cpu"))
-        expect(
-            torch.equal(_implied(got, T, S), _implied(want, T, S)),
-            f"T={T} new tokens at start={start}, sliding window {window}: the positions "
-            "attended to are wrong",
-        )
-    return "causal, chunk and one-token masks, with and without a sliding window"
-
-
-def _decode_matches_full(code, arch: str, **overrides) -> None:
-    model = baby_model(arch, seed=3, cls=code.MoETransformer, **overrides)
-    ids = random_ids(model.cfg.vocab_size, (2, 12), seed=2)
-    cfg = model.cfg
-    cache = code.KVCache(
-        cfg.num_layers, 2, cfg.num_kv_heads, 12, cfg.head_dim, "cpu", torch.float32
-    )
-    with torch.no_grad():
-        full = model(ids)
-        steps = [model(ids[:, :5], cache=cache, start=0), model(ids[:, 5:8], cache=cache, start=5)]
-        steps += [model(ids[:, i : i + 1], cache=cache, start=i) for i in range(8, 12)]
-    expect_close(
-        torch.cat(steps, dim=1),
-        full,
-        f"{arch}: logits of prefill (5), chunk (3) and 4 one-token steps vs one full forward",
-        atol=1e-5,
-        rtol=1e-4,
-    )
-
-
-def check_decode_olmoe(code) -> str:
-    _decode_matches_full(code, "olmoe")
-    return "prefill, a chunk and single tokens give the full forward's logits"
-
-
-def check_decode_window(code) -> str:
-    _decode_matches_full(code, "mixtral", sliding_window=4)
-    return "the same with a sliding window of 4 over 12 positions"
-
-
-KV_CACHE = Exercise(
-    id="kv-cache",
-    title="The KV cache: decoding step by step equals one full forward",
-    concepts=(
-        "preallocated KV cache",
-        "views, not copies",
-        "causal and sliding-window masks",
-        "prefill vs decode",
-    ),
-    targets=targets(
-        "tinymoe.engine.kvcache:KVCache.update",
-        "tinymoe.engine.model:MoETransformer._mask",
-    ),
-    minutes=35,
-    prerequisites=("norm-rope",),
-    checks=(
-        ("cached values", check_update_values),
-        ("no copies", check_update_views),
-        ("a full cache", check_update_full),
-        ("attention masks", check_mask),
-        ("decode equals full forward", check_decode_olmoe),
-        ("sliding window", check_decode_window),
-    ),
+    engine_checks=("the whole model on your routing",),
 )

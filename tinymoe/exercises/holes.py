@@ -4,24 +4,25 @@ For each target (exercise.py) the engine module's source is parsed with `ast`, t
 method) is found by name, and its text is copied with the body replaced by a marked hole; the
 signature, decorators and docstring stay, because they are the specification. The engine's
 comments inside the body go with the body: they explain the answer. A method becomes a method of
-a subclass of the engine's class, so everything else the class does is inherited unchanged.
+a subclass of the engine's class, so everything else the class does is inherited unchanged, and
+the subclass carries the engine class's own docstring (what it holds and promises).
 
-The starter imports what the original body used: the module's own import lines (only the names
-the target needs, and torch) and, from the engine module itself, any module-level name the
-target refers to. So the student has what the engine had, and nothing is copied that could drift.
+A starter imports torch (`torch`, `F`, `Tensor`), the engine names its signatures need (types
+in annotations, defaults, decorators) and the helpers its exercise gives (`Exercise.given`), as
+the engine module imports them. Nothing else: an import of what the engine's body used would
+hand out the answer's pieces.
 
-`load_code` imports a student's file back and returns the `code` namespace the checks run on.
+answers.py imports a student's file back and decides what counts as their answer.
 """
 
 import ast
 import builtins
+import contextlib
 import importlib
-import importlib.util
 import inspect
-import sys
 import textwrap
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 
 from tinymoe.errors import TinyMoeError
 from tinymoe.exercises.exercise import Exercise
@@ -76,38 +77,61 @@ def _module_source(module: ModuleType) -> str:
     return Path(inspect.getsourcefile(module)).read_text(encoding="utf-8")
 
 
-def _imports_for(module: ModuleType, tree: ast.Module, used: set[str], skip: set[str]) -> list:
-    """Import lines for the names in `used` that `module` binds at its top level."""
+BASE_IMPORTS = ["import torch", "import torch.nn.functional as F", "from torch import Tensor"]
+
+
+def _signature_names(node: ast.FunctionDef) -> set[str]:
+    """The names a def's decorators, annotations and defaults use (string annotations too)."""
+    a = node.args
+    parts = [*node.decorator_list, node.returns, *a.defaults, *a.kw_defaults]
+    parts += [
+        x.annotation for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x
+    ]
+    names = set()
+    for part in filter(None, parts):
+        for n in ast.walk(part):
+            if isinstance(n, ast.Name):
+                names.add(n.id)
+            elif isinstance(n, ast.Constant) and isinstance(n.value, str):
+                with contextlib.suppress(SyntaxError):
+                    names |= {m.id for m in ast.walk(ast.parse(n.value)) if isinstance(m, ast.Name)}
+    return names
+
+
+def _imports_for(module: ModuleType, tree: ast.Module, used: set[str]) -> tuple[list, set]:
+    """Import lines for the names in `used` that `module` binds at its top level, and those
+    names."""
     lines, bound = [], set()
     for node in tree.body:
         if isinstance(node, ast.Import):
             for a in node.names:
                 local = a.asname or a.name.split(".")[0]
-                if local in used and local not in skip:
+                if local in used:
                     lines.append(f"import {a.name}" + (f" as {a.asname}" if a.asname else ""))
                     bound.add(local)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names = [a for a in node.names if (a.asname or a.name) in used - skip]
+            names = [a for a in node.names if (a.asname or a.name) in used]
             if names:
                 parts = [a.name + (f" as {a.asname}" if a.asname else "") for a in names]
                 lines.append(f"from {node.module} import {', '.join(parts)}")
                 bound.update(a.asname or a.name for a in names)
     own = sorted(
         n
-        for n in used - bound - skip
+        for n in used - bound
         if hasattr(module, n) and not hasattr(builtins, n) and not n.startswith("__")
     )
     if own:
         lines.append(f"from {module.__name__} import {', '.join(own)}")
-    return lines
+    return lines, bound | set(own)
 
 
 def starter_source(ex: Exercise) -> str:
     """The whole starter file for an exercise, cut from the engine's current source."""
-    imports: list[str] = []
+    imports: list[str] = list(BASE_IMPORTS)
     blocks: list[str] = []
     classes: dict[tuple[str, str], list[str]] = {}  # (module, class) -> its holed methods
-    skip = {t.name for t in ex.targets}
+    skip = {t.name for t in ex.targets} | {"torch", "F", "Tensor"}
+    given = set(ex.given)
     for t in ex.targets:
         module = importlib.import_module(t.module)
         source = _module_source(module)
@@ -119,16 +143,16 @@ def starter_source(ex: Exercise) -> str:
                 f"exercise {ex.id}: {t.path} has {e} any more; the engine changed, so "
                 "tinymoe/exercises must be updated to name what replaced it"
             ) from None
-        # What the engine's body used, and torch, which every answer may want.
-        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {"torch"}
-        for line in _imports_for(module, tree, used, skip):
-            if line not in imports:
-                imports.append(line)
+        lines, bound = _imports_for(module, tree, (_signature_names(node) | given) - skip)
+        given -= bound
+        imports += [line for line in lines if line not in imports]
         text = cut_hole(source, node, t.name, ex.id)
         if t.is_method:
             classes.setdefault((t.module, t.name), []).append(text)
         else:
             blocks.append(text)
+    if given:
+        raise TinyMoeError(f"exercise {ex.id}: no target's module has {sorted(given)} to give")
     for (mod, cls), methods in classes.items():
         alias = "_engine_" + mod.rsplit(".", 1)[1]
         imports.append(f"import {mod} as {alias}")
@@ -147,8 +171,9 @@ def _class_doc(module: str, cls: str) -> str:
     """The subclass's docstring: what it is, and the engine class's own docstring (the
     context a method's task needs: what the class holds and promises)."""
     lines = [f"The engine's {cls} ({module.replace('.', '/')}.py), except for the method(s) below."]
-    engine_doc = inspect.getdoc(getattr(importlib.import_module(module), cls))
-    if engine_doc:
+    engine_doc = vars(getattr(importlib.import_module(module), cls)).get("__doc__")
+    if engine_doc:  # its own docstring, not one inherited from a base class (nn.Module's)
+        engine_doc = inspect.cleandoc(engine_doc)
         lines += ["", "The engine's docstring of the class:", "", *engine_doc.splitlines()]
     text = "\n".join(lines).replace("\\", "\\\\")
     text = textwrap.indent(text, "    ").replace("    \n", "\n")
@@ -174,8 +199,11 @@ def _header(ex: Exercise) -> str:
         f'"""Exercise {ex.id}: {ex.title}.\n\n'
         "Fill in every marked hole below. Each one is cut from the engine itself, as it is today:\n"
         f"{where}\n"
-        "The signatures and docstrings are the engine's and say what to compute; the bodies are\n"
-        "yours. A method sits in a subclass of the engine's class: the rest is inherited.\n\n"
+        "The signatures and docstrings are the engine's and, with the page, say what to\n"
+        "compute (the engine's file holds the answer: leave it closed). The bodies are yours: a\n"
+        "method sits in a subclass of the engine's class, the rest is inherited. A hole left out\n"
+        "(so the engine's is inherited), answered by calling the engine's own\n"
+        "(`super().NAME(...)`), or untouched is rejected before any check runs.\n\n"
         f"Read {ex.doc} first (goal, background, hints). Check your work with\n"
         f"    python -m tinymoe.exercises check {ex.id} --workdir DIR\n"
         f"(DIR is the folder this file is in), or simply `python {ex.starter_name}`.\n"
@@ -194,34 +222,3 @@ def write_starter(ex: Exercise, workdir: Path, force: bool) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def load_code(ex: Exercise, path: Path) -> SimpleNamespace:
-    """Import the student's file; the `code` namespace of its targets' names.
-
-    Raises SyntaxError or whatever the file raises on import (the runner reports it as a failed
-    check); TinyMoeError when the file is missing (a usage mistake, not a wrong answer).
-    """
-    if not path.is_file():
-        raise TinyMoeError(
-            f"{path}: no such file; run `python -m tinymoe.exercises start {ex.id}` first "
-            "(or give --workdir)"
-        )
-    name = "tinymoe_exercise_" + ex.id.replace("-", "_")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.pop(name, None)
-    spec.loader.exec_module(module)
-    return SimpleNamespace(**{t.name: getattr(module, t.name, None) for t in ex.targets})
-
-
-def missing_targets(ex: Exercise, code: SimpleNamespace) -> list[str]:
-    """What the student's file no longer defines, or defines as something else."""
-    out = []
-    for t in ex.targets:
-        obj = getattr(code, t.name)
-        if obj is None:
-            out.append(f"{t.name} is not defined in your file any more")
-        elif t.is_method and not (isinstance(obj, type) and issubclass(obj, t.engine_object())):
-            out.append(f"{t.name} should stay a subclass of the engine's {t.name}")
-    return list(dict.fromkeys(out))

@@ -2,7 +2,9 @@
 
 The reference for the MoE layer is the plainest one there is: loop over tokens, loop over their
 K experts, add up `g * expert(u)` in float64. The student's code must agree with it, ask the
-provider for each used expert once, and give the same bits whatever order experts arrive in.
+provider for each used expert once, read the ids to the host at most once, and give the same
+bits whatever order experts arrive in. For Mixtral in bf16 the contract fixes the rounding too:
+the bf16 expert outputs scaled and summed in fp32, rounded to bf16 once.
 """
 
 import random
@@ -16,6 +18,7 @@ from tinymoe.engine import experts as engine_experts
 from tinymoe.engine import moe as engine
 from tinymoe.exercises.exercise import (
     Exercise,
+    HostReads,
     expect,
     expect_close,
     expect_equal,
@@ -105,6 +108,7 @@ EXPERT = Exercise(
         ("SwiGLU values", check_swiglu),
         ("the whole model on your expert", check_expert_model),
     ),
+    engine_checks=("the whole model on your expert",),
 )
 
 
@@ -203,21 +207,72 @@ def check_moe_order(code) -> str:
     return "bit-identical whatever order the provider yields in"
 
 
-def check_moe_dtypes(code) -> str:
-    for wdtype, who in ((torch.float32, "Mixtral (fp32 weights)"), (None, "OLMoE/Qwen3")):
-        for n in (1, 9):
-            u, routing, experts = _layer(n, seed=40 + n, dtype=torch.bfloat16, wdtype=wdtype)
-            got = code.moe_forward(u, routing, Provider(experts), 0, I)
-            want = engine.moe_forward(u, routing, Provider(experts), 0, I)
-            expect_close(
-                got,
-                want,
-                f"{who}, bf16, {n} token(s)",
-                atol=2e-2,
-                rtol=2e-2,
-                hint="the result is in u's dtype, cast once at the end",
-            )
-    return "bf16 activations with fp32 or bf16 routing weights"
+def check_moe_host_reads(code) -> str:
+    for n, read, most in ((1, True, 0), (1, False, 1), (9, False, 1)):
+        u, routing, experts = _layer(n, seed=50 + n)
+        if read:  # as the offloading runtime leaves them: read with its prediction's ids
+            routing.host_ids = routing.ids.tolist()
+        with HostReads() as reads:
+            code.moe_forward(u, routing, Provider(experts), 0, I)
+        what = "a token whose ids are already read (routing.ids_on_host)" if read else f"{n} tokens"
+        expect(
+            reads.count <= most,
+            f"{what}: {reads.count} host reads ({', '.join(reads.calls)}), at most {most}; each "
+            "is a host-device sync on a GPU (read the ids once, with routing.ids_on_host())",
+        )
+    return "ids read once per layer, not at all when already read"
+
+
+def check_moe_bf16(code) -> str:
+    for n in (1, 9):
+        u, routing, experts = _layer(n, seed=40 + n, dtype=torch.bfloat16)
+        got = code.moe_forward(u, routing, Provider(experts), 0, I)
+        want = engine.moe_forward(u, routing, Provider(experts), 0, I)
+        expect_close(got, want, f"bf16, {n} token(s)", atol=2e-2, rtol=2e-2)
+    return "bf16 activations and routing weights"
+
+
+def _expert_outputs(u: Tensor, routing, experts: Tensor) -> Tensor:
+    """(N, K, D): the engine's expert output for each (token, k), in u's dtype, each expert run
+    once on its tokens."""
+    y = torch.empty(*routing.ids.shape, u.shape[1], dtype=u.dtype)
+    for e in routing.ids.unique().tolist():
+        n, k = (routing.ids == e).nonzero(as_tuple=True)
+        y[n, k] = engine_experts.expert_forward(experts[e], u[n], I)
+    return y
+
+
+def check_moe_mixtral(code) -> str:
+    """What the contract fixes: bf16 expert outputs, scaled and summed in fp32, rounded once.
+
+    The reference is that sum in float64, rounded to bf16. A correct answer, in any summation
+    order, differs on a handful of values at most (its fp32 sum sits on a bf16 rounding edge),
+    by one bf16 step; one that scales or sums in bf16 differs on a fifth to a half of them.
+    """
+    differ = total = 0
+    for n, k in ((1, 2), (9, 3), (64, 3)):
+        u, routing, experts = _layer(
+            n, k=k, seed=60 + n, dtype=torch.bfloat16, wdtype=torch.float32
+        )
+        got = code.moe_forward(u, routing, Provider(experts), 0, I)
+        expect_tensor(got, f"the MoE output for {n} token(s)", (n, D), torch.bfloat16)
+        y = _expert_outputs(u, routing, experts).double()
+        want = (y * routing.weights.double()[..., None]).sum(dim=1).to(torch.bfloat16)
+        _, exp = torch.frexp(torch.maximum(got.double().abs(), want.double().abs()))
+        step = torch.ldexp(torch.ones_like(exp, dtype=torch.float64), exp - 8)  # one bf16 ulp
+        far = ((got.double() - want.double()).abs() > step).sum().item()
+        differ, total = differ + (got != want).sum().item(), total + got.numel()
+        expect(
+            far == 0,
+            f"{n} token(s): {far} values more than one bf16 step from the fp32 sum rounded once "
+            "(with fp32 routing weights, scale and sum in fp32)",
+        )
+    expect(
+        differ <= total // 100,
+        f"{differ} of {total} values differ from the fp32 sum rounded once to bf16: with fp32 "
+        "routing weights, scale and sum in fp32 and round to u's dtype once, at the end",
+    )
+    return f"{total} values: fp32 scaling and sum, one rounding ({differ} on a rounding edge)"
 
 
 def check_moe_model(code) -> str:
@@ -242,8 +297,12 @@ MOE_LAYER = Exercise(
         ("one token (decode)", check_moe_one_token),
         ("many tokens (prefill)", check_moe_many_tokens),
         ("what it asks the provider for", check_moe_asks),
+        ("host reads", check_moe_host_reads),
         ("order independence", check_moe_order),
-        ("dtypes", check_moe_dtypes),
+        ("bf16 routing weights (OLMoE, Qwen3)", check_moe_bf16),
+        ("fp32 routing weights (Mixtral, bf16)", check_moe_mixtral),
         ("the whole model on your MoE layer", check_moe_model),
     ),
+    engine_checks=("the whole model on your MoE layer",),
+    given=("expert_forward",),
 )

@@ -62,94 +62,107 @@ def same_decisions(mine: dict, ref: dict, what: str) -> None:
 
 # ---------------------------------------------------------------- eviction
 
+# Checks name experts, never slots: which free slot an expert goes to is the answer's choice.
+A, B, C, X, Y = (0, 0), (0, 1), (0, 2), (9, 9), (9, 8)
 
-def _filled(cls, eviction: str, slots: int = 3) -> ExpertCache:
-    cache = cls(slots, 4, torch.device("cpu"), torch.float32, eviction)
-    for e in range(slots):
-        cache.insert((0, e))
-        cache.touch((0, e))
+
+def _filled(cls, eviction: str) -> ExpertCache:
+    """A 3-slot cache holding A, B and C, used once each in that order (A least recent)."""
+    cache = cls(3, 4, torch.device("cpu"), torch.float32, eviction)
+    for key in (A, B, C):
+        cache.insert(key)
+        cache.touch(key)
     return cache
 
 
-def _evicts(cache: ExpertCache, evict_reserved: bool = True, key: tuple = (9, 9)):
-    """Insert a new expert `key`: the key it evicted, or None when insert gave up."""
+def _evicts(cache: ExpertCache, key: tuple = X, evict_reserved: bool = True):
+    """Insert `key`: the key it evicted, None for a free slot, "gave up" when insert did."""
     got = cache.insert(key, evict_reserved)
-    return None if got is None else got[1]
+    return "gave up" if got is None else got[1]
+
+
+def _pin(cache: ExpertCache, *keys: tuple, times: int = 1) -> None:
+    for key in keys:
+        for _ in range(times):
+            cache.pin(cache.slot_of[key])
 
 
 def check_free_first(code) -> str:
     cache = code.ExpertCache(3, 4, torch.device("cpu"), torch.float32, "lru")
-    for e in range(3):
-        got = cache.insert((0, e))
-        expect(
-            got is not None and got[1] is None,
-            f"insert #{e + 1} into a cache with a free slot evicted an expert",
-        )
+    for n, key in enumerate((A, B, C), 1):
+        expect(_evicts(cache, key) is None, f"insert #{n} into a cache with a free slot evicted")
     expect(len(set(cache.slot_of.values())) == 3, "two experts were given the same slot")
+    cache.drop(B)  # its slot is free again
+    expect(_evicts(cache) is None, "a slot freed by drop() was not used before evicting")
     return "a free slot is used while there is one"
 
 
 def check_pins(code) -> str:
-    for eviction in ("lru", "lfu"):
-        cache = _filled(code.ExpertCache, eviction)
-        for s in range(3):
-            cache.pin(s)
+    for ev in ("lru", "lfu"):
+        cache = _filled(code.ExpertCache, ev)  # A is the policy's first choice throughout
+        _pin(cache, A, B, C)
+        expect(_evicts(cache) == "gave up", f"{ev}: with every slot pinned, insert must give up")
+        _pin(cache, A)  # A has two users now
+        cache.unpin(cache.slot_of[B])
+        got = _evicts(cache)
+        expect(got != A, f"{ev}: a slot pinned by two users was evicted")
+        expect(got == B, f"{ev}: only one slot was unpinned, yet another expert was evicted")
+        _pin(cache, X)
+        cache.unpin(cache.slot_of[A])  # one of A's two users is done: A is still pinned
         expect(
-            _evicts(cache) is None and (9, 9) not in cache.slot_of,
-            f"{eviction}: with every slot pinned, insert must return None",
+            _evicts(cache, Y) == "gave up",
+            f"{ev}: a slot pinned twice and unpinned once is still pinned, yet insert took it",
         )
-        cache.unpin(1)
-        victim = _evicts(cache)
-        expect(
-            victim == (0, 1), f"{eviction}: only slot 1 is unpinned, yet it was not the one evicted"
-        )
-    return "a pinned slot is never evicted; None when all are pinned"
+    return "a pinned slot is never evicted, however many users hold it; None when all are"
 
 
 def check_reserved(code) -> str:
     cache = _filled(code.ExpertCache, "lru")
-    cache.reserve(0)  # the oldest, but reserved: an unreserved slot goes first
+    cache.reserve(cache.slot_of[A])
+    _pin(cache, C)  # B is the one slot neither reserved nor pinned
     expect(
-        _evicts(cache, evict_reserved=True) == (0, 1),
+        _evicts(cache) == B,
         "a demand miss evicted a reserved slot while an unreserved one was left",
     )
-    for s in range(3):
-        cache.reserve(s)
+    cache.unpin(cache.slot_of[C])
+    for key in (C, X):
+        cache.reserve(cache.slot_of[key])
     expect(
-        _evicts(cache, evict_reserved=False, key=(9, 7)) is None,
+        _evicts(cache, Y, evict_reserved=False) == "gave up",
         "a prefetch (evict_reserved=False) evicted a reserved slot",
     )
     expect(
-        _evicts(cache, evict_reserved=True, key=(9, 8)) is not None,
-        "a demand miss found only reserved slots and gave up: it may evict one",
+        _evicts(cache, Y) != "gave up",
+        "a demand miss found only reserved slots and gave up: it may take one",
     )
     return "reserved slots go last, and only to a demand miss"
 
 
 def check_orders(code) -> str:
-    A, B, C, X = (0, 0), (0, 1), (0, 2), (8, 8)
-    lru = _filled(code.ExpertCache, "lru")  # A, B, C used once each, in that order
+    lru = _filled(code.ExpertCache, "lru")
     lru.touch(A)
     expect(_evicts(lru) == B, "lru: the least recently used expert was not the one evicted")
     lfu = _filled(code.ExpertCache, "lfu")
-    for _ in range(3):
-        lfu.touch(A)
-    lfu.touch(C)
+    for key in (A, A, A, C):
+        lfu.touch(key)  # uses: A 4, B 1, C 2
     expect(_evicts(lfu) == B, "lfu: the least frequently used expert was not the one evicted")
     lfu = _filled(code.ExpertCache, "lfu")
     for _ in range(5):
         lfu.touch(A)  # A: 6 uses
-    lfu.pin(lfu.slot_of[B]), lfu.pin(lfu.slot_of[C])
-    lfu.insert(X)  # A had to go: the only unpinned slot
+    _pin(lfu, B, C)
+    expect(_evicts(lfu) == A, "lfu: only one slot was unpinned, yet another expert was evicted")
     lfu.unpin(lfu.slot_of[B]), lfu.unpin(lfu.slot_of[C])
-    lfu.touch(X)
-    lfu.insert(A)  # evicts B (one use, the least recent)
-    lfu.touch(A)  # A: 7 uses in all, 1 since it came back
-    lfu.touch(C), lfu.touch(X)  # 2 uses each, more recent than A
+    lfu.touch(X)  # B, C and X: one use each, X the most recent
     expect(
-        _evicts(lfu) == C,
+        _evicts(lfu, A) == B,
+        "lfu: among experts used equally often, the least recently used was not the one evicted",
+    )
+    for key in (A, C, X):
+        lfu.touch(key)  # A: 7 uses in all, 1 since it came back; C and X: 2, more recent
+    expect(
+        _evicts(lfu, Y) == C,
         "lfu: an expert reloaded after eviction lost its history (count every use since "
-        "the cache was made), or equal counts were not broken by recency",
+        "the cache was made)",
     )
     return "LRU by recency; LFU by all-time uses, ties by recency"
 
@@ -157,7 +170,7 @@ def check_orders(code) -> str:
 def _random_ops(cache: ExpertCache, rng: random.Random, steps: int) -> list:
     log = []
     for i in range(steps):
-        held = [k for k in cache.key_of if k is not None]
+        held = sorted(cache.slot_of)  # by key: slot numbers are the answer's choice
         op = rng.choice(["insert"] * 4 + ["touch"] * 4 + ["pin", "unpin", "reserve", "unreserve"])
         if op == "insert" or not held:
             key = (rng.randrange(3), rng.randrange(6))
@@ -209,8 +222,14 @@ def check_random_against_engine(code) -> str:
 def check_eviction_demo(code) -> str:
     notes = []
     for policy in ("lru", "lfu"):
-        with patched("tinymoe.offload.runtime", "ExpertCache", code.ExpertCache):
-            tokens, mine = offloaded(policy, slots=48)  # yours first: a hole fails at once
+        try:
+            with patched("tinymoe.offload.runtime", "ExpertCache", code.ExpertCache):
+                tokens, mine = offloaded(policy, slots=48)  # yours first: a hole fails at once
+        except KeyError as e:  # the runtime asked for an expert no longer in the cache
+            raise CheckFailed(
+                f"{policy}: the runtime lost expert {e} while a layer was using it: a slot in "
+                "use (pinned) was given to another expert"
+            ) from None
         ref_tokens, ref = offloaded(policy, slots=48)
         expect(tokens == ref_tokens == resident_tokens(), f"{policy}: the tokens changed")
         same_decisions(mine, ref, f"{policy} on the demo model")
@@ -238,4 +257,5 @@ EVICTION = Exercise(
         ("random sequences against the engine", check_random_against_engine),
         ("the demo model's routing", check_eviction_demo),
     ),
+    engine_checks=("the demo model's routing",),
 )

@@ -5,11 +5,14 @@ subclass in place of the engine's. Decisions are compared with the engine's exac
 depend on a clock); the overlap itself is timed on the simulated link, with a wide margin.
 """
 
+import contextlib
 import functools
+import io
+import json
 
-from tinymoe.engine.generate import generate
-from tinymoe.exercises.exercise import Exercise, expect, patched, targets
-from tinymoe.exercises.fixtures import baby_model, demo_calibration, demo_model
+from tinymoe import bench
+from tinymoe.exercises.exercise import CheckFailed, Exercise, expect, patched, targets
+from tinymoe.exercises.fixtures import DEMO, demo_calibration, demo_model
 from tinymoe.exercises.offload_checks import (
     FAST,
     NEW_TOKENS,
@@ -21,6 +24,7 @@ from tinymoe.exercises.offload_checks import (
 from tinymoe.offload.link import PRESETS, LinkSpec
 from tinymoe.offload.meter import eq1_bound_ms
 from tinymoe.offload.runtime import OffloadRuntime
+from tinymoe.offload.scheduler import Prefetch
 from tinymoe.speculation.oracle import OraclePredictor, record_routing
 from tinymoe.speculation.predictors import RouterPredictor
 
@@ -59,31 +63,55 @@ def check_eq1_by_hand(code) -> str:
         got, want = code.eq1_bound_ms(tpot, _layers(pairs)), eq1_bound_ms(tpot, _layers(pairs))
         expect(
             abs(got - want) < 1e-9,
-            f"{what} layers: your bound is {got} ms; prefetching can at best hide each "
-            "layer's copy behind that layer's compute (Eq. 1)",
+            f"{what} layers: your bound is {got} ms, not the best TPOT a prefetcher can reach "
+            "from this on-demand run (Eq. 1)",
         )
     return "copy-bound, compute-bound and mixed layers"
 
 
-def check_eq1_measured(code) -> str:
-    """An on-demand run on the simulated link made of the student's LinkSpec, then Eq. 1."""
-    model = baby_model("olmoe", seed=9)
-    link = code.LinkSpec(50.0, 400.0, "slow")  # 0.4 ms per copy: far above a baby memcpy
-    with OffloadRuntime(model, "on-demand", link=link) as rt:
-        out = generate(model, list(range(1, 9)), 5, eos_ids=())
-        report = rt.report()["decode"]
-    per_copy_ms = 1e3 * link.seconds(rt.store.expert_bytes)
-    want_ms = model.cfg.num_layers * model.cfg.top_k * per_copy_ms  # per decode step
+BENCH_LINK = (50.0, 400.0)  # GB/s and us per copy: about 0.4 ms per demo-model expert
+
+
+def check_bench(code) -> str:
+    """tinymoe.bench on the demo model, on demand, over a simulated link built from the
+    student's LinkSpec, with the student's Eq. 1 computing the bound it reports."""
+    cfg, (gbps, latency_us) = demo_model().cfg, BENCH_LINK
+    per_copy_s = LinkSpec(gbps, latency_us).seconds(cfg.expert_numel * 4)  # fp32 experts
+    mine = code.LinkSpec(gbps, latency_us).seconds(cfg.expert_numel * 4)
     expect(
-        abs(report["copy_ms"] - want_ms) < 0.2 * want_ms,
-        f"the link was busy {report['copy_ms']:.2f} ms per decode step; "
-        f"{model.cfg.num_layers} layers x top-{model.cfg.top_k} copies of "
-        f"{per_copy_ms:.3f} ms each should take {want_ms:.2f} ms",
+        isinstance(mine, float) and 0.5 * per_copy_s < mine < 2 * per_copy_s,
+        "not run: with your copy time the simulated link would be far too slow or too fast "
+        "(see 'copy time')",
     )
-    tpot = out.tpot_ms["mean"]
-    got, want = code.eq1_bound_ms(tpot, report["layers"]), eq1_bound_ms(tpot, report["layers"])
-    expect(abs(got - want) < 1e-9, f"on the measured run your bound is {got:.3f} ms, not Eq. 1's")
-    return f"baby model, on-demand TPOT {tpot:.2f} ms, Eq.-1 bound {got:.2f} ms"
+    argv = ["--model", str(DEMO), "--policies", "on-demand", "--prompt-tokens", "8"]
+    argv += ["--max-new-tokens", "6", "--link-gbps", str(gbps), "--link-latency-us"]
+    argv += [str(latency_us), "--json"]
+    out = io.StringIO()
+    with (
+        patched("tinymoe.cli", "LinkSpec", code.LinkSpec),  # the link the flags describe
+        patched("tinymoe.bench", "eq1_bound_ms", code.eq1_bound_ms),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
+        bench.main(argv)
+    row = json.loads(out.getvalue())["rows"][0]
+    want_ms = cfg.num_layers * cfg.top_k * 1e3 * per_copy_s  # every routed expert, every step
+    expect(
+        # (a busy machine only adds time: a copy is never faster than its modelled time)
+        0.9 * want_ms < row["copy_ms"] < 1.5 * want_ms,
+        f"the link was busy {row['copy_ms']:.2f} ms per decode step; {cfg.num_layers} layers x "
+        f"top-{cfg.top_k} copies at {gbps} GB/s and {latency_us} us each should take "
+        f"{want_ms:.2f} ms",
+    )
+    want = eq1_bound_ms(row["tpot_ms"], row["layers"])
+    expect(
+        abs(row["eq1_bound_ms"] - want) < 1e-9,
+        f"bench reports an Eq.-1 bound of {row['eq1_bound_ms']:.3f} ms for this run, not Eq. 1's",
+    )
+    return (
+        f"demo model on demand: TPOT {row['tpot_ms']:.2f} ms, link busy {row['copy_ms']:.2f} ms "
+        f"per step, Eq.-1 bound {row['eq1_bound_ms']:.2f} ms"
+    )
 
 
 TIME_MODEL = Exercise(
@@ -100,8 +128,9 @@ TIME_MODEL = Exercise(
     checks=(
         ("copy time", check_copy_time),
         ("Eq. 1 by hand", check_eq1_by_hand),
-        ("a measured run", check_eq1_measured),
+        ("tinymoe.bench on your code", check_bench),
     ),
+    engine_checks=("tinymoe.bench on your code",),
 )
 
 
@@ -118,8 +147,102 @@ def _oracle(code, link, **kwargs):
         return offloaded("oracle", predictor=OraclePredictor(_recording()), link=link, **kwargs)
 
 
-def _router(d: int = 1, weights: bool = False) -> RouterPredictor:
-    return RouterPredictor(demo_model(), demo_calibration().default_vectors, d, weights)
+def _router(d: int = 1) -> RouterPredictor:
+    return RouterPredictor(demo_model(), demo_calibration().default_vectors, d)
+
+
+@contextlib.contextmanager
+def _scheduler(code, slots: int, depth: int | None):
+    """A runtime on the demo model with the student's scheduler, outside any forward pass:
+    the scheduler, and the list of (layer, expert) its prefetch copies go to, in order."""
+    with patched("tinymoe.offload.runtime", "Scheduler", code.Scheduler):
+        rt = OffloadRuntime(
+            demo_model(), "prefetch+router+lru", predictor=_router(), slots=slots, link=FAST
+        )
+    with rt:
+        sched, copies, copy = rt.scheduler, [], rt.engine.copy
+        sched.depth = depth
+
+        def logged(dst, src, slot, tag):
+            if tag.kind == "prefetch":
+                copies.append((tag.layer, tag.expert))
+            return copy(dst, src, slot, tag)
+
+        rt.engine.copy = logged  # an instance attribute: gone with the runtime
+        yield sched, copies
+
+
+def _reserved(sched, target: int) -> set:
+    """The experts the scheduler recorded as reserved for `target` whose slots are reserved."""
+    cache = sched.cache
+    keys = set(sched.reserved.get(target, []))
+    return {k for k in keys if k in cache.slot_of and cache.reserved[cache.slot_of[k]]}
+
+
+def check_one_guess(code) -> str:
+    """_prefetch called directly on known cache states: found experts, depth, no room."""
+    with _scheduler(code, slots=8, depth=2) as (sched, copies):
+        for e in (3, 7):
+            sched.cache.insert((1, e))  # already in a slot (its bytes do not matter here)
+        sched._prefetch(Prefetch(1, [3, 10, 11, 7, 12]))
+        expect(not {(1, 3), (1, 7)} & set(copies), "an expert already in a slot was copied again")
+        expect(len(copies) <= 2, f"depth 2: {len(copies)} copies were issued for one guess")
+        expect(
+            len(copies) == 2,
+            "depth 2 limits copies: an expert found in a slot costs none, yet only "
+            f"{len(copies)} copy was issued",
+        )
+        expect(
+            copies == [(1, 10), (1, 11)],
+            "depth 2: the copies issued were not the most confident guesses (the list's order)",
+        )
+        expect(
+            _reserved(sched, 1) == {(1, 3), (1, 7), (1, 10), (1, 11)},
+            "every guessed expert that is in a slot, found or copied, must be reserved for "
+            "the target layer (in the cache, and in the scheduler's record of reservations)",
+        )
+        expect(
+            sched.unused_prefetch >= {(1, 10), (1, 11)}
+            and not {(1, 3), (1, 7)} & sched.unused_prefetch,
+            "the experts a prefetch copied (and only those) count as unused prefetches",
+        )
+    with _scheduler(code, slots=4, depth=None) as (sched, copies):
+        held = [(1, e) for e in range(4)]
+        for key in held:
+            sched.cache.reserve(sched.cache.insert(key)[0])
+        sched._prefetch(Prefetch(2, [5, 6]))
+        expect(
+            not copies and all(k in sched.cache.slot_of for k in held),
+            "a prefetch evicted a reserved slot (a guess never undoes another)",
+        )
+        sched.cache.unreserve(sched.cache.slot_of[held[1]])
+        sched.cache.pin(sched.cache.slot_of[held[1]])
+        sched.cache.unreserve(sched.cache.slot_of[held[2]])
+        sched._prefetch(Prefetch(2, [5, 6]))
+        expect(
+            copies == [(2, 5)] and held[2] not in sched.cache.slot_of,
+            "with one slot neither reserved nor pinned, a prefetch of two experts should copy "
+            "the first into it and skip the second",
+        )
+    with _scheduler(code, slots=8, depth=None) as (sched, copies):
+        L = sched.num_layers
+        try:  # the oracle's guess for the next pass's layer 1, made in this pass's last layer
+            sched._prefetch(Prefetch(L + 1, [4, 5]))
+        except (IndexError, KeyError):
+            raise CheckFailed(
+                f"a target of {L + 1} (>= num_layers) raised: it names layer 1 of the next pass"
+            ) from None
+        decode = sched.meter.stats["decode"].layers[1].prefetch_bytes
+        expect(
+            copies == [(1, 4), (1, 5)] and set(sched.reserved.get(L + 1, [])) == {(1, 4), (1, 5)},
+            f"a target of {L + 1} (>= num_layers) is layer 1 of the next pass: its experts are "
+            f"copied as layer 1's, and reserved under target {L + 1} until the pass ends",
+        )
+        expect(
+            decode == 2 * sched.store.expert_bytes,
+            "a prefetch for the next pass counts its bytes in that layer's decode figures",
+        )
+    return "found experts reserved, no copy; at most depth copies; no room: skipped; next pass"
 
 
 def check_oracle_exact(code) -> str:
@@ -131,25 +254,17 @@ def check_oracle_exact(code) -> str:
         expect(
             not bad,
             f"decode, layer {layer}: the oracle's prefetches should leave no miss but late "
-            f"ones; got {bad} (is every guessed expert copied, or found, and reserved?)",
+            f"ones; got {bad}",
         )
     return "tokens equal resident's; only late misses after layer 0"
 
 
 def check_prefetch_decisions(code) -> str:
-    runs = [
-        ("prefetch+router+lru", 1, False),
-        ("prefetch+router+lru", 2, False),
-        ("speculative+router", None, True),
-    ]
-    for policy, depth, weights in runs:
+    for policy, depth in (("prefetch+router+lru", 1), ("prefetch+router+lru", 2),
+                          ("speculative+router", None)):  # fmt: skip
         with patched("tinymoe.offload.runtime", "Scheduler", code.Scheduler):
-            tokens, mine = offloaded(
-                policy, predictor=_router(weights=weights), prefetch_depth=depth
-            )
-        ref_tokens, ref = offloaded(
-            policy, predictor=_router(weights=weights), prefetch_depth=depth
-        )
+            tokens, mine = offloaded(policy, predictor=_router(), prefetch_depth=depth)
+        ref_tokens, ref = offloaded(policy, predictor=_router(), prefetch_depth=depth)
         expect(tokens == ref_tokens, f"{policy}: the tokens changed")
         same_decisions(mine, ref, f"{policy} (depth {depth})")
     return "exact prefetch at depths 1 and 2 and speculative prefetch copy what the engine copies"
@@ -188,8 +303,10 @@ PREFETCH = Exercise(
     minutes=45,
     prerequisites=("eviction", "time-model"),
     checks=(
+        ("one guess, step by step", check_one_guess),
         ("the oracle, exact", check_oracle_exact),
         ("the engine's decisions", check_prefetch_decisions),
         ("copy/compute overlap", check_overlap),
     ),
+    engine_checks=("the oracle, exact", "the engine's decisions", "copy/compute overlap"),
 )

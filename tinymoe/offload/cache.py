@@ -1,24 +1,10 @@
 """The device expert cache: a fixed number of expert slots on the compute device.
 
-    slots     (S, 3*I*D) one packed expert per row, on the device   (S = the slot budget)
-    slot_of   (layer, expert) -> slot index, for the experts currently held
-    pins      per slot, how many users hold it: the layer computing with its expert right now
-    reserved  per slot, whether it holds a prefetched expert whose layer has not run yet
-
 The cache only decides *where* an expert goes and *which* expert leaves; the transfer engine
 (transfer.py) moves the bytes and the scheduler (scheduler.py) decides *when*. A slot whose copy
 is still in flight is NOT pinned: copies run first in, first out, so a newer copy into the same
 slot lands after it, and the compute side always waits for the newest copy into a slot.
 Experts are read-only, so an evicted expert is simply forgotten: nothing is copied back.
-
-Eviction picks, among the unpinned slots, the least recently used expert (`lru`), or the least
-frequently used one (`lfu`, ties broken by recency). LFU counts every use of an expert since the
-cache was created, including uses before it was last evicted: counting only uses since it was
-loaded would make a freshly loaded expert (count 1) the first victim every time, whatever its
-history. A pinned slot is never a victim; that is the whole safety argument for streaming and
-prefetching, so `insert` returns None rather than ever touching one. A reserved slot is a victim
-only for a demand miss (`evict_reserved=True`), and only when no unreserved slot is left: one
-prefetch never undoes another, but a layer that must compute now is never blocked by a guess.
 """
 
 from collections import Counter
@@ -32,6 +18,32 @@ EVICTIONS = ("lru", "lfu")
 
 
 class ExpertCache:
+    """Expert slots on the device, and which expert (a key (layer, expert)) each one holds.
+
+    The state, per slot s (S = num_slots) and per key:
+        slots         (S, 3*I*D) tensor on the device, one packed expert per row
+        key_of[s]     the key slot s holds, or None: a free slot
+        slot_of[key]  the slot holding key, for the keys held now (the inverse of key_of)
+        pins[s]       how many users hold slot s right now (pin/unpin count up and down; the
+                      layer computing with its expert); 0 means unpinned
+        reserved[s]   True while s holds a prefetched expert whose layer has not run yet
+        last_use[s]   the logical clock at the slot's last use (touch) or load (insert): larger
+                      is more recent (no two slots holding experts share a value)
+        uses[key]     how many times key was used since the cache was made (a Counter: 0 when
+                      never), including uses before it was last evicted
+        eviction      "lru" or "lfu"
+
+    Eviction (`insert` asks `_victim` for the slot to fill) picks, among the unpinned slots,
+    the least recently used expert (`lru`), or the least frequently used one (`lfu`, ties
+    broken by recency). LFU counts every use of an expert since the cache was created: counting
+    only uses since it was loaded would make a freshly loaded expert (count 1) the first victim
+    every time, whatever its history. A free slot is used before any expert is evicted. A pinned
+    slot is never a victim; that is the whole safety argument for streaming and prefetching, so
+    `insert` returns None rather than ever touching one. A reserved slot is a victim only for a
+    demand miss (`evict_reserved=True`), and only when no unreserved slot is left: one prefetch
+    never undoes another, but a layer that must compute now is never blocked by a guess.
+    """
+
     def __init__(
         self,
         num_slots: int,
@@ -117,7 +129,8 @@ class ExpertCache:
             self.pins[slot], self.reserved[slot] = 0, False
 
     def _victim(self, evict_reserved: bool) -> int | None:
-        """A free slot if there is one, else the evictable slot the policy likes least."""
+        """The slot `insert` fills: a free slot if there is one, else the evictable slot the
+        policy likes least (the class docstring's rules); None when no slot may be taken."""
         best, best_rank = None, None
         for slot, key in enumerate(self.key_of):
             if self.pins[slot] or (self.reserved[slot] and not evict_reserved):

@@ -163,11 +163,14 @@ class PhaseStats:
 
 
 def eq1_bound_ms(tpot_ms: float, layers: list[dict]) -> float:
-    """The paper's Eq. 1 applied to an on-demand run: the best TPOT any prefetcher can reach.
+    """The paper's Eq. 1 applied to an on-demand run: the best TPOT (ms) any prefetcher can reach.
 
-    Prefetching can at most hide each layer's copy behind that layer's compute, so it saves at
-    most sum over layers of min(t_copy, t_compute). `layers` is PhaseStats.summary()["layers"].
+    tpot_ms: the on-demand run's time per output token. layers: its decode figures per layer,
+    PhaseStats.summary()["layers"]: "copy_ms", how long the link spent copying the layer's
+    experts, and "compute_ms", how long the layer computed (stalls excluded), per decode step.
     """
+    # Prefetching can at most hide each layer's copy behind that layer's compute, so it saves
+    # at most sum over layers of min(t_copy, t_compute).
     return tpot_ms - sum(min(s["copy_ms"], s["compute_ms"]) for s in layers)
 
 

@@ -100,6 +100,16 @@ class Prefetch(NamedTuple):
 
 
 class Scheduler:
+    """Decides what to copy, into which slot, and in what order, from state alone.
+
+    Its state: `cache` (ExpertCache: slots, pins, reservations), `store` (the host copies, and
+    `expert_bytes`), `engine` (the copy stream or simulated link), `meter` (counts what happens;
+    `meter.layer(layer, phase)` is that layer's LayerStats, phase None: the current pass's),
+    `depth` (exact prefetch's copies per guess; None: no limit), `reserved` (target layer ->
+    the keys reserved for it, released when that layer runs or the pass ends), `unused_prefetch`
+    (keys a prefetch copied that nobody has used yet). Keys are (layer, expert).
+    """
+
     def __init__(
         self,
         cache: ExpertCache,
@@ -232,7 +242,13 @@ class Scheduler:
             arriving.append((e, slot))
 
     def _prefetch(self, prefetch: Prefetch | None) -> None:
-        """Reserve the guessed experts for their target layer, copying at most `depth` of them."""
+        """Act on a guess (None: nothing to do). Every guessed expert that is in a slot, or that
+        this prefetch copies into one, is reserved for `prefetch.target` and recorded in
+        `reserved`. Experts not in a slot are copied, most confident first, at most `depth` of
+        them (None: all), only into a slot that holds no reservation (a guess never undoes
+        another); one that finds no such slot is skipped. A target >= num_layers is layer
+        target - num_layers of the next forward pass, always a decode step.
+        """
         if prefetch is None:
             return
         layer, phase = prefetch.target, None
@@ -256,6 +272,7 @@ class Scheduler:
             self.reserved.setdefault(prefetch.target, []).append(key)
 
     def _copy(self, layer: int, expert: int, slot: int, kind: str, st: LayerStats) -> None:
+        """Issue the copy of (layer, expert) into `slot` ("demand" | "prefetch"), counted in st."""
         tag = CopyTag(layer, expert, slot, kind)
         try:
             t = self.engine.copy(
@@ -269,6 +286,7 @@ class Scheduler:
         self.meter.copied(st, t, prefetch=kind == "prefetch")
 
     def _insert(self, key: Key, evict_reserved: bool) -> int | None:
+        """cache.insert (None: no slot may be taken), counting an evicted unused prefetch."""
         got = self.cache.insert(key, evict_reserved)
         if got is None:
             return None
