@@ -13,11 +13,8 @@ of that possible saving a policy achieved: (T_on-demand - T) / (T_on-demand - T_
 TPOT copying, the regime the paper measured (about 0.85 on Qwen3-30B-A3B / A6000): one
 on-demand run over a very fast link measures compute per token C and copies per token n, and
 the link is set so that n copies take S / (1 - S) * C. The on-demand row then shows the share
-actually achieved. Every row also checks that its tokens equal resident's ("exact").
-
-Policy names go through policy.parse_policy, so composite names (prefetch+P+lru,
-speculative+P) become rows as soon as speculation/predictors.py's `make_predictor` knows
-predictor P. The oracle replays the resident run that gives the reference tokens.
+actually achieved. Every row also checks that its tokens equal those of the resident run
+("exact"), the run the oracle replays.
 """
 
 import argparse
@@ -33,9 +30,8 @@ from tinymoe.cli import (
     add_device_flags,
     add_link_flags,
     add_model_flag,
-    check_kv_cache_fits,
     check_output_dir,
-    check_positions,
+    check_sequence_fits,
     device_from_args,
     link_from_args,
     model_dir_from_args,
@@ -47,6 +43,7 @@ from tinymoe.cli import (
 )
 from tinymoe.engine.model import MoETransformer
 from tinymoe.engine.moe import Routing
+from tinymoe.engine.tokenizer import load_tokenizer
 from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec
 from tinymoe.offload.meter import eq1_bound_ms
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy
@@ -93,11 +90,7 @@ def run_policy(
     predictor = None
     if policy.predictor is not None:
         predictor = make_predictor(
-            policy.predictor,
-            model,
-            calibration,
-            lookahead,
-            recording=recording,
+            policy.predictor, model, calibration, lookahead, recording=recording
         )
     offload = policy.offload
     with OffloadRuntime(
@@ -148,25 +141,24 @@ def run_policy(
 
 
 def simulated_link(
-    model: MoETransformer, ids: list[int], args: argparse.Namespace,
-    recording: list[list[Routing]], refine: int = 2,
-) -> LinkSpec:  # fmt: skip
+    model: MoETransformer, ids: list[int], args: argparse.Namespace, recording: list[list[Routing]]
+) -> LinkSpec:
     """The CPU's link: the --link-* flags' (default: DEFAULT_LINK), or with --copy-share S one
     over which on-demand (no cache) spends share S of TPOT copying (see the top).
 
-    First guess: compute per token C from on-demand over an unlimited link. Then `refine`
-    times: run on-demand over the guessed link and take C as the part of TPOT the link did not
-    cover (TPOT - copy time), which includes the runtime's own overhead at this speed.
+    First guess: compute per token C from on-demand over an unlimited link. Then twice: run
+    on-demand over the guessed link and take C as the part of TPOT the link did not cover
+    (TPOT - copy time), which includes the runtime's own overhead at this speed.
     """
     given = link_from_args(args) or PRESETS[DEFAULT_LINK]
     share, latency_us = args.copy_share, given.latency_us
     if share is None:
         return given
-    cfg, dtype = model.cfg, model.embed_tokens.weight.dtype
-    expert_bytes = cfg.expert_bytes(dtype)
+    cfg = model.cfg
+    expert_bytes = cfg.expert_bytes(model.embed_tokens.weight.dtype)
     copies_per_token = cfg.num_layers * cfg.top_k  # top-k slots: every routed expert is copied
     link = FAST_LINK
-    for i in range(refine + 1):
+    for i in range(3):  # the first guess, then two refinements
         probe = run_policy(model, "on-demand", ids, args.max_new_tokens, link, recording)
         compute_ms = probe["tpot_ms"] - (probe["stall_ms"] if i == 0 else probe["copy_ms"])
         per_copy_s = share / (1 - share) * compute_ms / 1e3 / copies_per_token
@@ -185,11 +177,9 @@ def auto_depth(
 ) -> int:
     """--prefetch-depth auto: from the resident run's TPOT and the link (throttle_depth)."""
     cfg = model.cfg
-    expert_bytes = cfg.expert_bytes(model.embed_tokens.weight.dtype)
-    if link is not None:
-        copy_s = link.seconds(expert_bytes)
-    else:  # CUDA: the measured pinned bandwidth
-        copy_s = expert_bytes / (h2d_gbps * 1e9)
+    if link is None:  # CUDA: the measured pinned bandwidth
+        link = LinkSpec(h2d_gbps, 0.0, "measured")
+    copy_s = link.seconds(cfg.expert_bytes(model.embed_tokens.weight.dtype))
     layer_s = resident.tpot_ms["mean"] / 1e3 / cfg.num_layers
     return throttle_depth(layer_s, copy_s, cfg.num_experts)
 
@@ -282,8 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prompt_ids(args: argparse.Namespace, vocab_size: int) -> list[int]:
     if args.prompt is not None:
-        from tinymoe.engine.tokenizer import load_tokenizer
-
         ids = load_tokenizer(args.model).encode(args.prompt).ids
         if not ids:
             raise TinyMoeError("--prompt encodes to no tokens")
@@ -295,11 +283,10 @@ def prompt_ids(args: argparse.Namespace, vocab_size: int) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     names = [n.strip() for n in args.policies.split(",") if n.strip()]
-    for n in names:
-        parse_policy(n)  # fail on a typo before any work
+    policies = [parse_policy(n) for n in names]  # a typo fails here, before any work
+    predictors = [p.predictor for p in policies if p.predictor is not None]
     if "on-demand" not in names:
         names.insert(0, "on-demand")
-    predictors = [p.predictor for p in map(parse_policy, names) if p.predictor is not None]
     if args.lookahead is not None and not predictors:
         raise TinyMoeError("--lookahead needs a policy with a predictor, e.g. prefetch+router")
     args.lookahead = args.lookahead or 1
@@ -311,9 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir_from_args(args)
     model = load_model(args.model, device=device, dtype=args.dtype)
     ids = prompt_ids(args, model.cfg.vocab_size)
-    check_positions(model.cfg, len(ids), args.max_new_tokens, False, "--max-new-tokens")
     p = model.embed_tokens.weight
-    check_kv_cache_fits(model.cfg, len(ids) + args.max_new_tokens, p.dtype, p.device)
+    check_sequence_fits(model.cfg, len(ids), args.max_new_tokens, p.dtype, p.device)
     calibration = load_speculation(args.model, model.cfg) if set(predictors) - {"oracle"} else None
     log = sys.stderr
 
@@ -392,8 +378,7 @@ def format_table(result: dict) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
-    return run_cli(main, argv)
+    return run_cli(main, argv)  # a user mistake: one `error: ...` line on stderr, exit status 2
 
 
 if __name__ == "__main__":

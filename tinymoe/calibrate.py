@@ -12,9 +12,8 @@ held back.
     4. on the held-back sequences, every predictor's recall per layer is measured, and the hybrid
        predictor's estimator layers are chosen: layers where the router's recall is below a
        threshold and the estimator's is higher.
-Everything is saved as speculation.safetensors (tensors) + speculation.json (metadata) beside
-the checkpoint, or in --out. The file format, and `load_speculation` that the runtime reads them
-back with, live in speculation/calibration.py: this module is the tool that produces them.
+Everything is saved as speculation.{safetensors,json} beside the checkpoint, or in --out; the
+format, and `load_speculation` that reads it back, live in speculation/calibration.py.
 """
 
 import argparse
@@ -44,12 +43,7 @@ from tinymoe.engine.loader import load_model
 from tinymoe.engine.model import MoETransformer
 from tinymoe.engine.moe import Routing
 from tinymoe.errors import TinyMoeError
-from tinymoe.speculation.calibration import (
-    META_FILE,
-    TENSORS_FILE,
-    Calibration,
-    save_speculation,
-)
+from tinymoe.speculation.calibration import META_FILE, TENSORS_FILE, Calibration, save_speculation
 from tinymoe.speculation.estimator import (
     EstimatorConfig,
     LinearEstimator,
@@ -149,9 +143,6 @@ def calibrate(model: MoETransformer, ids: Tensor, s: CalibrationSettings) -> Cal
             file=sys.stderr,
         )
 
-    def per_layer(values: dict[int, float], d: int) -> list[float | None]:
-        return [None] * d + [values[t] for t in range(d, L)]
-
     estimators: dict[tuple[str, int], nn.Module] = {}
     hybrid: dict[int, list[int]] = {}
     hit_rates: dict[str, dict[str, list[float | None]]] = {}
@@ -184,7 +175,8 @@ def calibrate(model: MoETransformer, ids: Tensor, s: CalibrationSettings) -> Cal
         hybrid[d] = [
             t for t in by_router if by_router[t] < s.hybrid_threshold and by_est[t] > by_router[t]
         ]
-        hit_rates[str(d)] = {name: per_layer(r, d) for name, r in rates.items()}
+        # Per target layer t, None for t < d (nothing predicts them).
+        hit_rates[str(d)] = {n: [None] * d + [r[t] for t in range(d, L)] for n, r in rates.items()}
 
     meta = {
         "model": {
@@ -303,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
-    return run_cli(main, argv)
+    return run_cli(main, argv)  # a user mistake: one `error: ...` line on stderr, exit status 2
 
 
 if __name__ == "__main__":

@@ -4,14 +4,13 @@ A user mistake (a bad flag, path, checkpoint or value) ends as one `error: ...` 
 and exit status 2, never a traceback; a bug still shows its traceback. Ctrl-C exits 130 and a
 closed pipe (`tinymoe run ... | head -1`) ends quietly, with status 141 as for a C tool.
 
-The flags every tool shares are defined here once, each with its check: `add_model_flag`
-(--model), `add_device_flags` (--device, --dtype, --threads), `add_link_flags` (the simulated
-link: --link-preset, --link-gbps, --link-latency-us); `model_dir_from_args`, `device_from_args`
-and `link_from_args` check them and turn them into what the library takes. `check_output_file`
-and `check_output_dir` check where a tool will write before it starts its long work.
+The flags every tool shares are defined here once (`add_*`), each with the function that checks
+it and turns it into what the library takes (`*_from_args`); the `check_*` functions check where
+a tool will write, and what it will allocate, before it starts its long work.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -98,10 +97,9 @@ def lookahead_list(s: str) -> tuple[int, ...]:
 def add_model_flag(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     """--model DIR: required, unless the tool has a default (run: the shipped demo model)."""
     what = "checkpoint directory (config.json, *.safetensors, tokenizer.json)"
-    if default is None:
-        parser.add_argument("--model", required=True, metavar="DIR", help=what)
-    else:
-        parser.add_argument("--model", default=default, metavar="DIR", help=what)
+    parser.add_argument(
+        "--model", required=default is None, default=default, metavar="DIR", help=what
+    )
 
 
 def model_dir_from_args(args: argparse.Namespace) -> Path:
@@ -117,10 +115,9 @@ def default_threads() -> int:
 
     torch's own default is one thread per core. Its OpenMP threads spin-wait for each other at
     every operation, so as soon as anything else wants a core (another process, or the
-    simulated link's copy thread) each small matmul waits for a descheduled thread: on the
-    2-core machine, one 512-token forward of the demo model took 100 ms with 1 thread and
-    100-1,200 ms with 2 while other work ran (docs/results.md). Half the cores leaves room for
-    that, and on a big machine still gives the large matmuls of a real model many threads.
+    simulated link's copy thread) each small matmul waits for a descheduled thread (measured in
+    docs/results.md). Half the cores leaves room for that, and on a big machine still gives the
+    large matmuls of a real model many threads.
     """
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
@@ -176,7 +173,6 @@ def add_link_flags(group: argparse._ActionsContainer) -> None:
     group.add_argument(
         "--link-preset",
         choices=list(PRESETS),
-        default=None,
         help=f"simulated link, CPU only (default: {DEFAULT_LINK} when a --link-* flag is given)",
     )
     group.add_argument(  # a float, not positive_float: LinkSpec checks it, naming the flag
@@ -190,7 +186,7 @@ def add_link_flags(group: argparse._ActionsContainer) -> None:
 def link_from_args(args: argparse.Namespace) -> LinkSpec | None:
     """The link the flags describe: a preset, with --link-gbps/--link-latency-us overriding its
     figures; None when no link flag is given (the tool picks)."""
-    if args.link_preset is None and args.link_gbps is None and args.link_latency_us is None:
+    if first_given(args, "--link-preset", "--link-gbps", "--link-latency-us") is None:
         return None
     preset = PRESETS[args.link_preset or DEFAULT_LINK]
     return LinkSpec(  # checks its figures: a TinyMoeError names the flag
@@ -200,13 +196,16 @@ def link_from_args(args: argparse.Namespace) -> LinkSpec | None:
     )
 
 
+def first_given(args: argparse.Namespace, *flags: str) -> str | None:
+    """The first of `flags` (such as "--top-k") that the command line gave a value, or None."""
+    return next((f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None), None)
+
+
 # ---------------------------------------------------------------- checks before long work
 
 
 def check_output_file(path: str | Path, flag: str) -> Path:
-    """`flag FILE` will be written: its folder must exist and be writable, FILE not a folder.
-
-    Called before the long work, so a typo costs nothing (not after minutes of generating)."""
+    """`flag FILE` will be written: its folder must exist and be writable, FILE not a folder."""
     p = Path(path)
     if p.is_dir():
         raise TinyMoeError(f"{flag} {path}: is a directory; give a file name")
@@ -231,27 +230,28 @@ def check_output_dir(path: str | Path, flag: str) -> Path:
     return p
 
 
-def check_positions(
-    cfg: ModelConfig, prompt_len: int, new_tokens: int, beyond: bool, flag: str
+def check_sequence_fits(
+    cfg: ModelConfig,
+    prompt_len: int,
+    new_tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    allow_long: bool = False,
 ) -> None:
-    """Prompt + new tokens within max_position_embeddings, unless the user asked to go beyond
-    (rotary positions past what the model was trained on still run, but degrade)."""
-    total, limit = prompt_len + new_tokens, cfg.max_position_embeddings
-    if total <= limit:
-        return
-    msg = (
-        f"the prompt ({prompt_len} tokens) + {flag} ({new_tokens}) = {total} positions, beyond "
-        f"this model's max_position_embeddings ({limit})"
-    )
-    if not beyond:
-        raise TinyMoeError(f"{msg}; lower {flag}, shorten the prompt, or add --allow-long")
-    print(f"warning: {msg}; going on (--allow-long): expect degraded text", file=sys.stderr)
-
-
-def check_kv_cache_fits(
-    cfg: ModelConfig, positions: int, dtype: torch.dtype, device: torch.device
-) -> None:
-    """The KV cache is allocated whole before the first token: refuse one that cannot fit."""
+    """Prompt + --max-new-tokens: within max_position_embeddings, unless the user asked to go
+    beyond (--allow-long: rotary positions past what the model was trained on still run, but
+    degrade); and a KV cache that fits, as it is allocated whole before the first token."""
+    positions, limit = prompt_len + new_tokens, cfg.max_position_embeddings
+    if positions > limit:
+        msg = (
+            f"the prompt ({prompt_len} tokens) + --max-new-tokens ({new_tokens}) = {positions} "
+            f"positions, beyond this model's max_position_embeddings ({limit})"
+        )
+        if not allow_long:
+            raise TinyMoeError(
+                f"{msg}; lower --max-new-tokens, shorten the prompt, or add --allow-long"
+            )
+        print(f"warning: {msg}; going on (--allow-long): expect degraded text", file=sys.stderr)
     kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * positions * cfg.head_dim * dtype.itemsize
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_host_bytes()
     if kv_bytes > free:
@@ -264,13 +264,10 @@ def check_kv_cache_fits(
 def free_host_bytes() -> int:
     """Host memory a new allocation can get: Linux's MemAvailable (free memory plus the page
     cache it would evict), else all physical memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # the file counts kB
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the file counts kB
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows): do not refuse

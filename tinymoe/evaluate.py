@@ -3,30 +3,21 @@
 Two questions, each answered per predictor and lookahead d, with resident experts, on
 teacher-forced text (every position sees the true tokens before it, as in decoding):
 
-1. How often is the prediction right? (exact mode) The true router decides every layer; every
-   predictor observes every layer and its guess for layer t is scored when layer t's true
-   routing exists: recall@k (the share of the true top-K found in the predicted top-K) and
-   top-1 hit rate (the predicted highest-weight expert is the true highest-weight one), per
-   layer. A missing prediction (previous-token on a window's first position) scores 0.
-   `router-hidden` is the router applied to Norm_t(h_l), the true post-MoE hidden state: the
-   reference that shows what default vectors can at best recover.
+1. How often is the prediction right? (exact mode) The true router decides every layer; each
+   guess for layer t is scored against layer t's true routing: recall@k and top-1 hit rate per
+   layer (docs/speculation.md defines both; a missing guess scores 0). `router-hidden` is the
+   router applied to Norm_t(h_l), the true post-MoE hidden state: the reference that shows what
+   default vectors can at best recover.
 2. What does speculative execution cost? Every layer t >= d runs the predicted experts with the
-   predicted weights (PredictionHook(speculate=True)), at every position; we report held-out
-   perplexity, top-1 next-token agreement with exact mode and the mean KL(exact || speculative)
-   of the next-token distributions.
+   predicted weights (PredictionHook(speculate=True)), at every position: held-out perplexity,
+   top-1 next-token agreement with exact mode, and the mean KL(exact || speculative).
 
-How it runs. The definition is decoding: one position at a time through a KV cache (`--stepwise`
-does exactly that). The default runs one forward per window of --seq-len tokens instead, which
-computes the same thing because everything a predictor or the speculating hook does is causal
-per position: position i's routing at layer l depends on position i's own state at layer l,
-which attention builds from positions <= i only. So one exact forward scores every predictor
-and lookahead side by side, and each speculative pass (its routing changes the states, so it
-cannot share) is one more forward. The one predictor that is not per position, previous-token,
-reads the previous position at the same layer: over a window that is a shift by one position,
-and speculating with it gives every position the first position's experts (FirstPositionHook).
-tests/test_evaluate.py checks both ways agree. Why not step: a forward per position is
-thousands of small operations, which a busy machine slows down many times more than a few
-large ones (docs/results.md).
+How it runs. The definition is decoding: one position at a time through a KV cache (what
+`--stepwise` does). The default runs one forward per window of --seq-len tokens instead, which
+computes the same numbers because all a predictor or the speculating hook does is causal per
+position; previous-token, which reads the previous position, is then a shift by one position
+(FirstPositionHook when speculating). docs/speculation.md ("One forward per window") gives the
+argument and why; tests/test_evaluate.py checks both ways agree.
 """
 
 import argparse
@@ -284,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     if ids.numel() < args.tokens:
         print(f"evaluate: {fewer_tokens(ids, args.tokens)}", file=sys.stderr)
     model = load_model(args.model, device=device, dtype=args.dtype)
-    speculative = not args.skip_speculative
-    result = evaluate(model, ids, cal, names, lookaheads, speculative, args.stepwise)
+    result = evaluate(model, ids, cal, names, lookaheads, not args.skip_speculative, args.stepwise)
     result.update(model=str(args.model), text=str(args.text))
     print(json.dumps(result) if args.json else table(result))
     if args.plot:  # after the tables: whatever happens here, the numbers are out
@@ -294,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
-    return run_cli(main, argv)
+    return run_cli(main, argv)  # a user mistake: one `error: ...` line on stderr, exit status 2
 
 
 if __name__ == "__main__":

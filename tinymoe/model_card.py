@@ -28,30 +28,28 @@ from tinymoe.speculation.recording import RouteRecorder
 @torch.no_grad()
 def loss_and_usage(
     model: MoETransformer, ids: Tensor, seq_len: int, max_tokens: int, batch: int = 16
-) -> tuple[float, Tensor]:
-    """Mean next-token loss over consecutive windows of ids, and the (L, E) expert usage counts:
-    how many routed slots each expert of each layer receives."""
+) -> tuple[float, Tensor, int]:
+    """Mean next-token loss over consecutive windows of ids, the (L, E) expert usage counts (how
+    many routed slots each expert of each layer receives), and how many tokens were scored."""
     cfg = model.cfg
     usage = torch.zeros(cfg.num_layers, cfg.num_experts, dtype=torch.long)
 
     def count(layer: int, resid: Tensor, u: Tensor, routing: Routing) -> None:
         usage[layer] += torch.bincount(routing.ids.reshape(-1), minlength=cfg.num_experts)
 
-    n_windows = min(len(ids) - 1, max_tokens) // seq_len
-    windows = ids[: n_windows * seq_len + 1]
+    tokens = min(len(ids) - 1, max_tokens) // seq_len * seq_len
+    inputs = ids[:tokens].view(-1, seq_len)  # (n, T): consecutive windows
+    targets = ids[1 : tokens + 1].view(-1, seq_len)  # (n, T): each shifted by one
     model.eval()
-    total, n = 0.0, 0
+    total = 0.0
     with RouteRecorder(count).installed(model):
-        for b in range(0, n_windows, batch):
-            rows = torch.arange(b, min(b + batch, n_windows))
-            x = torch.stack([windows[r * seq_len : (r + 1) * seq_len] for r in rows])  # (b, T)
-            y = torch.stack([windows[r * seq_len + 1 : (r + 1) * seq_len + 1] for r in rows])
+        for b in range(0, len(inputs), batch):
+            x, y = inputs[b : b + batch], targets[b : b + batch]  # (b, T) each
             logits = model(x)  # (b, T, V)
             total += F.cross_entropy(
                 logits.view(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
             ).item()
-            n += y.numel()
-    return total / n, usage
+    return total / tokens, usage, tokens
 
 
 def usage_table(shares: list[list[float]]) -> str:
@@ -59,12 +57,10 @@ def usage_table(shares: list[list[float]]) -> str:
     E = len(shares[0])
     head = "| layer | " + " | ".join(str(e) for e in range(E)) + " | min | max |"
     rule = "|" + "---|" * (E + 3)
-    rows = [
-        f"| {layer} | "
-        + " | ".join(f"{s:.1f}" for s in row)
-        + f" | {min(row):.1f} | {max(row):.1f} |"
-        for layer, row in enumerate(shares)
-    ]
+    rows = []
+    for layer, row in enumerate(shares):
+        cells = " | ".join(f"{s:.1f}" for s in row)
+        rows.append(f"| {layer} | {cells} | {min(row):.1f} | {max(row):.1f} |")
     return "\n".join([head, rule, *rows])
 
 

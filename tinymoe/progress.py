@@ -1,26 +1,21 @@
 """A tiny progress bar for long loops (training, evaluation): count, rate, ETA, on stderr.
 
 On a terminal it redraws one line with `\\r`; when stderr is a file (a `nohup` log) it writes a
-full line at most every `log_every_s` seconds instead, so the log stays readable.
+full line at most every LOG_EVERY_S seconds instead, so the log stays readable.
 """
 
 import sys
 import time
 
+LOG_EVERY_S = 30.0  # seconds between lines when stderr is not a terminal
+
 
 class Progress:
-    def __init__(
-        self,
-        total: int,
-        desc: str = "",
-        start: int = 0,
-        log_every_s: float = 30.0,
-        unit: str = "it",
-    ) -> None:
+    def __init__(self, total: int, desc: str = "", start: int = 0, unit: str = "it") -> None:
         self.total, self.desc, self.n, self.unit = total, desc, start, unit
         self.t0, self.n0 = time.perf_counter(), start  # rate counts only this session's work
         self.tty = sys.stderr.isatty()
-        self.log_every_s, self.last_log = log_every_s, 0.0
+        self.last_log = 0.0
 
     def update(self, n: int = 1, info: str = "") -> None:
         """Advance by n and redraw; `info` is extra text such as "loss 3.21 | 2100 tok/s"."""
@@ -35,7 +30,7 @@ class Progress:
         )
         if self.tty:
             print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif elapsed - self.last_log >= self.log_every_s or self.n >= self.total:
+        elif elapsed - self.last_log >= LOG_EVERY_S or self.n >= self.total:
             self.last_log = elapsed
             print(line, file=sys.stderr, flush=True)
 

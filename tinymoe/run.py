@@ -19,10 +19,10 @@ from tinymoe.cli import (
     add_device_flags,
     add_link_flags,
     add_model_flag,
-    check_kv_cache_fits,
     check_output_file,
-    check_positions,
+    check_sequence_fits,
     device_from_args,
+    first_given,
     link_from_args,
     model_dir_from_args,
     nonnegative_int,
@@ -40,18 +40,14 @@ from tinymoe.offload.scheduler import MISS_HANDLERS
 from tinymoe.simulator.record import record_run
 from tinymoe.speculation.calibration import load_speculation
 from tinymoe.speculation.oracle import record_routing
-from tinymoe.speculation.predictors import (
-    PREDICTOR_NAMES,
-    Predictor,
-    check_lookahead,
-    make_predictor,
-)
+from tinymoe.speculation.predictors import PREDICTOR_NAMES, check_lookahead, make_predictor
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "pydoc-moe"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser("run", description=__doc__.splitlines()[0])
+    a = p.add_argument
     add_model_flag(p, default=str(DEFAULT_MODEL))
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text to continue")
@@ -60,10 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="read the prompt from FILE (UTF-8, used as is, a final newline too); - for stdin",
     )
-    p.add_argument(
-        "--max-new-tokens", type=positive_int, default=64, metavar="N", help="new tokens"
-    )
-    p.add_argument(
+    a("--max-new-tokens", type=positive_int, default=64, metavar="N", help="new tokens")
+    a(
         "--allow-long",
         action="store_true",
         help="let prompt + new tokens go past the model's max_position_embeddings (a warning, "
@@ -74,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     samp("--top-k", type=nonnegative_int, metavar="K", help="keep the K likeliest (default: all)")
     samp("--top-p", type=float, metavar="P", help="nucleus mass in (0, 1] (default: 1)")
     samp("--seed", type=int, metavar="N", help="for reproducible sampling (default: random)")
-    p.add_argument(
+    a(
         "--stop",
         action="append",
         default=[],
@@ -82,17 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop when the generated text contains TEXT (not printed); repeat for several",
     )
     add_device_flags(p)
-    p.add_argument(
+    a(
         "--compile",
         action="store_true",
         help="decode steps via torch.compile (resident: layers are then not timed one by one)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    a("--json", action="store_true", help="print one JSON object instead of text")
     off = p.add_argument_group("expert offloading (see docs/offloading.md)")
     off.add_argument(
         "--offload-policy",
         choices=list(BASE_POLICIES),
-        default=None,
         help="default: resident, or on-demand when --prefetch is given",
     )
     off.add_argument(
@@ -109,25 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="copy",
         help="an expert in no slot: copied to the device, or computed on the host (cpu)",
     )
-    off.add_argument("--trace", default=None, metavar="FILE", help="write a Perfetto/Chrome trace")
+    off.add_argument("--trace", metavar="FILE", help="write a Perfetto/Chrome trace")
     off.add_argument(
         "--record",
-        default=None,
         metavar="FILE",
         help="then record this prompt's routing trace for tinymoe simulate (docs/simulator.md)",
     )
-    spec = p.add_argument_group("speculating experts (see docs/speculation.md)")
-    spec.add_argument(
+    spec = p.add_argument_group("speculating experts (see docs/speculation.md)").add_argument
+    spec(
         "--prefetch",
         choices=["none", *PREDICTOR_NAMES, "oracle"],
         default="none",
         help="predictor that prefetches layer l+D's experts while layer l computes; combine "
         "with --offload-policy on-demand (default then), lru or lfu",
     )
-    spec.add_argument(
-        "--lookahead", type=positive_int, metavar="D", help="with --prefetch (default: 1)"
-    )
-    spec.add_argument(
+    spec("--lookahead", type=positive_int, metavar="D", help="with --prefetch (default: 1)")
+    spec(
         "--prefetch-depth",
         type=positive_int,
         metavar="N",
@@ -136,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "1 + expert copies the link finishes during one layer (tinymoe bench --prefetch-depth "
         "auto measures it). Default: 1",
     )
-    spec.add_argument(
+    spec(
         "--speculate",
         action="store_true",
         help="run the predicted experts with the predicted weights (lossy; the paper's mode)",
@@ -150,42 +140,30 @@ def check_flags(args: argparse.Namespace) -> None:
         raise TinyMoeError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise TinyMoeError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.temperature == 0:
-        given = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p),
-                                ("--seed", args.seed)) if v is not None]  # fmt: skip
-        if given:
-            raise TinyMoeError(f"{given[0]} only matters when sampling: add --temperature T > 0")
-    if args.prefetch == "none":
-        for flag, value in (
-            ("--lookahead", args.lookahead),
-            ("--prefetch-depth", args.prefetch_depth),
-        ):
-            if value is not None:
-                raise TinyMoeError(f"{flag} needs a predictor: add --prefetch router (or another)")
+    sampling_flag = first_given(args, "--top-k", "--top-p", "--seed")
+    if args.temperature == 0 and sampling_flag:
+        raise TinyMoeError(f"{sampling_flag} only matters when sampling: add --temperature T > 0")
+    prefetch_flag = first_given(args, "--lookahead", "--prefetch-depth")
+    if args.prefetch == "none" and prefetch_flag:
+        raise TinyMoeError(f"{prefetch_flag} needs a predictor: add --prefetch router (or another)")
     if any(s == "" for s in args.stop):
         raise TinyMoeError("--stop: give a non-empty text")
 
 
 def sampling(args: argparse.Namespace) -> dict:
     """The sampling flags as generate()'s keyword arguments."""
-    return {
-        "temperature": args.temperature,
-        "top_p": 1.0 if args.top_p is None else args.top_p,
-        "top_k": args.top_k or 0,
-        "seed": args.seed,
-    }
+    top_p = 1.0 if args.top_p is None else args.top_p
+    return dict(temperature=args.temperature, top_p=top_p, top_k=args.top_k or 0, seed=args.seed)
 
 
 def read_prompt(args: argparse.Namespace) -> str:
     """--prompt, or the contents of --prompt-file (stdin for `-`), as is."""
     if args.prompt_file is None:
         return args.prompt
-    name = "stdin" if args.prompt_file == "-" else args.prompt_file
+    stdin = args.prompt_file == "-"
+    name = "stdin" if stdin else args.prompt_file
     try:
-        if args.prompt_file == "-":
-            text = sys.stdin.read()
-        else:
-            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        text = sys.stdin.read() if stdin else Path(name).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise TinyMoeError(f"--prompt-file {name}: cannot read it as UTF-8 text ({e})") from None
     if not text:
@@ -211,38 +189,25 @@ def policy_name(args: argparse.Namespace) -> str:
     return f"{mode}+{args.prefetch}{cache}"
 
 
-def predictor_for(
-    args: argparse.Namespace, model: MoETransformer, prompt_ids: list[int], name: str
-) -> Predictor:
-    """--prefetch's predictor: built from the calibration files, or the oracle's recording."""
-    check_lookahead(args.lookahead, model.cfg.num_layers)  # before the oracle's recording run
-    calibration = recording = None
-    if name == "oracle":
-        # The oracle replays the routing of a resident run of this very prompt and settings.
-        print("oracle: recording the routing of a resident run first", file=sys.stderr)
-        _, recording = record_routing(model, prompt_ids, args.max_new_tokens, **sampling(args))
-    else:
-        calibration = load_speculation(args.model, model.cfg)
-    return make_predictor(
-        name,
-        model,
-        calibration,
-        args.lookahead,
-        recording=recording,
-    )
-
-
 def make_runtime(
     args: argparse.Namespace, model: MoETransformer, prompt_ids: list[int], name: str
 ) -> OffloadRuntime:
-    """The runtime for policy `name` (`resident` too: it is what measures layers)."""
+    """The runtime for policy `name` (`resident` too: it is what measures layers), with the
+    predictor --prefetch names: built from the calibration files, or the oracle's recording."""
     link = link_from_args(args)
     if link is not None and args.offload_policy == "resident":
         raise TinyMoeError("--link-* flags need an offloading --offload-policy")
-    predictor_name = parse_policy(name).predictor
-    predictor = None
-    if predictor_name is not None:
-        predictor = predictor_for(args, model, prompt_ids, predictor_name)
+    kind, predictor = parse_policy(name).predictor, None
+    if kind is not None:
+        check_lookahead(args.lookahead, model.cfg.num_layers)  # before the oracle's recording run
+        calibration = recording = None
+        if kind == "oracle":
+            # The oracle replays the routing of a resident run of this very prompt and settings.
+            print("oracle: recording the routing of a resident run first", file=sys.stderr)
+            _, recording = record_routing(model, prompt_ids, args.max_new_tokens, **sampling(args))
+        else:
+            calibration = load_speculation(args.model, model.cfg)
+        predictor = make_predictor(kind, model, calibration, args.lookahead, recording=recording)
     return OffloadRuntime(
         model,
         name,
@@ -277,14 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = tokenizer.encode(prompt).ids
     if not prompt_ids:
         raise TinyMoeError("the prompt encodes to no tokens; give some text")
-    # The KV cache is allocated for prompt + new tokens before the first token: check it fits,
-    # from config.json and the file headers alone, before the weights are read.
+    # Check the sequence fits from config.json and the file headers alone, before any weights.
     ckpt = Checkpoint(args.model)
-    positions = len(prompt_ids) + args.max_new_tokens
-    check_positions(ckpt.config, len(prompt_ids), args.max_new_tokens, args.allow_long,
-                    "--max-new-tokens")  # fmt: skip
-    check_kv_cache_fits(
-        ckpt.config, positions, resolve_dtype(args.dtype, ckpt.storage_dtype(), device), device
+    dtype = resolve_dtype(args.dtype, ckpt.storage_dtype(), device)
+    check_sequence_fits(
+        ckpt.config, len(prompt_ids), args.max_new_tokens, dtype, device, args.allow_long
     )
     # Offloading on a GPU: read the experts straight into pinned host memory, so they never
     # have to fit on the device. The oracle is the exception: it first records a resident run.
@@ -340,7 +302,7 @@ def print_result(
     device: torch.device,
 ) -> None:
     """The timing summary on stderr (text mode), or everything as one JSON object."""
-    tpot = out.tpot_ms
+    tpot, dec, pre = out.tpot_ms, report["decode"], report["prefill"]
     stats = {
         "prompt_tokens": out.prompt_len,
         "new_tokens": len(out.tokens),
@@ -351,20 +313,17 @@ def print_result(
         "tokens_per_s": out.tokens_per_s,
         "peak_memory_mb": peak_memory_bytes(device) / 2**20,
         "compile_s": out.compile_s,  # --compile: the first decode step, kept out of TPOT
+        "offload_policy": report["policy"],
+        "expert_slots": report["expert_slots"],
+        "hit_rate": dec["hit_rate"] if dec["hits"] + dec["misses"] else None,
+        "bytes_copied": dec["bytes_copied"],  # decode steps, in total
+        "stall_ms": dec["stall_ms"],  # per decode step, as tpot_ms
+        "copy_ms": dec["copy_ms"],
+        "miss_kinds": dec["miss_kinds"],
+        "wasted_prefetch_bytes": dec["wasted_prefetch_bytes"],
+        "layers": dec["layers"],  # per layer: ms per decode step; hits, misses, bytes in total
+        "prefill": {k: pre[k] for k in ("copy_ms", "stall_ms", "bytes_copied", "hits", "misses")},
     }
-    dec, pre = report["decode"], report["prefill"]
-    stats.update(
-        offload_policy=report["policy"],
-        expert_slots=report["expert_slots"],
-        hit_rate=dec["hit_rate"] if dec["hits"] + dec["misses"] else None,
-        bytes_copied=dec["bytes_copied"],  # decode steps, in total
-        stall_ms=dec["stall_ms"],  # per decode step, as tpot_ms
-        copy_ms=dec["copy_ms"],
-        miss_kinds=dec["miss_kinds"],
-        wasted_prefetch_bytes=dec["wasted_prefetch_bytes"],
-        layers=dec["layers"],  # per layer: ms per decode step; hits, misses, bytes in total
-        prefill={k: pre[k] for k in ("copy_ms", "stall_ms", "bytes_copied", "hits", "misses")},
-    )
     if args.json:
         if stop is not None:
             text = text[: text.find(stop)]
@@ -390,8 +349,7 @@ def print_result(
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
-    return run_cli(main, argv)
+    return run_cli(main, argv)  # a user mistake: one `error: ...` line on stderr, exit status 2
 
 
 if __name__ == "__main__":

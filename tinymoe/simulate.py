@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         raise TinyMoeError(f"--record {args.record}: no such directory")
     device = device_from_args(args)
     predictor_names = sorted({p.predictor for p in policies if p.predictor is not None})
-    log = sys.stderr
 
     measured: dict[str, float] = {}
     if args.trace:
@@ -89,14 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             raise TinyMoeError("give --model DIR (to record a run) or --trace FILE")
         model_dir_from_args(args)
         model = load_model(args.model, device=device, dtype=args.dtype)
-        args.model = str(args.model)
         ids = prompt_ids(args, model.cfg.vocab_size)
         generate(model, ids[:4], 2, eos_ids=())  # warm-up
         ref, recording = record_routing(model, ids, args.max_new_tokens, eos_ids=())
         link = simulated_link(model, ids, args, recording)
         depth = args.prefetch_depth or auto_depth(model, ref, link, None)
-        print(f"link: {link.gbps:.3f} GB/s + {link.latency_us} us; depth {depth}", file=log)
-        print("recording the routing ...", file=log)
+        print(f"link: {link.gbps:.3f} GB/s + {link.latency_us} us; depth {depth}", file=sys.stderr)
+        print("recording the routing ...", file=sys.stderr)
         trace = record_run(
             model, ids, args.max_new_tokens, link, predictor_names, args.model, args.lookahead
         )
@@ -127,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             if h == "cpu" and not parse_policy(name).offload:
                 continue
             row = simulate(trace, name, costs, args.expert_slots, depth, miss_handler=h)
-            row["miss_handler"] = h
-            row["simulated_tpot_ms"] = row["tpot_ms"]
+            row.update(miss_handler=h, simulated_tpot_ms=row["tpot_ms"])
             if name in measured and h == "copy":
                 row["measured_tpot_ms"] = measured[name]
             rows.append(row)
@@ -166,8 +163,7 @@ def format_table(result: dict) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
-    return run_cli(main, argv)
+    return run_cli(main, argv)  # a user mistake: one `error: ...` line on stderr, exit status 2
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ The recipe, in the order it runs (`main`):
                    tokenizer.json, training_metrics.json and a model card, README.md
                    (model_card.py)
 
-The corpus comes from a Debian package: `apt-get install python3.11-doc` puts the sources under
-/usr/share/doc/python3.11/html/_sources/ (PSF licence). Training state (model, optimizer, step)
-is saved every --save-every steps in --run-dir, and --resume continues from it.
+Training state (model, optimizer, step) is saved every --save-every steps in --run-dir, and
+--resume continues from it. Where the corpus comes from: corpus.py.
 """
 
 import argparse
@@ -159,9 +158,7 @@ def train(
     opt = make_optimizer(model, args)
     state = RunState()
     ckpt = run_dir / "state.pt"
-    if args.resume:
-        if not ckpt.exists():
-            raise TinyMoeError(f"--resume: no training state at {ckpt}")
+    if args.resume:  # (check_destinations made sure the file is there)
         saved = torch.load(ckpt, weights_only=True)  # our own file; weights_only keeps it safe
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optim"])
@@ -324,10 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     export(model, tok, out)
     shipped = load_model(out, dtype=torch.float32)
-    heldout_loss, usage = loss_and_usage(shipped, held_ids, args.seq_len, args.eval_tokens)
-    train_loss, _ = loss_and_usage(shipped, train_ids, args.seq_len, args.eval_tokens)
-    eval_tokens = min(len(train_ids) - 1, args.eval_tokens) // args.seq_len * args.seq_len
-    held_eval_tokens = min(len(held_ids) - 1, args.eval_tokens) // args.seq_len * args.seq_len
+    heldout_loss, usage, held_eval_tokens = loss_and_usage(
+        shipped, held_ids, args.seq_len, args.eval_tokens
+    )
+    train_loss, _, eval_tokens = loss_and_usage(shipped, train_ids, args.seq_len, args.eval_tokens)
     shares = 100 * usage.float() / usage.sum(dim=1, keepdim=True)  # (L, E)
     tokens = state.step * args.batch_size * args.seq_len
     metrics = {
@@ -368,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """main(), with a user mistake turned into one `error: ...` line on stderr and exit status 2."""
-    return run_cli(main, argv)
+    return run_cli(main, argv)  # a user mistake: one `error: ...` line on stderr, exit status 2
 
 
 if __name__ == "__main__":

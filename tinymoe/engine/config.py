@@ -9,8 +9,7 @@ Two spellings of config.json exist in the wild and both are accepted:
   or `num_experts` (OLMoE, Qwen3-MoE);
 - the form transformers 5 writes: a `rope_parameters` dict, `dtype`, `head_dim: null`.
 Unknown keys are ignored, as mlx-lm does. A field config.json leaves out takes the default of the
-architecture's transformers config class where that matters to the numbers: `rms_norm_eps` is
-1e-5 for Mixtral and OLMoE, 1e-6 for Qwen3-MoE.
+architecture's transformers config class where that matters to the numbers (`rms_norm_eps`).
 """
 
 import json
@@ -22,7 +21,12 @@ import torch
 
 from tinymoe.errors import TinyMoeError
 
-SUPPORTED = ("mixtral", "olmoe", "qwen3_moe")
+# The supported model_types, each with the transformers class its config.json names.
+SUPPORTED = {
+    "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 # The RMSNorm epsilon when config.json does not give one: each transformers config class's default.
 DEFAULT_RMS_NORM_EPS = {"mixtral": 1e-5, "olmoe": 1e-5, "qwen3_moe": 1e-6}
 
@@ -39,9 +43,7 @@ class ModelConfig:
     num_experts: int  # E
     top_k: int  # K, experts activated per token
     expert_dim: int  # I, each expert's SwiGLU width
-    rms_norm_eps: float = (
-        1e-6  # from_dict: DEFAULT_RMS_NORM_EPS[model_type] if config.json has none
-    )
+    rms_norm_eps: float = 1e-6  # from_dict: DEFAULT_RMS_NORM_EPS[model_type] if none is given
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to one
@@ -163,6 +165,8 @@ class ModelConfig:
 
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        dtype = d.get("dtype") or d.get("torch_dtype")  # old exporters wrote "torch.bfloat16"
+        eps = d.get("rms_norm_eps")
         return cls(
             model_type=mt,
             vocab_size=int(need("vocab_size")),
@@ -174,9 +178,7 @@ class ModelConfig:
             num_experts=int(experts),
             top_k=int(need("num_experts_per_tok")),
             expert_dim=int(expert_dim),
-            rms_norm_eps=float(d["rms_norm_eps"])
-            if d.get("rms_norm_eps") is not None
-            else DEFAULT_RMS_NORM_EPS[mt],
+            rms_norm_eps=DEFAULT_RMS_NORM_EPS[mt] if eps is None else float(eps),
             rope_theta=float(theta),
             max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
             norm_topk_prob=norm_topk,
@@ -187,19 +189,14 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             eos_token_ids=eos_ids,
             bos_token_id=d.get("bos_token_id"),
-            dtype=_dtype_name(d.get("dtype") or d.get("torch_dtype")),
+            dtype=None if dtype is None else str(dtype).removeprefix("torch."),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json transformers writes for this architecture (published key names)."""
+        eos = self.eos_token_ids  # one id is written as an int, several as a list
         d: dict[str, Any] = {
-            "architectures": [
-                {
-                    "mixtral": "MixtralForCausalLM",
-                    "olmoe": "OlmoeForCausalLM",
-                    "qwen3_moe": "Qwen3MoeForCausalLM",
-                }[self.model_type]
-            ],
+            "architectures": [SUPPORTED[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -216,9 +213,7 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "torch_dtype": self.dtype,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids)
-            if len(self.eos_token_ids) > 1
-            else (self.eos_token_ids[0] if self.eos_token_ids else None),
+            "eos_token_id": list(eos) if len(eos) > 1 else (eos[0] if eos else None),
         }
         if self.model_type == "mixtral":
             d.update(
@@ -263,8 +258,3 @@ class ModelConfig:
             return cls.from_dict(d, source=str(path))
         except (TypeError, ValueError) as e:  # e.g. "hidden_size": "big" fails in int()
             raise TinyMoeError(f"{path}: a field has a value of the wrong type ({e})") from None
-
-
-def _dtype_name(value: Any) -> str | None:
-    """config.json's dtype as torch names it ("bfloat16"); old exporters wrote "torch.bfloat16"."""
-    return None if value is None else str(value).removeprefix("torch.")

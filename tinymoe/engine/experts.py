@@ -8,9 +8,8 @@ so gate and up form the fused (2I x D) matrix transformers 5 calls `gate_up_proj
 expert between host and device is a single copy. A layer's experts are a (E, 3*I*D) tensor.
 
 Provider. The MoE layer never indexes expert weights itself: it asks an `ExpertProvider` for the
-experts it needs and receives each one's packed buffer. `ResidentExperts` (here) keeps all of them
-on the compute device and is the plain reference path; the offloading engine supplies experts
-from a device cache instead, without any change to the model code.
+experts it needs. `ResidentExperts` (here) keeps all of them on the compute device, the plain
+reference path; the offloading engine supplies them from a device cache, the model unchanged.
 """
 
 from collections.abc import Iterator

@@ -90,15 +90,11 @@ def cuda_graphs_apply(model: MoETransformer) -> bool:
 
 def compiled_forward(model: MoETransformer, cuda_graphs: bool = False) -> Callable[..., Tensor]:
     """model.forward compiled with torch.compile for the static-shape decode step (start a (1,)
-    tensor: MoETransformer._static_step), made once per model (and mode) and kept on it.
-
-    Every decode step has the same shapes, so one graph serves every position: the step compiles
-    once and never again as the sequence grows. cuda_graphs: also capture it as a CUDA graph
-    (mode "reduce-overhead"), replayed each step as one launch instead of one per kernel. A route
-    hook or an offloading provider runs eagerly inside the step (model.outside_graph); with
-    neither, the whole step is one graph: the experts are read by index (experts_by_index) and
-    no id goes to the host.
-    """
+    tensor: MoETransformer._static_step, one graph for every position), made once per model (and
+    mode) and kept on it. cuda_graphs: also capture it as a CUDA graph (mode "reduce-overhead"),
+    replayed each step as one launch instead of one per kernel. A route hook or an offloading
+    provider runs eagerly inside the step (model.outside_graph); with neither, the whole step is
+    one graph: the experts are read by index (experts_by_index) and no id goes to the host."""
     mode = "reduce-overhead" if cuda_graphs else "default"
     if mode not in model.compiled:
         if model.embed_tokens.weight.device.type == "cpu":
@@ -212,15 +208,8 @@ def generate(
     param = model.embed_tokens.weight
     device, dtype = param.device, param.dtype
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    cache = KVCache(
-        cfg.num_layers,
-        1,
-        cfg.num_kv_heads,
-        len(input_ids) + max_new_tokens,
-        cfg.head_dim,
-        device,
-        dtype,
-    )
+    max_len = len(input_ids) + max_new_tokens
+    cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, max_len, cfg.head_dim, device, dtype)
 
     ids = torch.tensor([input_ids], device=device)  # (1, T)
     t0 = now()

@@ -7,11 +7,8 @@ is the model plus one tensor). Safetensors only: a pickle is never unpickled.
 Experts kept on the host (`expert_device="cpu"`) are read, expert by expert, into ONE
 (L, E, 3*I*D) buffer from `host_buffer` (offload/store.py), page-locked exactly when the model
 computes on CUDA; each layer's parameter is a view of it, so the offloading runtime's host store
-adopts them as they are and the host never holds the experts twice.
-
-The dtype to compute in is resolved here, so entry points only pass the name: "auto" (the
-default) is the checkpoint's dtype (config.json's, else the file's) on a GPU and float32 on the
-CPU; see resolve_dtype for why.
+adopts them as they are and the host never holds the experts twice. The dtype to compute in
+is resolved here too (resolve_dtype), so entry points only pass its name.
 
 Key mapping (checkpoint key -> tinymoe name): drop the leading `model.`; Mixtral's
 `block_sparse_moe` is our `mlp`; `self_attn.{q,k,v}_proj` are the three row blocks of our fused
@@ -24,7 +21,6 @@ expert (see experts.py):
 """
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -49,7 +45,6 @@ EXPERT_NAMES = {
     "olmoe": ("gate_proj", "up_proj", "down_proj"),
     "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
 }
-_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.")
 # The fused attention projection (model.py) and the checkpoint tensors it is made of, row blocks
 # in this order: q (H*Dh rows), k and v (Hkv*Dh rows each).
 QKV_PARTS = ("q_proj", "k_proj", "v_proj")
@@ -108,8 +103,9 @@ class Checkpoint:
                     f"{f}: not a readable safetensors file; truncated or corrupt? ({e})"
                 ) from None
             self._handles[f] = h
-            for key in keys:
-                self.where[self._rename(key)] = (f, key)
+            for key in keys:  # renamed as the key mapping at the top says
+                name = key.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")
+                self.where[name] = (f, key)
 
     def _shard_files(self) -> list[Path]:
         single, index = self.path / "model.safetensors", self.path / "model.safetensors.index.json"
@@ -132,14 +128,6 @@ class Checkpoint:
             )
         raise TinyMoeError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
 
-    @staticmethod
-    def _rename(key: str) -> str:
-        key = key.removeprefix("model.")
-        return key.replace(".block_sparse_moe.", ".mlp.")
-
-    def has(self, name: str) -> bool:
-        return name in self.where
-
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> Tensor:
         if name not in self.where:
             raise TinyMoeError(f"{self.path}: missing tensor {name!r} (shape {shape})")
@@ -161,7 +149,7 @@ class Checkpoint:
         cfg = self.config
         E, I, D = cfg.num_experts, cfg.expert_dim, cfg.hidden_size
         prefix = f"layers.{layer}.mlp.experts."
-        if self.has(prefix + "gate_up_proj"):  # fused layout
+        if prefix + "gate_up_proj" in self.where:  # fused layout
             out[:, : 2 * I * D].copy_(
                 self.get(prefix + "gate_up_proj", (E, 2 * I, D)).reshape(E, -1)
             )
@@ -175,11 +163,8 @@ class Checkpoint:
             down_view.copy_(self.get(f"{prefix}{e}.{down}.weight", (D, I)))
 
     def storage_dtype(self) -> str:
-        """The checkpoint's dtype: what config.json states, else the embedding's in the file.
-
-        Like transformers' dtype="auto". The file's dtype is read from the safetensors header,
-        without reading the tensor.
-        """
+        """The checkpoint's dtype, as transformers' dtype="auto" finds it: what config.json
+        states, else the embedding's, from the safetensors header (the tensor is not read)."""
         if self.config.dtype is not None:
             return self.config.dtype
         name = "embed_tokens.weight"
@@ -190,9 +175,6 @@ class Checkpoint:
             header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
         stored = header[key]["dtype"]  # e.g. "BF16"
         return _SAFETENSORS_DTYPES.get(stored, stored)
-
-    def expert_names(self, layer: int) -> set[str]:
-        return {n for n in self.where if n.startswith(f"layers.{layer}.mlp.experts.")}
 
 
 def load_model(
@@ -206,11 +188,8 @@ def load_model(
     dtype: a torch dtype or one of DTYPES; "auto" (the default) is the checkpoint's dtype on a
     GPU and float32 on the CPU (see resolve_dtype).
 
-    expert_device: where the experts go (default: `device`). "cpu" reads them, expert by
-    expert, into one host buffer in the host store's layout (offload/store.py), pinned exactly
-    when `device` is CUDA: where the offloading runtime copies them from, and adopts them without
-    a copy, so a model whose experts do not fit on the GPU never has to, and the host never holds
-    them twice.
+    expert_device: where the experts go (default: `device`); "cpu" reads them into the one host
+    buffer the offloading runtime adopts (see the top), so they never have to fit on a GPU.
     """
     device = torch.device(device)
     expert_device = device if expert_device is None else torch.device(expert_device)
@@ -223,8 +202,6 @@ def load_model(
     del model.experts  # allocated on their own below: they may live on the host
     model = model.to(dtype).to_empty(device=device)
     if expert_device.type == "cpu":
-        # One (L, E, 3*I*D) host buffer, pinned exactly when the compute device is CUDA: the
-        # store's own layout, so the offloading runtime adopts it without a copy.
         pin = device.type == "cuda"
         buf = host_buffer((cfg.num_layers, cfg.num_experts, cfg.expert_numel), dtype, pin)
         for i in range(cfg.num_layers):
@@ -252,7 +229,7 @@ def load_model(
             used.add(name)
         for layer in range(cfg.num_layers):
             ckpt.read_expert_layer(layer, model.experts.weights[layer])
-            used |= ckpt.expert_names(layer)
+            used |= {n for n in ckpt.where if n.startswith(f"layers.{layer}.mlp.experts.")}
     if cfg.tie_word_embeddings:
         used.add("lm_head.weight")  # some exporters store the tied copy too; it is the same tensor
     unexpected = sorted(set(ckpt.where) - used)

@@ -12,11 +12,9 @@ Per layer (pre-norm residual):
     u = RMSNorm_moe(r)                          the pre-MoE norm; the router reads u
     x = r + sum_k g_k * Expert_{e_k}(u)         g, e: top-K of softmax(router(u))
 
-Routing and the MoE layer (the router, top-K, running the experts) are in moe.py. Routing goes
-through a hook (`route_hook`) so that the offloading and speculation code can see
-each layer's state and, in speculative mode, replace the router's choice; experts come from an
-`ExpertProvider` (see experts.py) so they can live off the device. With neither set, this file is
-the plain resident reference every fast path is tested against.
+Routing and the MoE layer (the router, top-K, running the experts) are in moe.py, with the seam
+the offloading and speculation code use: a `route_hook` and an `ExpertProvider`. With neither
+set, this file is the plain resident reference every fast path is tested against.
 """
 
 from collections.abc import Callable, Iterator
@@ -151,19 +149,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, Hkv, S, Dh) each
         # mask None means "plain causal over a fresh sequence"; otherwise a boolean (T, S) mask.
+        causal, gqa = mask is None and T > 1, Hkv < H  # gqa: grouped-query attention
         y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            enable_gqa=Hkv < H,  # grouped-query attention
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa
         )  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
-
-
-def _same_kind(a: Tensor, b: Tensor) -> bool:
-    return a.dtype == b.dtype and a.device == b.device
 
 
 @torch.compiler.disable
@@ -283,13 +273,12 @@ class MoETransformer(nn.Module):
         The angles of a position never change, so they are computed once per generation (the
         table covers the whole KV cache), not once per step; a longer sequence rebuilds it.
         """
-        table = self._rope
-        if table is None or len(table[0]) < length or not _same_kind(table[0], x):
+        cos = self._rope[0] if self._rope is not None else None
+        if cos is None or len(cos) < length or cos.dtype != x.dtype or cos.device != x.device:
             positions = torch.arange(length, device=x.device)
-            table = self._rope = rope_cos_sin(
-                positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype
-            )
-        return table[0][start : start + T], table[1][start : start + T]
+            self._rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = self._rope
+        return cos[start : start + T], sin[start : start + T]
 
     def _static_step(
         self, start: Tensor, T: int, cache: KVCache | None, x: Tensor
@@ -324,11 +313,10 @@ class MoETransformer(nn.Module):
         """
         T, start = pos.numel(), S - pos.numel()
         window = self.cfg.sliding_window
-        if window is None or window >= S:
-            if start == 0 or T == 1:
-                return None  # fresh sequence (is_causal) or one new token that sees everything
-            k_pos = torch.arange(S, device=device)
-            return k_pos[None, :] <= pos[:, None]
-        k_pos = torch.arange(S, device=device)
-        # Mixtral's sliding window: position q sees k when q - window < k <= q.
-        return (k_pos[None, :] <= pos[:, None]) & (k_pos[None, :] > pos[:, None] - window)
+        if (window is None or window >= S) and (start == 0 or T == 1):
+            return None  # fresh sequence (is_causal) or one new token that sees everything
+        k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        sees = k_pos <= pos[:, None]  # (T, S)
+        if window is not None:  # Mixtral's sliding window: q sees k when q - window < k <= q
+            sees = sees & (k_pos > pos[:, None] - window)
+        return sees

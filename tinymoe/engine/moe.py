@@ -23,12 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from tinymoe.engine.config import ModelConfig
-from tinymoe.engine.experts import (
-    ExpertProvider,
-    ResidentExperts,
-    expert_forward,
-    experts_by_index,
-)
+from tinymoe.engine.experts import ExpertProvider, ResidentExperts, expert_forward, experts_by_index
 
 
 @dataclass

@@ -47,28 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def listing(as_json: bool) -> str:
-    rows = [
-        {
-            "id": ex.id,
-            "title": ex.title,
-            "concepts": list(ex.concepts),
-            "files": list(ex.files),
-            "minutes": ex.minutes,
-            "prerequisites": list(ex.prerequisites),
-            "doc": ex.doc,
-            "starter": ex.starter_name,
-        }
-        for ex in EXERCISES
-    ]
     if as_json:
+        fields = ("id", "title", "concepts", "files", "minutes", "prerequisites", "doc")
+        rows = [
+            {f: getattr(ex, f) for f in fields} | {"starter": ex.starter_name} for ex in EXERCISES
+        ]
         return json.dumps(rows, indent=2)
     lines = []
-    for i, r in enumerate(rows, 1):
-        after = f"; after {', '.join(r['prerequisites'])}" if r["prerequisites"] else ""
+    for i, ex in enumerate(EXERCISES, 1):
+        after = f"; after {', '.join(ex.prerequisites)}" if ex.prerequisites else ""
         lines += [
-            f"{i:>2}. {r['id']:<13} {r['title']} (~{r['minutes']} min{after})",
-            f"    teaches: {'; '.join(r['concepts'])}",
-            f"    touches: {', '.join(r['files'])}",
+            f"{i:>2}. {ex.id:<13} {ex.title} (~{ex.minutes} min{after})",
+            f"    teaches: {'; '.join(ex.concepts)}",
+            f"    touches: {', '.join(ex.files)}",
         ]
     lines.append("Start one with: python -m tinymoe.exercises start ID   (docs/exercises/)")
     return "\n".join(lines)

@@ -1,33 +1,22 @@
 """What counts as an answer: the student's file, imported, each hole filled with their own code.
 
-`load_code` imports the file and returns the `code` namespace the checks run on. Before any check
-runs, `problems` looks at each target and names, in one line, the answers that would otherwise
-pass with nothing written:
-
-- missing: a function hole must be a function defined in the student's file, and a method hole
-  a method in the `__dict__` of the student's own subclass. An inherited or imported one is the
-  engine's, not the student's.
-- still a hole: the body is still the starter's `raise NotImplementedError("hole: ...")`.
-- delegating: the body reaches the engine's own implementation, by `super().NAME` or by a name
-  or attribute chain that resolves (`is`) to the engine's object: `engine_moe.route_topk`,
-  `_engine_cache.ExpertCache._victim`, `from tinymoe.engine.moe import route_topk as rt`.
-  `self.other_method(...)` and the engine's other helpers are fine.
-
-Code copied from the engine by hand is not caught: that is for the teacher to judge.
+`load_code` imports the file as the `code` namespace the checks run on. Before any check runs,
+`problems` names, one line each, the answers that would pass with nothing written: a *missing*
+hole (a function not defined in the student's file, a method not in their own subclass's
+`__dict__`: inherited or imported is the engine's), one *still a hole* (the starter's raise),
+one *delegating* (its compiled body reaches the engine's own code for a hole: `super().NAME`,
+`engine_moe.route_topk`, `from tinymoe.engine.moe import route_topk as rt`; the engine's other
+helpers are fine). Code copied from the engine by hand is for the teacher to judge.
 """
 
-import ast
-import importlib
 import importlib.util
 import inspect
 import sys
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import CodeType, ModuleType, SimpleNamespace
 
 from tinymoe.errors import TinyMoeError
 from tinymoe.exercises.exercise import Exercise, Target
-
-_MISSING = object()
 
 
 def still_a_hole(label: str) -> str:
@@ -56,7 +45,6 @@ def load_code(ex: Exercise, path: Path) -> SimpleNamespace:
 def problems(ex: Exercise, code: SimpleNamespace, path: Path) -> tuple[list[str], list[str]]:
     """(rejections, holes): one line per target that is missing or delegates, and one per target
     that is still a hole."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
     engine = {}  # id of each target's engine function (and what it wraps) -> its qualname
     for t in ex.targets:
         fn = t.engine_function()
@@ -64,19 +52,17 @@ def problems(ex: Exercise, code: SimpleNamespace, path: Path) -> tuple[list[str]
     rejected, holes = [], []
     for t in ex.targets:
         fn, problem = _own_function(t, getattr(code, t.name), path)
-        node = None if fn is None else _def_node(tree, fn)
-        if problem is None and node is not None:
-            if _is_hole(node):
-                holes.append(still_a_hole(t.qualname))
-                continue
+        if fn is not None and _is_hole(fn):
+            holes.append(still_a_hole(t.qualname))
+            continue
+        if fn is not None:
             methods = {  # the holed methods of this class, which super() reaches in the engine's
                 u.qualname.split(".")[1]: u.qualname
                 for u in ex.targets
                 if u.is_method and u.name == t.name
             }
-            how = _delegation(node, fn, engine, methods)
-            if how:
-                problem = f"{t.qualname} delegates to the engine's own {how}: write it yourself"
+            how = _delegation(fn, engine, methods)
+            problem = how and f"{t.qualname} delegates to the engine's own {how}: write it yourself"
         if problem:
             rejected.append(problem)
     return list(dict.fromkeys(rejected)), holes
@@ -97,81 +83,42 @@ def _own_function(t: Target, obj: object, path: Path) -> tuple[object, str | Non
     return None, f"{t.qualname} is missing: define it in {where} (the engine's does not count)"
 
 
-def _def_node(tree: ast.Module, fn) -> ast.FunctionDef | None:
-    """The def of `fn` in the parsed file (matched by name and first line)."""
-    for n in ast.walk(tree):
-        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == fn.__name__:
-            first = min([d.lineno for d in n.decorator_list] + [n.lineno])
-            if first == fn.__code__.co_firstlineno:
-                return n
-    return None
+def _is_hole(fn) -> bool:
+    """The body (after the docstring) is the starter's raise: it names nothing else and says
+    nothing else."""
+    said = [c for c in fn.__code__.co_consts if isinstance(c, str) and c != fn.__doc__]
+    names = fn.__code__.co_names
+    return names == ("NotImplementedError",) and len(said) == 1 and said[0].startswith("hole: ")
 
 
-def _is_hole(node: ast.FunctionDef) -> bool:
-    """The body (after the docstring) is the starter's raise and nothing else."""
-    body = node.body[1:] if ast.get_docstring(node) is not None else node.body
-    text = ast.unparse(body[0]) if len(body) == 1 else ""
-    return text.startswith("raise NotImplementedError(") and "hole: " in text
-
-
-def _delegation(node: ast.FunctionDef, fn, engine: dict[int, str], methods: dict[str, str]) -> str:
-    """How the body reaches the engine's own code for a hole ("route_topk (`rt`)"), or ''.
-
-    engine: the engine's functions for the exercise's holes, by id; methods: the holed methods
-    of the body's class, by name (`super()` reaches the engine's).
+def _delegation(fn, engine: dict[int, str], methods: dict[str, str]) -> str:
+    """How `fn` reaches the engine's own code for a hole ("route_topk (`engine_moe.route_topk`)"),
+    or ''. Read from the compiled code, so nothing runs: the names it uses (`co_names`: globals,
+    imported modules, attributes; its locals are its own) are looked up in its globals and the
+    loaded modules, then as attributes of every module or class reached; its defaults and
+    closure count too. engine: the engine's functions for the exercise's holes, by id; methods:
+    the holed methods of fn's class, by name (`super()` reaches the engine's).
     """
-    scope = _scope(node, fn)
-    for n in ast.walk(node):
-        if (
-            isinstance(n, ast.Attribute)
-            and n.attr in methods
-            and isinstance(n.value, ast.Call)
-            and isinstance(n.value.func, ast.Name)
-            and n.value.func.id == "super"
-        ):
-            return f"{methods[n.attr]} (`{ast.unparse(n)}`)"
-        if isinstance(n, ast.Name | ast.Attribute):
-            found = _resolve(n, scope)
-            name = engine.get(id(getattr(found, "__func__", found)))
-            if name:
-                return f"{name} (`{ast.unparse(n)}`)"
+    names, codes = set(), [fn.__code__]
+    while codes:  # fn's code and the code of the lambdas, functions and classes inside it
+        code = codes.pop()
+        names.update(code.co_names)
+        codes += [c for c in code.co_consts if isinstance(c, CodeType)]
+    if "super" in names and names & methods.keys():
+        name = min(names & methods.keys())
+        return f"{methods[name]} (`super().{name}`)"
+    held = [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
+    held += [cell.cell_contents for cell in fn.__closure__ or ()]
+    reached = [(n, fn.__globals__.get(n, sys.modules.get(n))) for n in sorted(names)]
+    reached += [("its defaults and closure", obj) for obj in held]
+    seen = set()
+    for path, obj in reached:  # grows as modules and classes are reached
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        target = engine.get(id(getattr(obj, "__func__", obj)))  # (a staticmethod's function)
+        if target:
+            return f"{target} (`{path}`)"
+        if isinstance(obj, ModuleType | type):
+            reached += [(f"{path}.{n}", inspect.getattr_static(obj, n, None)) for n in names]
     return ""
-
-
-def _scope(node: ast.FunctionDef, fn) -> dict[str, object]:
-    """What the body's free names mean: the file's globals and the body's own imports; names the
-    body assigns (or takes as arguments) are local and resolve to nothing."""
-    scope = dict(fn.__globals__)
-    for n in ast.walk(node):
-        if isinstance(n, ast.arg):
-            scope.pop(n.arg, None)
-        elif isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
-            scope.pop(n.id, None)
-    for n in ast.walk(node):
-        if isinstance(n, ast.Import | ast.ImportFrom):
-            for a in n.names:
-                scope[a.asname or a.name.split(".")[0]] = _imported(n, a)
-    return scope
-
-
-def _imported(node: ast.Import | ast.ImportFrom, alias: ast.alias) -> object:
-    try:
-        if isinstance(node, ast.Import):
-            module = importlib.import_module(alias.name)
-            return module if alias.asname else importlib.import_module(alias.name.split(".")[0])
-        if node.level == 0 and node.module:
-            return getattr(importlib.import_module(node.module), alias.name, _MISSING)
-    except ImportError:
-        pass
-    return _MISSING
-
-
-def _resolve(node: ast.expr, scope: dict[str, object]) -> object:
-    """The object a Name or an attribute chain on modules and classes refers to (no code runs)."""
-    if isinstance(node, ast.Name):
-        return scope.get(node.id, _MISSING)
-    if isinstance(node, ast.Attribute):
-        base = _resolve(node.value, scope)
-        if isinstance(base, ModuleType | type):
-            return inspect.getattr_static(base, node.attr, _MISSING)
-    return _MISSING

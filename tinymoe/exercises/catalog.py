@@ -1,8 +1,6 @@
 """The exercises, in the order a course takes them: from the forward pass to the paper's idea.
 
-Each exercise is defined next to its checks (forward_checks.py, kvcache_checks.py,
-moe_checks.py, offload_checks.py, prefetch_checks.py, speculation_checks.py,
-distillation_checks.py); this file only puts them in order.
+Each exercise is defined next to its checks (the *_checks.py files); this file puts them in order.
 """
 
 from tinymoe.errors import TinyMoeError

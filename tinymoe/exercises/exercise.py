@@ -1,17 +1,13 @@
 """What an exercise is: its holes, its checks, and the small vocabulary checks are written in.
 
-An exercise names *targets*, functions or methods of the engine, as "module:qualname"
-("tinymoe.engine.moe:route_topk", "tinymoe.offload.cache:ExpertCache._victim"). `start` cuts
-each target's body out of the live source (holes.py); `check` runs the exercise's checks on a
-`code` namespace that holds one object per target's top-level name: the student's function, or
-the student's subclass of the engine's class, or, with `--solution`, the engine's own object.
+An exercise names *targets*, engine functions or methods ("tinymoe.engine.moe:route_topk",
+"tinymoe.offload.cache:ExpertCache._victim"). `start` cuts each one's body out of the live source
+(holes.py); `check` runs the checks on a `code` namespace of the targets' top-level names: the
+student's function or subclass of the engine's class (with `--solution`, the engine's own).
 
-A check is a function `check(code) -> str` that returns a one-line note on success (a figure, a
-size) and raises `CheckFailed` with a message that names the property that failed (a shape, a
-value against the reference, exactness, a figure out of range) without giving the answer away.
-Checks test behaviour against the engine's own implementation, never source text, so the
-engine may change underneath them. An exercise names the checks that run the engine itself on
-the student's code (`engine_checks`): only when those pass does `check` say so.
+A check, `check(code) -> str`, returns a one-line note (a figure) or raises `CheckFailed` naming
+the property that failed, never the answer. Checks compare behaviour with the engine's own code,
+never source text, so the engine may change underneath them.
 """
 
 import contextlib
@@ -25,6 +21,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+
+from tinymoe.errors import TinyMoeError
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: tinymoe/, docs/, weights/, tests/
 
@@ -42,11 +40,6 @@ class Target:
 
     module: str  # "tinymoe.engine.model"
     qualname: str  # "route_topk" | "ExpertCache._victim"
-
-    @classmethod
-    def parse(cls, spec: str) -> "Target":
-        module, qualname = spec.split(":")
-        return cls(module, qualname)
 
     @property
     def name(self) -> str:
@@ -112,7 +105,8 @@ class Exercise:
 
 
 def targets(*specs: str) -> tuple[Target, ...]:
-    return tuple(Target.parse(s) for s in specs)
+    """Targets from "module:qualname" specs."""
+    return tuple(Target(*spec.split(":")) for spec in specs)
 
 
 # ---------------------------------------------------------------- helpers for checks
@@ -130,12 +124,12 @@ def patched(module: str, name: str, value: object) -> Iterator[None]:
         setattr(mod, name, saved)
 
 
-def expect(condition: bool, message: str) -> None:
+def expect(condition: bool, message: str, hint: str = "") -> None:
     if not condition:
-        raise CheckFailed(message)
+        raise CheckFailed(message + (f"; {hint}" if hint else ""))
 
 
-def expect_tensor(got: object, what: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+def expect_tensor(got: object, what: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """`got` is a tensor of this shape and dtype; the message names what differs."""
     expect(isinstance(got, Tensor), f"{what} should be a tensor, got {type(got).__name__}")
     expect(
@@ -143,29 +137,49 @@ def expect_tensor(got: object, what: str, shape: tuple[int, ...], dtype: torch.d
         f"{what} has shape {tuple(got.shape)}, expected {tuple(shape)}",
     )
     expect(got.dtype == dtype, f"{what} has dtype {got.dtype}, expected {dtype}")
-    return got
+
+
+def expect_view(got: Tensor, base: Tensor, message: str) -> None:
+    """`got` is a view of `base`'s memory, not a copy."""
+    expect(got.untyped_storage().data_ptr() == base.untyped_storage().data_ptr(), message)
+
+
+def expect_user_error(action: Callable[[], object], what: str) -> str:
+    """`action()` raises TinyMoeError (a message the user can act on) and nothing else."""
+    try:
+        action()
+    except TinyMoeError:
+        return f"{what} raises TinyMoeError"
+    except NotImplementedError:
+        raise  # an untouched hole: the runner says so
+    except Exception as e:
+        raise CheckFailed(
+            f"{what} raised {type(e).__name__}, expected TinyMoeError (a message the user can "
+            "act on)"
+        ) from None
+    raise CheckFailed(f"{what} should raise TinyMoeError, and nothing was raised")
 
 
 def expect_close(
     got: Tensor, want: Tensor, what: str, atol: float = 1e-5, rtol: float = 1e-5, hint: str = ""
-) -> float:
-    """Values match the reference within tolerance; returns the largest absolute error."""
+) -> None:
+    """Values match the reference within tolerance; the message gives the largest error."""
     expect_tensor(got, what, tuple(want.shape), want.dtype)
-    err = (got.double() - want.double()).abs()
-    worst = err.max().item() if err.numel() else 0.0
-    ok = torch.allclose(got.double(), want.double(), atol=atol, rtol=rtol)
-    msg = f"{what} differs from the reference (largest error {worst:.3g})"
-    expect(ok, msg + (f"; {hint}" if hint else ""))
-    return worst
+    got, want = got.double(), want.double()
+    worst = (got - want).abs().max().item() if got.numel() else 0.0
+    message = f"{what} differs from the reference (largest error {worst:.3g})"
+    expect(torch.allclose(got, want, atol=atol, rtol=rtol), message, hint)
 
 
 def expect_equal(got: Tensor, want: Tensor, what: str, hint: str = "") -> None:
     """Bit-for-bit equality (same shape, dtype and values)."""
     expect_tensor(got, what, tuple(want.shape), want.dtype)
-    if not torch.equal(got, want):
-        n = (got != want).sum().item()
-        msg = f"{what} is not bit-identical to the reference ({n} of {want.numel()} values differ)"
-        raise CheckFailed(msg + (f"; {hint}" if hint else ""))
+    n = (got != want).sum().item()
+    expect(
+        n == 0,
+        f"{what} is not bit-identical to the reference ({n} of {want.numel()} values differ)",
+        hint,
+    )
 
 
 # Tensor methods that hand a tensor's values to Python: on a GPU each one waits for the device

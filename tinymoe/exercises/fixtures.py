@@ -4,10 +4,9 @@ Baby models (hidden 32, a few layers, vocabulary 96) are random but not uniform 
 weights away from 1), so a norm applied wrongly or a swapped expert changes the logits. They
 are built here, with tinymoe itself, so the checker needs neither pytest nor files on disk.
 
-Checks that need a *trained* model (predictor recall, perplexity, a recorded routing) use the
-demo model, weights/pydoc-moe, with its calibration files, on the held-out text sample in
-tests/fixtures. Both are loaded once per process and shared: a check that installs a hook or a
-runtime on the demo model must take it off again (a `with` block does).
+Checks that need a *trained* model (predictor recall, perplexity) use the demo model,
+weights/pydoc-moe, on the held-out text in tests/fixtures: loaded once per process and shared,
+so a check that installs a hook or a runtime on it must take it off again (a `with` block does).
 """
 
 import contextlib
@@ -21,11 +20,13 @@ from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.generate import generate
 from tinymoe.engine.loader import load_model
 from tinymoe.engine.model import MoETransformer
+from tinymoe.engine.moe import Routing
 from tinymoe.engine.tokenizer import load_tokenizer
 from tinymoe.errors import TinyMoeError
 from tinymoe.exercises.exercise import REPO, expect, expect_close, patched
 from tinymoe.speculation.calibration import Calibration, load_speculation
 from tinymoe.speculation.exact_run import ExactRunRecord, record_exact_run
+from tinymoe.speculation.predictors import RouterPredictor
 
 DEMO = REPO / "weights" / "pydoc-moe"
 HELDOUT = REPO / "tests" / "fixtures" / "heldout_sample.txt"
@@ -74,6 +75,15 @@ def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> Ten
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+def random_routing(
+    n: int, experts: int, k: int, g: torch.Generator, dtype=torch.float32
+) -> Routing:
+    """n tokens routed to k distinct experts each, softmax weights in `dtype` (drawn from g)."""
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)])  # (n, k)
+    weights = torch.softmax(torch.randn(n, k, generator=g), dim=-1)
+    return Routing(ids=ids, weights=weights.to(dtype))
+
+
 def run_baby(model: MoETransformer) -> tuple[Tensor, list[int]]:
     """A model's logits on two fixed sequences, and its greedy continuation of the first."""
     ids = random_ids(model.cfg.vocab_size, (2, 9), seed=1)
@@ -82,22 +92,31 @@ def run_baby(model: MoETransformer) -> tuple[Tensor, list[int]]:
     return logits, generate(model, ids[0].tolist(), 6, eos_ids=()).tokens
 
 
-def agree(got: tuple[Tensor, list[int]], want: tuple[Tensor, list[int]], what: str) -> str:
-    """run_baby's results match (the reference's first): logits close, the same tokens."""
-    expect_close(got[0], want[0], f"{what}: the logits", atol=1e-4, rtol=1e-4)
-    expect(got[1] == want[1], f"{what}: greedy generation picks other tokens than the engine")
-    return what
+def whole_model_check(module: str, names: tuple[str, ...], archs: tuple[str, ...], seed: int):
+    """A check: with the engine's `<module>.<name>` (the module whose code calls it) replaced by
+    the student's, for each name, baby models of each architecture, built and run, give the
+    engine's own logits and greedy tokens."""
+
+    def check(code) -> str:
+        for arch in archs:
+            logits, tokens = run_baby(baby_model(arch, seed=seed))
+            with contextlib.ExitStack() as yours:
+                for name in names:
+                    yours.enter_context(patched(module, name, getattr(code, name)))
+                got_logits, got_tokens = run_baby(baby_model(arch, seed=seed))
+            expect_close(got_logits, logits, f"{arch}: the logits", atol=1e-4, rtol=1e-4)
+            expect(
+                got_tokens == tokens,
+                f"{arch}: greedy generation picks other tokens than the engine",
+            )
+        return f"logits and greedy tokens equal the engine's ({', '.join(archs)})"
+
+    return check
 
 
-def models_agree(module: str, name: str, value: object, archs: tuple[str, ...], seed: int) -> str:
-    """With the engine's `<module>.<name>` (the module whose code calls it) replaced by `value`,
-    baby models of each architecture give the engine's own logits and greedy tokens."""
-    done = []
-    for arch in archs:
-        want = run_baby(baby_model(arch, seed=seed))
-        with patched(module, name, value):
-            done.append(agree(run_baby(baby_model(arch, seed=seed)), want, arch))
-    return f"logits and greedy tokens equal the engine's ({', '.join(done)})"
+def router_predictor(lookahead: int = 1) -> RouterPredictor:
+    """Router-PF on the demo model with its calibrated default vectors."""
+    return RouterPredictor(demo_model(), demo_calibration().default_vectors, lookahead)
 
 
 # ---------------------------------------------------------------- the demo model

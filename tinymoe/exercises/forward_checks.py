@@ -1,8 +1,4 @@
-"""Exercises on the forward pass around the experts: norms and rotary angles, and routing.
-
-Each check compares the student's code with the engine's on the same inputs, and the last check
-of each exercise runs whole baby models on the student's code against the engine's.
-"""
+"""Exercises on the forward pass around the experts: norms and rotary angles, and routing."""
 
 import torch
 from torch import Tensor
@@ -15,17 +11,9 @@ from tinymoe.exercises.exercise import (
     expect_close,
     expect_equal,
     expect_tensor,
-    patched,
     targets,
 )
-from tinymoe.exercises.fixtures import (
-    agree,
-    baby_config,
-    baby_model,
-    models_agree,
-    randn,
-    run_baby,
-)
+from tinymoe.exercises.fixtures import baby_config, randn, whole_model_check
 
 ARCHS = ("mixtral", "olmoe", "qwen3_moe")
 
@@ -33,40 +21,33 @@ ARCHS = ("mixtral", "olmoe", "qwen3_moe")
 # ---------------------------------------------------------------- norm-rope
 
 
-def _norm_pair(code, dim: int, dtype: torch.dtype):
-    mine, ref = code.RMSNorm(dim, 1e-6), engine.RMSNorm(dim, 1e-6)
+def _rmsnorms(code, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The student's RMSNorm and the engine's, with the same weights (not 1), applied to x."""
+    mine, ref = code.RMSNorm(48, 1e-6), engine.RMSNorm(48, 1e-6)
     with torch.no_grad():
-        mine.weight.copy_(0.5 + torch.rand(dim, generator=torch.Generator().manual_seed(2)))
+        mine.weight.copy_(0.5 + torch.rand(48, generator=torch.Generator().manual_seed(2)))
         ref.weight.copy_(mine.weight)
-    return mine.to(dtype), ref.to(dtype)
+    return mine.to(x.dtype)(x), ref.to(x.dtype)(x)
 
 
 def check_rms_normalize(code) -> str:
     x = 3 * randn(2, 5, 48)
     expect_close(code.rms_normalize(x, 1e-6), engine.rms_normalize(x, 1e-6), "rms_normalize(x)")
     xb = x.to(torch.bfloat16)
-    expect_equal(
-        code.rms_normalize(xb, 1e-6),
-        engine.rms_normalize(xb, 1e-6),
-        "rms_normalize(x) in bf16",
-        hint="computed in fp32, returned in x's dtype (rounded once)",
-    )
+    got, want = code.rms_normalize(xb, 1e-6), engine.rms_normalize(xb, 1e-6)
+    hint = "computed in fp32, returned in x's dtype (rounded once)"
+    expect_equal(got, want, "rms_normalize(x) in bf16", hint)
     return "fp32 values; bf16 in, computed in fp32, bf16 out"
 
 
 def check_rmsnorm_fp32(code) -> str:
-    mine, ref = _norm_pair(code, 48, torch.float32)
-    x = 3 * randn(2, 5, 48)
-    expect_close(mine(x), ref(x), "RMSNorm(x) in fp32")
+    expect_close(*_rmsnorms(code, 3 * randn(2, 5, 48)), "RMSNorm(x) in fp32")
     return "(2, 5, 48) fp32 matches"
 
 
 def check_rmsnorm_bf16(code) -> str:
-    mine, ref = _norm_pair(code, 48, torch.bfloat16)
-    x = 3 * randn(4, 48, dtype=torch.bfloat16)
     expect_equal(
-        mine(x),
-        ref(x),
+        *_rmsnorms(code, 3 * randn(4, 48, dtype=torch.bfloat16)),
         "RMSNorm(x) in bf16",
         hint="the order of normalising, casting and scaling changes bf16 rounding "
         "(docs/forward.md, RMSNorm)",
@@ -88,12 +69,9 @@ def check_rope_angles(code) -> str:
 def check_rope_rotation(code) -> str:
     cos, sin = engine.rope_cos_sin(torch.arange(7), 8, 10000.0, torch.float32)
     x = randn(2, 4, 7, 8)
-    expect_close(
-        code.apply_rope(x, cos, sin),
-        engine.apply_rope(x, cos, sin),
-        "apply_rope(x)",
-        hint="rotate-half: the two halves of each head are the pairs' coordinates",
-    )
+    got, want = code.apply_rope(x, cos, sin), engine.apply_rope(x, cos, sin)
+    hint = "rotate-half: the two halves of each head are the pairs' coordinates"
+    expect_close(got, want, "apply_rope(x)", hint=hint)
     return "(B, heads, T, Dh) rotated as the engine does"
 
 
@@ -117,19 +95,14 @@ def check_rope_relative(code) -> str:
     return "q.k at (5, 2) equals q.k at (5+s, 2+s) for s = 1, 17, 100"
 
 
-def check_norm_rope_model(code) -> str:
-    done = []
-    for arch in ("olmoe", "qwen3_moe"):  # q/k norms over the whole projection, and per head
-        want = run_baby(baby_model(arch, seed=5))
-        with patched("tinymoe.engine.model", "RMSNorm", code.RMSNorm):
-            mine = baby_model(arch, seed=5)  # every norm of this model is your RMSNorm
-        with (
-            patched("tinymoe.engine.model", "rms_normalize", code.rms_normalize),  # q/k norms
-            patched("tinymoe.engine.model", "rope_cos_sin", code.rope_cos_sin),
-            patched("tinymoe.engine.model", "apply_rope", code.apply_rope),
-        ):
-            done.append(agree(run_baby(mine), want, arch))
-    return f"logits and greedy tokens equal the engine's ({', '.join(done)})"
+# Every norm of the model is your RMSNorm, its q/k norms call your rms_normalize (OLMoE's over
+# the whole projection, Qwen3's per head).
+check_norm_rope_model = whole_model_check(
+    "tinymoe.engine.model",
+    ("RMSNorm", "rms_normalize", "rope_cos_sin", "apply_rope"),
+    ("olmoe", "qwen3_moe"),
+    seed=5,
+)
 
 
 NORM_ROPE = Exercise(
@@ -195,43 +168,34 @@ def check_routing_shapes(code) -> str:
 
 
 def check_routing_ids(code) -> str:
+    hint = "each row holds the K most probable experts, the most probable first"
     for seed in range(3):
         logits = _logits(seed=seed)
-        want = engine_moe.route_topk(logits, 3, False, torch.float32).ids
-        expect_equal(
-            code.route_topk(logits, 3, False, torch.float32).ids,
-            want,
-            "ids",
-            hint="each row holds the K most probable experts, the most probable first",
-        )
+        got = code.route_topk(logits, 3, False, torch.float32).ids
+        expect_equal(got, engine_moe.route_topk(logits, 3, False, torch.float32).ids, "ids", hint)
     return "the K most probable experts, best first"
 
 
+def _same_weights(code, logits: Tensor, normalise: bool, what: str, hint: str = "") -> None:
+    got = code.route_topk(logits, 2, normalise, torch.float32).weights
+    want = engine_moe.route_topk(logits, 2, normalise, torch.float32).weights
+    expect_close(got, want, what, atol=1e-6, hint=hint)
+
+
 def check_routing_weights(code) -> str:
-    for normalise, who in ((False, "OLMoE-1B-7B: not renormalised"), (True, "renormalised")):
-        logits = _logits(seed=4)
-        got = code.route_topk(logits, 2, normalise, torch.float32).weights
-        want = engine_moe.route_topk(logits, 2, normalise, torch.float32).weights
-        expect_close(got, want, f"weights ({who})", atol=1e-6)
+    _same_weights(code, _logits(seed=4), False, "weights (OLMoE-1B-7B: not renormalised)")
+    _same_weights(code, _logits(seed=4), True, "weights (renormalised)")
     return "softmax over all E, top-K, renormalised only when asked"
 
 
 def check_routing_precision(code) -> str:
     logits = _logits(seed=5, dtype=torch.bfloat16)
-    got = code.route_topk(logits, 2, True, torch.float32).weights
-    want = engine_moe.route_topk(logits, 2, True, torch.float32).weights
-    expect_close(
-        got,
-        want,
-        "fp32 weights from bf16 logits",
-        atol=1e-6,
-        hint="the softmax runs in fp32 whatever the logits' dtype",
-    )
+    hint = "the softmax runs in fp32 whatever the logits' dtype"
+    _same_weights(code, logits, True, "fp32 weights from bf16 logits", hint)
     return "bf16 logits, fp32 softmax: full fp32 precision"
 
 
-def check_routing_model(code) -> str:
-    return models_agree("tinymoe.engine.moe", "route_topk", code.route_topk, ARCHS, seed=6)
+check_routing_model = whole_model_check("tinymoe.engine.moe", ("route_topk",), ARCHS, seed=6)
 
 
 ROUTING = Exercise(

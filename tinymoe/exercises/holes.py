@@ -1,18 +1,12 @@
 """Holes cut from the live engine: a starter is written from the source as it is *now*.
 
-For each target (exercise.py) the engine module's source is parsed with `ast`, the function (or
-method) is found by name, and its text is copied with the body replaced by a marked hole; the
-signature, decorators and docstring stay, because they are the specification. The engine's
-comments inside the body go with the body: they explain the answer. A method becomes a method of
-a subclass of the engine's class, so everything else the class does is inherited unchanged, and
-the subclass carries the engine class's own docstring (what it holds and promises).
-
-A starter imports torch (`torch`, `F`, `Tensor`), the engine names its signatures need (types
-in annotations, defaults, decorators) and the helpers its exercise gives (`Exercise.given`), as
-the engine module imports them. Nothing else: an import of what the engine's body used would
-hand out the answer's pieces.
-
-answers.py imports a student's file back and decides what counts as their answer.
+Each target's def (exercise.py) is found in its engine module's source with `ast` and copied with
+the body replaced by a marked hole: the signature, decorators and docstring stay (they are the
+specification); the body's comments go with the body (they explain the answer). A method goes
+into a subclass of the engine's class, carrying the class's own docstring. A starter imports
+torch (`torch`, `F`, `Tensor`), the names its signatures need and the helpers its exercise gives
+(`Exercise.given`), as the engine module imports them: nothing the body used, which would hand
+out the answer's pieces. answers.py decides what counts as the student's answer.
 """
 
 import ast
@@ -52,29 +46,16 @@ def cut_hole(source: str, node: ast.FunctionDef, name: str, exercise_id: str) ->
     lines = source.splitlines()
     first = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
     body = node.body
-    has_doc = (
-        isinstance(body[0], ast.Expr)
-        and isinstance(body[0].value, ast.Constant)
-        and isinstance(body[0].value.value, str)
-    )
-    if has_doc:
+    if ast.get_docstring(node) is not None:
         head = lines[first : body[0].end_lineno]
     else:
         head = lines[first : body[0].lineno - 1]
         while head and head[-1].strip().startswith("#"):
             head.pop()  # a comment above the first statement belongs to the answer
-    indent = " " * body[0].col_offset
     label = name if node.name == name else f"{name}.{node.name}"
-    hole = [
-        indent + BEGIN.format(name=label),
-        indent + HOLE.format(name=label, id=exercise_id),
-        indent + END,
-    ]
-    return textwrap.dedent("\n".join(head + hole)) + "\n"
-
-
-def _module_source(module: ModuleType) -> str:
-    return Path(inspect.getsourcefile(module)).read_text(encoding="utf-8")
+    hole = [BEGIN.format(name=label), HOLE.format(name=label, id=exercise_id), END]
+    indent = " " * body[0].col_offset
+    return textwrap.dedent("\n".join(head + [indent + line for line in hole])) + "\n"
 
 
 BASE_IMPORTS = ["import torch", "import torch.nn.functional as F", "from torch import Tensor"]
@@ -134,7 +115,7 @@ def starter_source(ex: Exercise) -> str:
     given = set(ex.given)
     for t in ex.targets:
         module = importlib.import_module(t.module)
-        source = _module_source(module)
+        source = inspect.getsource(module)
         tree = ast.parse(source)
         try:
             node = find_def(tree, t.qualname)

@@ -1,21 +1,17 @@
 """The KV cache exercise: a preallocated cache and the attention masks, so that decoding step by
-step (with an int position, or the compiled step's tensor one) gives one full forward's logits.
-
-Each check compares the student's code with the engine's on the same inputs; the last three run
-baby models built from the student's classes against one full forward.
-"""
+step (with an int position, or the compiled step's tensor one) gives one full forward's logits."""
 
 import torch
 from torch import Tensor
 
 from tinymoe.engine.kvcache import KVCache
-from tinymoe.errors import TinyMoeError
 from tinymoe.exercises.exercise import (
-    CheckFailed,
     Exercise,
     HostReads,
     expect,
     expect_close,
+    expect_user_error,
+    expect_view,
     targets,
 )
 from tinymoe.exercises.fixtures import baby_model, randn, random_ids
@@ -44,8 +40,9 @@ def check_update_views(code) -> str:
     cache = _cache(code.KVCache)
     k, v = cache.update(0, 0, randn(2, 2, 5, 4), randn(2, 2, 5, 4))
     for got, buf, what in ((k, cache.k, "keys"), (v, cache.v, "values")):
-        expect(
-            got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr(),
+        expect_view(
+            got,
+            buf,
             f"the returned {what} are a copy: return views of the preallocated buffer, so a "
             "decode step does not copy the whole cache",
         )
@@ -68,9 +65,8 @@ def check_update_tensor_start(code) -> str:
     want_k, want_v = ref.update(1, torch.tensor([3]), k2, v2)
     expect_close(k, want_k, "keys after a step with a tensor start (the whole cache)")
     expect_close(v, want_v, "values after a step with a tensor start (the whole cache)")
-    expect(
-        k.untyped_storage().data_ptr() == mine.k.untyped_storage().data_ptr(),
-        "with a tensor start the returned keys are a copy: return views of the buffer",
+    expect_view(
+        k, mine.k, "with a tensor start the returned keys are a copy: return views of the buffer"
     )
     return "writes at the (1,) tensor position, returns the whole cache, no host read"
 
@@ -78,18 +74,8 @@ def check_update_tensor_start(code) -> str:
 def check_update_full(code) -> str:
     cache = _cache(code.KVCache, max_len=4)
     cache.update(0, 0, randn(2, 2, 3, 4), randn(2, 2, 3, 4))
-    try:
-        cache.update(0, 3, randn(2, 2, 2, 4), randn(2, 2, 2, 4))
-    except TinyMoeError:
-        return "writing past max_len raises TinyMoeError"
-    except NotImplementedError:
-        raise  # an untouched hole: the runner says so
-    except Exception as e:
-        raise CheckFailed(
-            f"writing past max_len raised {type(e).__name__}, expected "
-            "TinyMoeError (a message the user can act on)"
-        ) from None
-    raise CheckFailed("writing past max_len should raise TinyMoeError, and nothing was raised")
+    past = (randn(2, 2, 2, 4), randn(2, 2, 2, 4))
+    return expect_user_error(lambda: cache.update(0, 3, *past), "writing past max_len")
 
 
 def _implied(mask: Tensor | None, T: int, S: int) -> Tensor:
@@ -115,55 +101,42 @@ def check_mask(code) -> str:
     return "causal, chunk and one-token masks, with and without a sliding window"
 
 
-def _decode_matches_full(code, arch: str, **overrides) -> None:
-    model = baby_model(arch, seed=3, cls=code.MoETransformer, **overrides)
-    ids = random_ids(model.cfg.vocab_size, (2, 12), seed=2)
-    cfg = model.cfg
-    cache = code.KVCache(
-        cfg.num_layers, 2, cfg.num_kv_heads, 12, cfg.head_dim, "cpu", torch.float32
-    )
+def _stepwise(code, arch: str, seed: int, chunks: tuple, what: str, tensor_start=False, **config):
+    """A baby model built from the student's classes, fed two sequences `chunks` at a time
+    through the student's KV cache (the one-token steps at a (1,) tensor position when
+    `tensor_start`, as the compiled step does), gives one full forward's logits."""
+    model = baby_model(arch, seed=seed, cls=code.MoETransformer, **config)
+    cfg, S = model.cfg, sum(chunks)
+    ids = random_ids(cfg.vocab_size, (2, S), seed=seed - 1)
+    cache = code.KVCache(cfg.num_layers, 2, cfg.num_kv_heads, S, cfg.head_dim, "cpu", torch.float32)
+    steps, start = [], 0
     with torch.no_grad():
         full = model(ids)
-        steps = [model(ids[:, :5], cache=cache, start=0), model(ids[:, 5:8], cache=cache, start=5)]
-        steps += [model(ids[:, i : i + 1], cache=cache, start=i) for i in range(8, 12)]
-    expect_close(
-        torch.cat(steps, dim=1),
-        full,
-        f"{arch}: logits of prefill (5), chunk (3) and 4 one-token steps vs one full forward",
-        atol=1e-5,
-        rtol=1e-4,
-    )
+        for T in chunks:
+            at = torch.tensor([start]) if tensor_start and T == 1 else start
+            steps.append(model(ids[:, start : start + T], cache=cache, start=at))
+            start += T
+    got = torch.cat(steps, dim=1)
+    expect_close(got, full, f"{arch}: logits of {what}", atol=1e-5, rtol=1e-4)
 
 
-def check_static_step(code) -> str:
-    model = baby_model("qwen3_moe", seed=4, cls=code.MoETransformer)
-    ids = random_ids(model.cfg.vocab_size, (2, 9), seed=3)
-    cfg = model.cfg
-    cache = code.KVCache(cfg.num_layers, 2, cfg.num_kv_heads, 9, cfg.head_dim, "cpu", torch.float32)
-    with torch.no_grad():
-        full = model(ids)
-        steps = [model(ids[:, :5], cache=cache, start=0)]
-        steps += [
-            model(ids[:, i : i + 1], cache=cache, start=torch.tensor([i])) for i in range(5, 9)
-        ]
-    expect_close(
-        torch.cat(steps, dim=1),
-        full,
-        "qwen3_moe: logits of prefill (5) and 4 static-shape steps (tensor start) vs one forward",
-        atol=1e-5,
-        rtol=1e-4,
-    )
-    return "prefill, then one-token steps at a tensor position, give the full forward's logits"
+DECODE = "prefill (5), chunk (3) and 4 one-token steps vs one full forward"
 
 
 def check_decode_olmoe(code) -> str:
-    _decode_matches_full(code, "olmoe")
+    _stepwise(code, "olmoe", 3, (5, 3, 1, 1, 1, 1), DECODE)
     return "prefill, a chunk and single tokens give the full forward's logits"
 
 
 def check_decode_window(code) -> str:
-    _decode_matches_full(code, "mixtral", sliding_window=4)
+    _stepwise(code, "mixtral", 3, (5, 3, 1, 1, 1, 1), DECODE, sliding_window=4)
     return "the same with a sliding window of 4 over 12 positions"
+
+
+def check_static_step(code) -> str:
+    what = "prefill (5) and 4 static-shape steps (tensor start) vs one forward"
+    _stepwise(code, "qwen3_moe", 4, (5, 1, 1, 1, 1), what, tensor_start=True)
+    return "prefill, then one-token steps at a tensor position, give the full forward's logits"
 
 
 KV_CACHE = Exercise(

@@ -7,6 +7,7 @@ bits whatever order experts arrive in. For Mixtral in bf16 the contract fixes th
 the bf16 expert outputs scaled and summed in fp32, rounded to bf16 once.
 """
 
+import functools
 import random
 from collections.abc import Iterator
 
@@ -23,9 +24,10 @@ from tinymoe.exercises.exercise import (
     expect_close,
     expect_equal,
     expect_tensor,
+    expect_view,
     targets,
 )
-from tinymoe.exercises.fixtures import models_agree, randn
+from tinymoe.exercises.fixtures import randn, random_routing, whole_model_check
 
 D, I, E = 32, 16, 8  # hidden, expert width, experts
 
@@ -51,47 +53,34 @@ def check_views_shapes(code) -> str:
 def check_views_layout(code) -> str:
     gate, up, down, w = _matrices()
     gate_up, dn = code.expert_views(w, I, D)
-    expect_equal(
-        gate_up,
-        torch.cat([gate, up]),
-        "gate_up",
-        hint="the buffer is [gate (I x D) | up (I x D) | down (D x I)], row-major",
-    )
+    hint = "the buffer is [gate (I x D) | up (I x D) | down (D x I)], row-major"
+    expect_equal(gate_up, torch.cat([gate, up]), "gate_up", hint)
     expect_equal(dn, down, "down", hint="down is the last D*I elements, (D, I) row-major")
     return "[gate | up | down], row-major"
 
 
 def check_views_no_copy(code) -> str:
     _, _, _, w = _matrices()
+    copy = "is a copy: cut views of the packed buffer (an expert is moved and used as one buffer)"
     for view, what in zip(code.expert_views(w, I, D), ("gate_up", "down"), strict=True):
-        expect(
-            view.untyped_storage().data_ptr() == w.untyped_storage().data_ptr(),
-            f"{what} is a copy: cut views of the packed buffer (an expert is moved and used "
-            "as one buffer)",
-        )
+        expect_view(view, w, f"{what} {copy}")
     return "views of the packed buffer"
 
 
 def check_swiglu(code) -> str:
     gate, up, down, w = _matrices(seed=3)
+    hint = "SwiGLU is down(silu(gate x) * up x)"
     for n in (1, 5):
         x = randn(n, D, seed=n)
         want = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)  # (n, D)
-        expect_close(
-            code.expert_forward(w, x, I),
-            want,
-            f"expert_forward on {n} token(s)",
-            atol=1e-4,
-            rtol=1e-4,
-            hint="SwiGLU is down(silu(gate x) * up x)",
-        )
+        got, what = code.expert_forward(w, x, I), f"expert_forward on {n} token(s)"
+        expect_close(got, want, what, atol=1e-4, rtol=1e-4, hint=hint)
     return "down(silu(gate x) * up x) for 1 and 5 tokens"
 
 
-def check_expert_model(code) -> str:
-    return models_agree(
-        "tinymoe.engine.moe", "expert_forward", code.expert_forward, ("olmoe", "mixtral"), seed=7
-    )
+check_expert_model = whole_model_check(
+    "tinymoe.engine.moe", ("expert_forward",), ("olmoe", "mixtral"), seed=7
+)
 
 
 EXPERT = Exercise(
@@ -136,9 +125,7 @@ class Provider:
 def _layer(n: int, k: int = 2, seed: int = 0, dtype=torch.float32, wdtype=None):
     """u (n, D), a routing with distinct experts per token, and the experts' weights."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)])  # (n, k)
-    weights = torch.softmax(torch.randn(n, k, generator=g), dim=-1)
-    routing = engine.Routing(ids=ids, weights=weights.to(wdtype or dtype))
+    routing = random_routing(n, E, k, g, wdtype or dtype)
     experts = (0.3 * torch.randn(E, 3 * I * D, generator=g)).to(dtype)
     return randn(n, D, seed=seed + 1, dtype=dtype), routing, experts
 
@@ -153,27 +140,15 @@ def _loop_reference(u: Tensor, routing, experts: Tensor) -> Tensor:
     return out
 
 
-def _against_loop(code, n: int) -> str:
+def check_against_loop(code, n: int) -> str:
     u, routing, experts = _layer(n, seed=n)
     got = code.moe_forward(u, routing, Provider(experts), 0, I)
-    expect_close(
-        got.double(),
-        _loop_reference(u, routing, experts),
-        f"the MoE output for {n} token(s)",
-        atol=1e-4,
-        rtol=1e-4,
-        hint="each token adds up its K experts' outputs scaled by its routing weights",
-    )
+    want = _loop_reference(u, routing, experts)
+    what = f"the MoE output for {n} token(s)"
+    hint = "each token adds up its K experts' outputs scaled by its routing weights"
+    expect_close(got.double(), want, what, atol=1e-4, rtol=1e-4, hint=hint)
     expect_tensor(got, "the MoE output", (n, D), u.dtype)
     return f"{n} token(s), top-2 of {E}: matches the loop over experts"
-
-
-def check_moe_one_token(code) -> str:
-    return _against_loop(code, 1)
-
-
-def check_moe_many_tokens(code) -> str:
-    return _against_loop(code, 9)
 
 
 def check_moe_asks(code) -> str:
@@ -192,18 +167,17 @@ def check_moe_asks(code) -> str:
 
 
 def check_moe_order(code) -> str:
+    hint = (
+        "an offloading provider yields experts as their copies land; sum each token's K "
+        "contributions in a fixed order"
+    )
     for n in (1, 9):
         u, routing, experts = _layer(n, k=3, seed=30 + n)
         first = code.moe_forward(u, routing, Provider(experts), 0, I)
         for order in ("reversed", "shuffled"):
             got = code.moe_forward(u, routing, Provider(experts, order), 0, I)
-            expect_equal(
-                got,
-                first,
-                f"the output for {n} token(s) with experts yielded {order}",
-                hint="an offloading provider yields experts as their copies land; sum "
-                "each token's K contributions in a fixed order",
-            )
+            what = f"the output for {n} token(s) with experts yielded {order}"
+            expect_equal(got, first, what, hint)
     return "bit-identical whatever order the provider yields in"
 
 
@@ -275,10 +249,9 @@ def check_moe_mixtral(code) -> str:
     return f"{total} values: fp32 scaling and sum, one rounding ({differ} on a rounding edge)"
 
 
-def check_moe_model(code) -> str:
-    return models_agree(
-        "tinymoe.engine.model", "moe_forward", code.moe_forward, ("olmoe", "mixtral"), seed=8
-    )
+check_moe_model = whole_model_check(
+    "tinymoe.engine.model", ("moe_forward",), ("olmoe", "mixtral"), seed=8
+)
 
 
 MOE_LAYER = Exercise(
@@ -294,8 +267,8 @@ MOE_LAYER = Exercise(
     minutes=45,
     prerequisites=("routing", "expert"),
     checks=(
-        ("one token (decode)", check_moe_one_token),
-        ("many tokens (prefill)", check_moe_many_tokens),
+        ("one token (decode)", functools.partial(check_against_loop, n=1)),
+        ("many tokens (prefill)", functools.partial(check_against_loop, n=9)),
         ("what it asks the provider for", check_moe_asks),
         ("host reads", check_moe_host_reads),
         ("order independence", check_moe_order),

@@ -12,21 +12,21 @@ import json
 
 from tinymoe import bench
 from tinymoe.exercises.exercise import CheckFailed, Exercise, expect, patched, targets
-from tinymoe.exercises.fixtures import DEMO, demo_calibration, demo_model
+from tinymoe.exercises.fixtures import DEMO, demo_model, router_predictor
 from tinymoe.exercises.offload_checks import (
     FAST,
     NEW_TOKENS,
     offloaded,
+    on_slots,
     prompt,
     resident_tokens,
-    same_decisions,
+    same_as_engine,
 )
 from tinymoe.offload.link import PRESETS, LinkSpec
 from tinymoe.offload.meter import eq1_bound_ms
 from tinymoe.offload.runtime import OffloadRuntime
 from tinymoe.offload.scheduler import Prefetch
 from tinymoe.speculation.oracle import OraclePredictor, record_routing
-from tinymoe.speculation.predictors import RouterPredictor
 
 # ---------------------------------------------------------------- time-model
 
@@ -142,13 +142,10 @@ def _recording():
     return record_routing(demo_model(), prompt(), NEW_TOKENS, eos_ids=())[1]
 
 
-def _oracle(code, link, **kwargs):
+def _oracle(code, link: LinkSpec) -> tuple[list[int], dict]:
+    """Generate offloaded with the student's scheduler, prefetching the recorded routing."""
     with patched("tinymoe.offload.runtime", "Scheduler", code.Scheduler):
-        return offloaded("oracle", predictor=OraclePredictor(_recording()), link=link, **kwargs)
-
-
-def _router(d: int = 1) -> RouterPredictor:
-    return RouterPredictor(demo_model(), demo_calibration().default_vectors, d)
+        return offloaded("oracle", predictor=lambda: OraclePredictor(_recording()), link=link)
 
 
 @contextlib.contextmanager
@@ -156,9 +153,8 @@ def _scheduler(code, slots: int, depth: int | None):
     """A runtime on the demo model with the student's scheduler, outside any forward pass:
     the scheduler, and the list of (layer, expert) its prefetch copies go to, in order."""
     with patched("tinymoe.offload.runtime", "Scheduler", code.Scheduler):
-        rt = OffloadRuntime(
-            demo_model(), "prefetch+router+lru", predictor=_router(), slots=slots, link=FAST
-        )
+        policy, predictor = "prefetch+router+lru", router_predictor()
+        rt = OffloadRuntime(demo_model(), policy, predictor=predictor, slots=slots, link=FAST)
     with rt:
         sched, copies, copy = rt.scheduler, [], rt.engine.copy
         sched.depth = depth
@@ -215,9 +211,8 @@ def check_one_guess(code) -> str:
             not copies and all(k in sched.cache.slot_of for k in held),
             "a prefetch evicted a reserved slot (a guess never undoes another)",
         )
-        sched.cache.unreserve(sched.cache.slot_of[held[1]])
-        sched.cache.pin(sched.cache.slot_of[held[1]])
-        sched.cache.unreserve(sched.cache.slot_of[held[2]])
+        on_slots(sched.cache, "unreserve", held[1], held[2])
+        on_slots(sched.cache, "pin", held[1])
         sched._prefetch(Prefetch(2, [5, 6]))
         expect(
             copies == [(2, 5)] and held[2] not in sched.cache.slot_of,
@@ -260,13 +255,11 @@ def check_oracle_exact(code) -> str:
 
 
 def check_prefetch_decisions(code) -> str:
-    for policy, depth in (("prefetch+router+lru", 1), ("prefetch+router+lru", 2),
-                          ("speculative+router", None)):  # fmt: skip
-        with patched("tinymoe.offload.runtime", "Scheduler", code.Scheduler):
-            tokens, mine = offloaded(policy, predictor=_router(), prefetch_depth=depth)
-        ref_tokens, ref = offloaded(policy, predictor=_router(), prefetch_depth=depth)
-        expect(tokens == ref_tokens, f"{policy}: the tokens changed")
-        same_decisions(mine, ref, f"{policy} (depth {depth})")
+    yours = ("tinymoe.offload.runtime", "Scheduler", code.Scheduler)
+    runs = (("prefetch+router+lru", 1), ("prefetch+router+lru", 2), ("speculative+router", None))
+    for policy, depth in runs:
+        what = f"{policy} (depth {depth})"
+        same_as_engine(yours, policy, what, predictor=router_predictor, prefetch_depth=depth)
     return "exact prefetch at depths 1 and 2 and speculative prefetch copy what the engine copies"
 
 

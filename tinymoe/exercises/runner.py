@@ -27,13 +27,9 @@ from tinymoe.exercises.exercise import REPO, CheckFailed, Exercise
 ENGINE = REPO / "tinymoe"
 
 
-def _in_engine(filename: str) -> bool:
-    path = Path(filename).resolve()
-    return path.is_relative_to(ENGINE) and not path.is_relative_to(ENGINE / "exercises")
-
-
-def _what(exc: BaseException, path: Path | None) -> str:
-    """'Type: message', with the line of the student's file it came from, if any."""
+def _what(exc: BaseException, path: Path | None, raised: str = "") -> str:
+    """'Type: message' (after `raised`), with the line of the student's file it came from, if
+    any; or, raised by the engine on the student's code, the property it broke."""
     what = f"{type(exc).__name__}: {exc}"
     frames, e = [], exc
     while e is not None:  # the engine may re-raise a failure wrapped (`raise ... from e`)
@@ -41,21 +37,14 @@ def _what(exc: BaseException, path: Path | None) -> str:
         e = e.__cause__
     mine = [f for f in frames if path is not None and Path(f.filename).resolve() == path.resolve()]
     if mine:
-        return f"{what} ({path.name}, line {mine[-1].lineno})"
-    if any(_in_engine(f.filename) for f in frames):
+        return f"{raised}{what} ({path.name}, line {mine[-1].lineno})"
+    files = [Path(f.filename).resolve() for f in frames]
+    if any(f.is_relative_to(ENGINE) and not f.is_relative_to(ENGINE / "exercises") for f in files):
         return (
             f"running the engine on your code raised {what}; your code broke an assumption the "
             "engine makes"
         )
-    return what
-
-
-def _describe(exc: BaseException, path: Path | None) -> str:
-    hole = re.search(r"hole: (\S+) \(exercise", str(exc))
-    if hole:
-        return still_a_hole(hole.group(1))
-    what = _what(exc, path)
-    return what if what.startswith("running the engine") else f"raised {what}"
+    return raised + what
 
 
 def run_checks(
@@ -71,7 +60,9 @@ def run_checks(
         except CheckFailed as e:
             print(f"  FAIL  {prop}: {e}")
         except Exception as e:  # the student's code raised, or the engine did on it
-            print(f"  FAIL  {prop}: {_describe(e, path)}")
+            hole = re.search(r"hole: (\S+) \(exercise", str(e))
+            why = still_a_hole(hole[1]) if hole else _what(e, path, raised="raised ")
+            print(f"  FAIL  {prop}: {why}")
         else:
             passed.append(prop)
             print(f"  ok    {prop}" + (f": {note}" if note else ""))
@@ -79,21 +70,19 @@ def run_checks(
         if fail_fast:
             print("  (stopped at the first failure: fail_fast)")
             break
-    total = len(ex.checks)
-    took = f"({time.perf_counter() - t0:.1f} s)"
-    if len(passed) == total and not holes:
+    total, took = len(ex.checks), f"({time.perf_counter() - t0:.1f} s)"
+    if len(passed) < total:
+        print(
+            f"{len(passed)} of {total} checks pass {took}. Each FAIL names the property that "
+            f"does not hold yet; the hints in {ex.doc} may help. Keep going!"
+        )
+    elif holes:
+        print(f"All {total} checks pass {took}, but {holes} hole(s) are left to fill.")
+    else:
         runs = ex.engine_checks and set(ex.engine_checks) <= set(passed)
         well_done = ": the engine runs on your code." if runs else "."
         print(f"All {total} checks pass {took}. Well done{well_done}")
-        return True
-    if len(passed) == total:
-        print(f"All {total} checks pass {took}, but {holes} hole(s) are left to fill.")
-        return False
-    print(
-        f"{len(passed)} of {total} checks pass {took}. Each FAIL names the property that does not "
-        f"hold yet; the hints in {ex.doc} may help. Keep going!"
-    )
-    return False
+    return len(passed) == total and not holes
 
 
 def check_file(exercise_id: str, path: str | Path | None, fail_fast: bool = False) -> int:
@@ -109,12 +98,10 @@ def check_file(exercise_id: str, path: str | Path | None, fail_fast: bool = Fals
         code = load_code(ex, path)
     except TinyMoeError:
         raise  # no file: a usage mistake, one line from the command line
-    except SyntaxError as e:
-        where = f"{path.name}, line {e.lineno}"
-        print(f"  FAIL  your file does not import: SyntaxError: {e.msg} ({where})")
-        return 1
-    except Exception as e:  # the file raised while importing
-        print(f"  FAIL  your file does not import: {_what(e, path)}")
+    except Exception as e:  # a syntax error, or the file raised while importing
+        syntax = isinstance(e, SyntaxError)
+        what = f"SyntaxError: {e.msg} ({path.name}, line {e.lineno})" if syntax else _what(e, path)
+        print(f"  FAIL  your file does not import: {what}")
         return 1
     rejected, holes = problems(ex, code, path)
     for line in rejected + holes:

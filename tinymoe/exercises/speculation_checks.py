@@ -22,7 +22,6 @@ from tinymoe.exercises.exercise import (
     expect_close,
     expect_equal,
     expect_tensor,
-    patched,
     targets,
 )
 from tinymoe.exercises.fixtures import (
@@ -33,20 +32,29 @@ from tinymoe.exercises.fixtures import (
     demo_model,
     heldout_ids,
     randn,
+    random_routing,
+    router_predictor,
 )
-from tinymoe.exercises.offload_checks import offloaded, same_decisions
+from tinymoe.exercises.offload_checks import same_as_engine
 from tinymoe.speculation.hook import PredictionHook, speculates
 from tinymoe.speculation.oracle import OraclePredictor
-from tinymoe.speculation.predictors import RouterPredictor, quasi_hidden, recall_at_k
+from tinymoe.speculation.predictors import quasi_hidden, recall_at_k
 from tinymoe.speculation.recording import RouteRecorder
 
 # ---------------------------------------------------------------- router-pf
 
 
 def _routing(n: int, seed: int = 0, experts: int = 32, k: int = 4) -> Routing:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(n)])
-    return Routing(ids=ids, weights=torch.softmax(torch.randn(n, k, generator=g), -1))
+    return random_routing(n, experts, k, torch.Generator().manual_seed(seed))
+
+
+def _same_q(code, model, default_vectors, r: Tensor, cases: list, what: str, **tol) -> None:
+    """The student's q_l equals the engine's for each (layer, target, routing) of `cases`."""
+    for layer, target, routing in cases:
+        with torch.no_grad():
+            got = code.quasi_hidden(model, default_vectors, layer, target, r, routing)
+            want = quasi_hidden(model, default_vectors, layer, target, r, routing)
+        expect_close(got, want, f"{what} (layer {layer}, target {target})", **tol)
 
 
 def check_qh_shape(code) -> str:
@@ -57,26 +65,17 @@ def check_qh_shape(code) -> str:
 
 
 def check_qh_no_vectors(code) -> str:
-    model, D = demo_model(), demo_model().cfg.hidden_size
-    r = randn(5, D, seed=1)
-    for layer, target in ((0, 1), (2, 5)):
-        with torch.no_grad():
-            got = code.quasi_hidden(model, None, layer, target, r, _routing(5))
-            want = quasi_hidden(model, None, layer, target, r, _routing(5))
-        expect_close(got, want, f"q_l without default vectors (layer {layer}, target {target})")
+    r = randn(5, demo_model().cfg.hidden_size, seed=1)
+    cases = [(0, 1, _routing(5)), (2, 5, _routing(5))]
+    _same_q(code, demo_model(), None, r, cases, "q_l without default vectors")
     return "d_l = 0: a norm of r_l alone"
 
 
 def check_qh_values(code) -> str:
-    model, D = demo_model(), demo_model().cfg.hidden_size
+    r = randn(6, demo_model().cfg.hidden_size, seed=2)
+    cases = [(layer, target, _routing(6, seed=layer)) for layer, target in ((0, 1), (3, 4), (1, 4))]
     dv = demo_calibration().default_vectors
-    r = randn(6, D, seed=2)
-    for layer, target in ((0, 1), (3, 4), (1, 4)):
-        rt = _routing(6, seed=layer)
-        with torch.no_grad():
-            got = code.quasi_hidden(model, dv, layer, target, r, rt)
-            want = quasi_hidden(model, dv, layer, target, r, rt)
-        expect_close(got, want, f"q_l (layer {layer}, target {target})", atol=1e-4, rtol=1e-4)
+    _same_q(code, demo_model(), dv, r, cases, "q_l", atol=1e-4, rtol=1e-4)
     return "d_l from the routing weights and layer l's default vectors, lookaheads 1 and 3"
 
 
@@ -84,21 +83,11 @@ def check_qh_bf16(code) -> str:
     """Mixtral's convention: bf16 activations and vectors, routing weights in fp32."""
     model = baby_model("mixtral", seed=3).to(torch.bfloat16)
     cfg = model.cfg
-    dv = 0.5 * randn(cfg.num_layers, cfg.num_experts, cfg.hidden_size, seed=4)
-    dv = dv.to(torch.bfloat16)
+    dv = (0.5 * randn(cfg.num_layers, cfg.num_experts, cfg.hidden_size, seed=4)).to(torch.bfloat16)
     r = randn(6, cfg.hidden_size, seed=5, dtype=torch.bfloat16)
     rt = _routing(6, seed=6, experts=cfg.num_experts, k=cfg.top_k)  # fp32 weights
-    for layer, target in ((0, 1), (0, 2)):
-        with torch.no_grad():
-            got = code.quasi_hidden(model, dv, layer, target, r, rt)
-            want = quasi_hidden(model, dv, layer, target, r, rt)
-        expect_close(
-            got,
-            want,
-            f"q_l of bf16 activations with fp32 routing weights (layer {layer}, target {target})",
-            atol=3e-2,
-            rtol=3e-2,
-        )
+    what = "q_l of bf16 activations with fp32 routing weights"
+    _same_q(code, model, dv, r, [(0, 1, rt), (0, 2, rt)], what, atol=3e-2, rtol=3e-2)
     return "bf16 in, bf16 out, whatever the routing weights' dtype"
 
 
@@ -138,19 +127,11 @@ def check_qh_recall(code) -> str:
     )
 
 
-def _router(d: int) -> RouterPredictor:
-    return RouterPredictor(demo_model(), demo_calibration().default_vectors, d)
-
-
 def check_qh_runtime(code) -> str:
     """The offloading runtime predicts with the student's q_l (RouterPredictor calls it)."""
-    notes = []
+    yours, notes = ("tinymoe.speculation.predictors", "quasi_hidden", code.quasi_hidden), []
     for policy in ("prefetch+router+lru", "speculative+router"):
-        with patched("tinymoe.speculation.predictors", "quasi_hidden", code.quasi_hidden):
-            tokens, mine = offloaded(policy, predictor=_router(1))
-        ref_tokens, ref = offloaded(policy, predictor=_router(1))
-        expect(tokens == ref_tokens, f"{policy}: the runtime generated other tokens")
-        same_decisions(mine, ref, policy)
+        mine = same_as_engine(yours, policy, policy, predictor=router_predictor)
         notes.append(f"{policy} hit rate {mine['decode']['hit_rate']:.2f}")
     return "demo model, offloaded, 12 tokens: " + ", ".join(notes)
 
@@ -186,10 +167,8 @@ def check_decision(code) -> str:
     guess = Routing(ids=torch.zeros(1, 4, dtype=torch.long), weights=torch.ones(1, 4))
     cases = itertools.product((True, False), ("decode", "prefill"), range(4), (1, 2), (guess, None))
     for speculate, phase, layer, d, g in cases:
-        got, want = (
-            code.speculates(speculate, phase, layer, d, g),
-            speculates(speculate, phase, layer, d, g),
-        )
+        got = code.speculates(speculate, phase, layer, d, g)
+        want = speculates(speculate, phase, layer, d, g)
         expect(
             isinstance(got, bool) and got == want,
             f"speculates(speculate={speculate}, phase={phase!r}, layer={layer}, lookahead={d}, "
@@ -202,40 +181,30 @@ def check_decision(code) -> str:
 ROWS, SEQ = 16, 16  # held-out windows fed position by position: 256 predictions
 
 
-def _teacher_forced(hook, rows: int = ROWS, seq: int = SEQ, count_routers: bool = False):
-    """Feed held-out rows one position at a time through a KV cache, as decoding does (the
-    hook told of each new pass, as the runtime does): the logits (B, T, V) and how many times a
-    router ran."""
-    model, ids = demo_model(), heldout_ids()[:rows, :seq]
-    cfg = model.cfg
-    cache = KVCache(cfg.num_layers, rows, cfg.num_kv_heads, seq, cfg.head_dim, "cpu", torch.float32)
-    calls = [0]
-    saved, model.route_hook = model.route_hook, hook
-    if count_routers:
-        for b in model.layers:
-            b.mlp.route = _counted(b.mlp.route, calls)  # an instance attribute, removed below
-    try:
-        if hasattr(hook, "reset"):
-            hook.reset()
-        out = []
-        with torch.no_grad():
-            for i in range(seq):
-                if hasattr(hook, "next_forward"):
-                    hook.next_forward(cfg.num_layers)
-                out.append(model(ids[:, i : i + 1], cache=cache, start=i)[:, -1])
-    finally:
-        model.route_hook = saved
-        for b in model.layers:
-            b.mlp.__dict__.pop("route", None)
-    return torch.stack(out, dim=1), calls[0]
+def _teacher_forced(hook) -> tuple[Tensor, int]:
+    """Feed held-out rows one position at a time through a KV cache, as decoding does (the hook
+    told of each new pass, as the runtime does): the logits (B, T, V), and how many times the
+    hook ran a router."""
+    model, ids = demo_model(), heldout_ids()[:ROWS, :SEQ]
+    cfg, routers_run = model.cfg, []
+    cache = KVCache(cfg.num_layers, ROWS, cfg.num_kv_heads, SEQ, cfg.head_dim, "cpu", torch.float32)
 
+    def counting(layer: int, resid: Tensor, u: Tensor, router) -> Routing:
+        def route(x: Tensor) -> Routing:
+            routers_run.append(layer)
+            return router(x)
 
-def _counted(route, calls: list[int]):
-    def counting(u: Tensor) -> Routing:
-        calls[0] += 1
-        return route(u)
+        return hook(layer, resid, u, route)
 
-    return counting
+    if hasattr(hook, "reset"):
+        hook.reset()
+    out = []
+    with torch.no_grad(), model.routed_by(counting):
+        for i in range(SEQ):
+            if hasattr(hook, "next_forward"):
+                hook.next_forward(cfg.num_layers)
+            out.append(model(ids[:, i : i + 1], cache=cache, start=i)[:, -1])
+    return torch.stack(out, dim=1), len(routers_run)
 
 
 @functools.cache
@@ -250,7 +219,7 @@ def _perplexity(logits: Tensor) -> float:
 
 
 def check_exact_mode(code) -> str:
-    hook = code.PredictionHook(_router(1), speculate=False)
+    hook = code.PredictionHook(router_predictor(), speculate=False)
     logits, _ = _teacher_forced(hook)
     expect_equal(logits, _exact()[0], "exact-mode logits")
     L = demo_model().cfg.num_layers
@@ -265,7 +234,7 @@ def check_exact_mode(code) -> str:
 def check_perfect_guess(code) -> str:
     for d in (1, 2):  # the oracle also guesses the next pass's first layers (for prefetching)
         hook = code.PredictionHook(OraclePredictor(_exact()[1], d), speculate=True)
-        logits, calls = _teacher_forced(hook, count_routers=True)
+        logits, calls = _teacher_forced(hook)
         expect_equal(logits, _exact()[0], f"lookahead {d}: logits with a perfect guess")
         expect(
             calls == d * SEQ,
@@ -277,17 +246,13 @@ def check_perfect_guess(code) -> str:
 
 def check_prefill(code) -> str:
     model, ids = demo_model(), heldout_ids()[:4, :16]
-    with torch.no_grad():
-        want = model(ids)
-    hook = code.PredictionHook(_router(1), speculate=True)
+    hook = code.PredictionHook(router_predictor(), speculate=True)
     hook.reset()
     hook.phase = "prefill"  # as the runtime sets it for a prompt's forward pass
-    saved, model.route_hook = model.route_hook, hook
-    try:
-        with torch.no_grad():
+    with torch.no_grad():
+        want = model(ids)
+        with model.routed_by(hook):
             got = model(ids)
-    finally:
-        model.route_hook = saved
     expect_equal(got, want, "a speculative hook's logits in a prefill")
     return "a prefill routes with the routers, in speculative mode too"
 
@@ -295,7 +260,7 @@ def check_prefill(code) -> str:
 @functools.cache
 def _speculative(hook_cls: type, d: int) -> Tensor:
     """Teacher-forced logits with Router-PF speculating at lookahead d (cached per class)."""
-    return _teacher_forced(hook_cls(_router(d), speculate=True))[0]
+    return _teacher_forced(hook_cls(router_predictor(d), speculate=True))[0]
 
 
 def check_perplexity(code) -> str:
@@ -335,7 +300,7 @@ class _DeviceReads(HostReads):
 def check_read_ids(code) -> str:
     model = demo_model()
     D = model.cfg.hidden_size
-    hook = code.PredictionHook(_router(1), speculate=False, read_ids=True)
+    hook = code.PredictionHook(router_predictor(), speculate=False, read_ids=True)
     hook.reset()
     r = randn(1, 1, D, seed=5)
     u = model.layers[0].post_attention_layernorm(r).view(1, D)

@@ -1,10 +1,9 @@
 """The device expert cache: a fixed number of expert slots on the compute device.
 
 The cache only decides *where* an expert goes and *which* expert leaves; the transfer engine
-(transfer.py) moves the bytes and the scheduler (scheduler.py) decides *when*. A slot whose copy
-is still in flight is NOT pinned: copies run first in, first out, so a newer copy into the same
-slot lands after it, and the compute side always waits for the newest copy into a slot.
-Experts are read-only, so an evicted expert is simply forgotten: nothing is copied back.
+(transfer.py) moves the bytes and the scheduler (scheduler.py) decides *when* (a slot whose copy
+is still in flight is not pinned: see there). Experts are read-only, so an evicted expert is
+simply forgotten: nothing is copied back.
 """
 
 from collections import Counter

@@ -2,17 +2,13 @@
 
 A worker thread plays the copy stream. It really copies the bytes into the slot, and stamps each
 transfer with the time a link of `gbps` bandwidth and `latency_us` per-transfer latency would
-finish it; the transfer counts as landed, for everyone, only from that moment. Transfers queue
-first in, first out, like a DMA engine: transfer i starts when transfer i-1 finished (or when it
-was issued, if later). Because the bytes are real, a wrong slot or a missing wait shows up as
-wrong numbers, not as a silently optimistic timing.
+finish it, first in, first out (`fifo`); the transfer counts as landed, for everyone, only from
+that moment. Because the bytes are real, a wrong slot or a missing wait shows up as wrong
+numbers, not as a silently optimistic timing.
 
 Time is what this module simulates, so it is the one place (with the meter) that reads a clock:
 the worker stamps, and a waiting compute side sleeps until the stamp. Nothing that decides what
 to copy reads these clocks (scheduler.py).
-
-The worker is a daemon thread, stopped by `close()` (also on `with` exit and on Ctrl-C); a copy
-that fails in it is kept on its transfer and raised where the expert is used.
 """
 
 import queue

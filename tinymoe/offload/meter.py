@@ -23,10 +23,9 @@ Per layer, kept separately for prefill and decode:
         capacity      loaded before, then evicted (or its prefetch found no free slot)
     wasted prefetch bytes: prefetched experts evicted before anyone used them.
 
-A stall is measured between two stamps on the compute side, one before and one after the wait
-for a copy: on CUDA both are events on the compute stream, so the difference is exactly how long
-the GPU sat waiting for the copy stream. Whether a use was a hit or "late" is asked of the copy
-without blocking (an event query): measurement only, no decision depends on it.
+A stall is the time between two compute-side stamps around the wait for a copy (on CUDA, how
+long the GPU sat waiting for the copy stream). Whether a use was a hit or "late" is asked of the
+copy without blocking (an event query): measurement only, no decision depends on it.
 """
 
 import contextlib
@@ -191,11 +190,10 @@ def format_layers(summary: dict) -> str:
 
 
 class _Span(NamedTuple):
-    """A span recorded as raw stamps; folded into `stats.field` once `end` is readable."""
+    """A compute-track span as raw stamps; folded into `stats.field` once `end` is readable."""
 
     stats: LayerStats | PhaseStats
     field: str  # compute_s | stall_s | wall_s (PhaseStats: the pass from `since` to `end`)
-    track: str
     name: str
     start: object
     end: object
@@ -244,29 +242,29 @@ class Meter:
 
     def route_start(self, layer: int) -> None:
         self._t_route = self.clock.stamp()
-        self._span("compute", f"L{layer} attention", self._t_segment, self._t_route, layer)
+        self._span(f"L{layer} attention", self._t_segment, self._t_route, layer)
 
     def route_end(self, layer: int) -> None:
         self._t_experts = self.clock.stamp()
-        self._span("compute", f"L{layer} router", self._t_route, self._t_experts, layer)
+        self._span(f"L{layer} router", self._t_route, self._t_experts, layer)
 
     def stall_start(self) -> object:
         return self.clock.stamp()
 
     def stall_end(self, layer: int, start: object, waited_for: Transfer) -> None:
         end = self.clock.stamp()
-        self._span("compute", "stall", start, end, layer, "stall_s", copy=str(waited_for.tag))
+        self._span("stall", start, end, layer, "stall_s", copy=str(waited_for.tag))
 
     def experts_end(self, layer: int, experts: int) -> None:
         t = self.clock.stamp()
-        self._span("compute", f"L{layer} experts", self._t_experts, t, layer, experts=experts)
+        self._span(f"L{layer} experts", self._t_experts, t, layer, experts=experts)
         self._t_segment = t
 
     def forward_end(self) -> None:
         t = self.clock.stamp()
         self._spans.append(
-            _Span(self.stats[self.phase], "wall_s", "compute", "norm + lm_head",
-                  self._t_segment, t, {}, since=self._t_forward)
+            _Span(self.stats[self.phase], "wall_s", "norm + lm_head", self._t_segment, t, {},
+                  since=self._t_forward)
         )  # fmt: skip
 
     # ---- what the scheduler reports
@@ -293,10 +291,10 @@ class Meter:
     # ---- reading the stamps
 
     def _span(
-        self, track: str, name: str, start: object, end: object, layer: int,
+        self, name: str, start: object, end: object, layer: int,
         field: str = "compute_s", **args: object,
     ) -> None:  # fmt: skip
-        self._spans.append(_Span(self.layer(layer), field, track, name, start, end, args))
+        self._spans.append(_Span(self.layer(layer), field, name, start, end, args))
 
     def fold(self, block: bool = False) -> None:
         """Add every span and copy whose stamps are readable to the totals (and the trace).
@@ -317,7 +315,7 @@ class Meter:
                 if sp.field == "stall_s":  # stalls sit inside the experts span: not compute
                     st.compute_s -= b - a
             if trace is not None:
-                trace.span(sp.track, sp.name, a, b, **sp.args)
+                trace.span("compute", sp.name, a, b, **sp.args)
             n += 1
         del self._spans[:n]
         n = 0

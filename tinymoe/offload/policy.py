@@ -31,9 +31,7 @@ class Policy:
     cache_across_tokens: bool = False  # sized to keep experts across tokens (default budget)
     predictor: str | None = None  # name of the predictor that drives prefetching
     speculate: bool = False  # route with the prediction instead of the router (lossy)
-    # Compute each expert as soon as its copy lands (True), or wait until all of the layer's
-    # copies have landed (False: the paper's on-demand baseline, which Eq. 1 is derived for).
-    pipeline: bool = True
+    pipeline: bool = True  # compute each expert as its copy lands (False: wait for all, see top)
 
 
 BASE_POLICIES = {

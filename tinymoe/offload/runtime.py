@@ -7,21 +7,14 @@
 the simulator (simulator/replay.py) drives the very same object through a recorded run, so a
 replay decides exactly as a real run would.
 
-The pieces, one file each: the host store (store.py) holds every expert; the device cache
-(cache.py) holds a few of them in slots; a transfer engine copies between the two on a second
-stream (transfer.py) or a simulated link (link.py); the scheduler (scheduler.py) decides what to
-copy, where and when, from state alone; the meter (meter.py) measures beside it. This file wires
-them together, tells prefill from decode, and reports.
-
-Host-device syncs on the default path (CUDA), per decode step: one per layer, reading the
-routed ids (and the prediction for a later layer, in the same read) to the host, because the
-host must know which experts to copy; and one per token, reading the sampled id in generate().
-Everything else the compute stream does is queued without the host waiting: copies wait on
-"slot read" events, the compute stream waits on copy events, and the meter's timestamps are
-events read back a forward pass later.
+This file wires the pieces together (store.py, cache.py, transfer.py or link.py, scheduler.py,
+meter.py), tells prefill from decode, and reports. docs/offloading.md describes each piece, and
+lists every host-device sync: on CUDA, per decode step, one per layer (the routed ids and the
+prediction, read together) and one per token (the sampled id).
 """
 
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 from torch import Tensor
@@ -50,8 +43,7 @@ class OffloadRuntime:
     predictor: drives prefetching (see speculation/); the policy must name one iff one is given.
     link: the simulated link's speed (CPU only); on CUDA the real copy engine is used.
     prefetch_depth: exact prefetch copies at most this many guessed experts per layer (see
-    scheduler.py). The right value is 1 + how many expert copies the link finishes during one
-    layer's compute: tinymoe.bench derives it from its calibration; 1 is the safe default.
+    scheduler.py; tinymoe.bench derives the right value from its calibration; 1 is safe).
     trace: keep a Perfetto trace (write_trace).
     miss_handler: "copy" (copy a missing expert to a slot) or "cpu" (compute it on the host from
     the host store, no copy; see scheduler.py).
@@ -183,19 +175,12 @@ class OffloadRuntime:
     def report(self) -> dict:
         """Per-phase summaries (see meter.PhaseStats.summary), once every copy has landed."""
         self.meter.fold(block=True)  # SYNC (CUDA): reporting only
+        simulated = self.device.type != "cuda" and self.policy.offload
         return {
             "policy": self.policy.name,
             "expert_slots": self.num_slots,
-            "link": None
-            if self.device.type == "cuda" or not self.policy.offload
-            else {
-                "name": self.link.name,
-                "gbps": self.link.gbps,
-                "latency_us": self.link.latency_us,
-            },
-            "prefill": self.stats["prefill"].summary(),
-            "decode": self.stats["decode"].summary(),
-            "compile": self.stats["compile"].summary(),  # (generate(compile=True)'s first step)
+            "link": asdict(self.link) if simulated else None,  # gbps, latency_us, name
+            **{phase: s.summary() for phase, s in self.stats.items()},  # prefill, decode, compile
         }
 
     def write_trace(self, path: str | Path) -> None:
@@ -219,11 +204,10 @@ class OffloadRuntime:
 class LayerDriver:
     """One forward pass, layer by layer, as the runtime runs it and the simulator replays it.
 
-    forward_start / route (the model's route hook) / experts (its provider) / forward_end: the
-    phase is told to the prediction hook (speculation is for decode steps only), a new sequence
-    resets the predictors and the scheduler's reservations, each layer's routing is decided by
-    the hook, and its experts come from the scheduler (offloaded) or from `resident(layer)`, an
-    (E, 3*I*D) tensor; the meter times and counts every step.
+    forward_start / route (the model's route hook) / experts (its provider) / forward_end: a new
+    sequence resets the predictors and the scheduler's reservations, the hook decides each
+    layer's routing, the scheduler (offloaded) or `resident(layer)`, an (E, 3*I*D) tensor,
+    supplies its experts, and the meter times and counts every step.
     """
 
     def __init__(

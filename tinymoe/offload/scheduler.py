@@ -12,29 +12,23 @@ chose; the model computes each yielded expert before asking for the next):
        are misses, classified against the prediction and what was ever loaded (meter.py).
     3. The misses' copies are issued FIRST, because the link is first in, first out and a
        prefetch queued ahead of them would delay this layer; THEN the prefetch for layer
-       l + lookahead, into free or unreserved unpinned slots only (a guess never evicts a guess,
-       never forces anything).
+       l + lookahead (`_prefetch`: a guess never evicts a guess, never forces anything).
     4. Hits are yielded first (they compute while this layer's copies fly), then the copied
-       experts in the order the link delivers them. Using an expert whose copy is in flight makes
-       the compute side wait for that copy and only that copy (Transfer.compute_wait).
-       The paper's on-demand baseline (`pipeline=False`) instead waits for all of the layer's
-       copies before computing any of them: its Eq. 1 is derived for that.
+       experts in the order the link delivers them, each waiting for its own copy only
+       (Transfer.compute_wait). The paper's on-demand baseline (`pipeline=False`, what its Eq. 1
+       is derived for) waits for all of the layer's copies before computing any of them.
     5. Streaming: when the layer needs more experts than there are slots it may take (a long
        prompt routes to nearly all of them), each expert's slot is released as soon as its tokens
        are computed and the next miss is copied into it. Any budget >= top-k works.
 
-Exact prefetch is throttled: a real predictor is often wrong, and a wrong copy on a first-in
-first-out link delays the next layer's demand copies. So at most `depth` prefetch copies are
-issued per layer, the most confident first (top-k order); the rest of the guess stays off the
-link. `depth` is fixed when the runtime is built, from the link's and the model's known
-characteristics (see OffloadRuntime), never from measured times. Speculative mode and the oracle
-use every prefetch, so they issue all of them (depth None).
+Exact prefetch is throttled to `depth` copies per layer, fixed when the runtime is built
+(exact_depth, throttle_depth): a real predictor is often wrong, and a wrong copy on a
+first-in-first-out link delays the next layer's demand copies.
 
-Copies in flight hold no pin. Copies run first in, first out on one queue (transfer.py), so a
-slot may be given to another expert while a copy into it is still queued: that copy lands first,
-and whoever uses the slot waits for the newest copy into it (`landing[slot]`). A prefetched
-expert is reserved for its target layer until that layer runs; a demand miss may take a reserved
-slot, as a last resort, a prefetch never.
+Copies in flight hold no pin: copies into a slot land in the order they were issued
+(transfer.py), so whoever uses the slot waits for the newest one only (`landing[slot]`). A
+prefetched expert is reserved for its target layer until that layer runs; a demand miss may take
+a reserved slot, as a last resort, a prefetch never.
 
 The CPU miss handler (`miss_handler="cpu"`): a miss is not copied; the expert is computed where
 it lives, on the host, reading the host store. The layer's device experts are yielded first, so
@@ -56,9 +50,8 @@ from tinymoe.offload.meter import LayerStats, Meter, classify_miss
 from tinymoe.offload.store import HostExpertStore
 from tinymoe.offload.transfer import Transfer, TransferEngine
 
-# What happens to an expert that is in no slot when its layer needs it: copied to the device
-# (the paper, and every policy's default), or computed on the host from the host store, in place,
-# as llama.cpp's --n-cpu-moe, Fiddler and KTransformers do (no copy at all).
+# An expert in no slot when its layer needs it: copied to the device (the paper; the default), or
+# computed on the host (see the top), as llama.cpp's --n-cpu-moe, Fiddler and KTransformers do.
 MISS_HANDLERS = ("copy", "cpu")
 
 

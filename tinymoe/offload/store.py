@@ -2,7 +2,8 @@
 
     layers[l]   (E, 3*I*D) on the host; row e is expert e of layer l, packed as in experts.py
 
-A row is contiguous, so moving an expert to the device is ONE copy.
+A row is contiguous, so moving an expert to the device is ONE copy. The store is read-only:
+eviction from the device cache never copies anything back.
 
 Pinned, exactly. When the compute device is CUDA the rows are page-locked ("pinned"): only
 page-locked memory is copied by the DMA engine while the GPU computes (`non_blocking=True`); a
@@ -17,26 +18,16 @@ rejected:
 - `PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True`: it changes how that allocator
   pins (malloc + cudaHostRegister), not how it rounds, and it is process-wide state that has to
   be set before CUDA starts, which a library must not do to its caller.
-torch.cuda.cudart() has bound cudaHostRegister/cudaHostUnregister since long before torch 2.5,
-and `is_pinned()` is true for registered memory (it asks cudaPointerGetAttributes; PyTorch's own
-test_cudart_register checks both).
+torch.cuda.cudart() binds cudaHostRegister/cudaHostUnregister (since long before torch 2.5), and
+`is_pinned()` is true for registered memory (PyTorch's own test_cudart_register checks both).
 
 Lifetime. A registration lasts exactly as long as its memory: it is released, after a device
 synchronize (a copy may still be reading), when the last tensor viewing the buffer is freed. So
-whoever holds the experts keeps them pinned, and nothing is unregistered under a live tensor:
-- `take_from(model)` adopts experts already where copies start from (on the host and, for
-  CUDA, pinned: `load_model(..., expert_device="cpu")` reads them straight into a `host_buffer`).
-  Otherwise it copies ALL layers into one new buffer first, and only then empties the model's
-  expert tensors: a failure half-way (out of lockable memory, a failed copy) leaves the model
-  untouched, and the half-filled buffer is unlocked and freed at once. The host never holds the
-  experts twice: those copied come from the device. (Unpinned host experts under a CUDA model
-  would be, briefly; the loader never makes them.)
-- `give_back(model)` returns the experts where the model kept them, then `close()`s the store.
-  Home on the host: the model's tensors ARE the store's rows, so the memory stays pinned, ready
-  for the next runtime to adopt. Home on the GPU: the rows are copied back, the store was the
-  last holder, and closing it unlocks and frees the buffer.
-- `close()` drops the store's references. Without a give_back first it discards the experts.
-The store is read-only: eviction from the device cache never copies anything back.
+whoever holds the experts keeps them pinned, and nothing is unregistered under a live tensor.
+`take_from` adopts experts already pinned on the host (`load_model(..., expert_device="cpu")`
+reads them straight into a `host_buffer`), or copies them off the device into a new one;
+`give_back` returns them, and on the host they stay pinned with the model, ready for the next
+runtime to adopt. Either way the host never holds the experts twice.
 """
 
 import contextlib

@@ -37,18 +37,11 @@ class PerfettoTrace:
     def to_json(self) -> dict:
         meta = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "tinymoe"}}]
         for track, tid in self.TRACKS.items():
-            meta.append(
-                {"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": track}}
-            )
-            meta.append(
-                {
-                    "name": "thread_sort_index",
-                    "ph": "M",
-                    "pid": 1,
-                    "tid": tid,
-                    "args": {"sort_index": tid},
-                }
-            )
+            for name, args in (
+                ("thread_name", {"name": track}),
+                ("thread_sort_index", {"sort_index": tid}),
+            ):
+                meta.append({"name": name, "ph": "M", "pid": 1, "tid": tid, "args": args})
         events = sorted(self.events, key=lambda e: (e["tid"], e["ts"]))
         return {"traceEvents": meta + events, "displayTimeUnit": "ms"}
 

@@ -3,12 +3,10 @@
 The scheduler (scheduler.py) issues copies through a transfer engine and gets a `Transfer` back
 at once. Two engines share that interface:
 
-- `CudaCopyEngine` (here, a GPU): a dedicated copy stream next to the compute stream. Each copy
-  is issued on the copy stream with `non_blocking=True` from pinned host memory, between two
-  events; the compute stream waits on the copy's end event only right before it uses the expert
-  (`compute_wait`, a stream-to-stream wait: the host never blocks). Before overwriting a slot,
-  the copy stream waits on the event the compute stream recorded after its last read of that
-  slot (`release`), so a slot is never overwritten under a running kernel.
+- `CudaCopyEngine` (here, a GPU): a dedicated copy stream next to the compute stream. The two
+  streams wait for each other twice, never the host: the compute stream for a copy, right before
+  it uses the expert (`compute_wait`), and the copy stream, before overwriting a slot, for the
+  compute stream's last read of it (`release`).
 - `SimulatedLink` (link.py, no GPU): a worker thread plays the copy stream over a link of given
   bandwidth and latency.
 

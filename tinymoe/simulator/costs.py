@@ -14,9 +14,8 @@ plus a fixed cost per layer for launching its kernels:
     one expert copy            the link: latency + expert_bytes / link GB/s
     norm + LM head             (vocab x hidden) / device GB/s
 
-The presets' figures are the vendors' published peaks (sources beside each); `efficiency` (0.7
-by default: batch-1 GEMVs reach 60-80% of peak bandwidth) and the per-layer overhead (40 us:
-some ten kernel launches) are assumptions, stated in every projection table.
+The presets' figures are the vendors' published peaks (sources beside each); the efficiency
+and the overheads are assumptions (RooflineCosts).
 """
 
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch
 
 from tinymoe.engine.config import ModelConfig
 from tinymoe.offload.link import LinkSpec
-from tinymoe.simulator.record import LayerRecord, RoutingTrace
+from tinymoe.simulator.record import LayerRecord, PassRecord, RoutingTrace
 
 
 @dataclass(frozen=True)
@@ -96,28 +95,23 @@ class RooflineCosts:
     """Bytes over bandwidth on `hw` for a model shaped like `cfg` (see the top)."""
 
     host_parallel = True
+    # Assumptions: bf16 weights; batch-1 GEMVs reach 60-80% of peak bandwidth; some ten kernel
+    # launches per layer (40 us); a host sync per host-computed expert (20 us).
+    dtype, efficiency, layer_overhead_s, host_sync_s = torch.bfloat16, 0.7, 40e-6, 20e-6
 
-    def __init__(
-        self,
-        hw: Hardware,
-        cfg: ModelConfig,
-        context: int,
-        dtype: torch.dtype = torch.bfloat16,
-        efficiency: float = 0.7,
-        layer_overhead_s: float = 40e-6,
-        host_sync_s: float = 20e-6,
-    ) -> None:
+    def __init__(self, hw: Hardware, cfg: ModelConfig, context: int) -> None:
         self.hw, self.cfg, self.link = hw, cfg, hw.link
-        D, Dh, b = cfg.hidden_size, cfg.head_dim, dtype.itemsize
-        self.expert_bytes = cfg.expert_bytes(dtype)
-        bw = hw.device_gbps * 1e9 * efficiency
+        D, Dh, b = cfg.hidden_size, cfg.head_dim, self.dtype.itemsize
+        self.expert_bytes = cfg.expert_bytes(self.dtype)
+        bw = hw.device_gbps * 1e9 * self.efficiency
         attn = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * Dh * D * b  # q, o and k, v
         kv = 2 * context * cfg.num_kv_heads * Dh * b  # this layer's cache, read once
-        self._layer = (attn + kv + D * cfg.num_experts * b) / bw + layer_overhead_s
+        overhead = self.layer_overhead_s
+        self._layer = (attn + kv + D * cfg.num_experts * b) / bw + overhead
         self._expert = self.expert_bytes / bw
-        self._host = self.expert_bytes / (hw.host_gbps * 1e9) + host_sync_s
+        self._host = self.expert_bytes / (hw.host_gbps * 1e9) + self.host_sync_s
         self._head = cfg.vocab_size * D * b / bw
-        self._guess = (D * cfg.num_experts * b) / bw + layer_overhead_s / 4  # a few small kernels
+        self._guess = (D * cfg.num_experts * b) / bw + overhead / 4  # a few small kernels
 
     def layer_s(self, p: int, layer: int, rec: LayerRecord) -> float:
         return self._layer
@@ -141,9 +135,8 @@ def scale_trace(trace: RoutingTrace, cfg: ModelConfig) -> RoutingTrace:
     Layer l of the target replays recorded layer l mod L_rec (as a layer of its own). A recorded
     expert e stands for the target experts of its bucket, e*b .. e*b+b-1 with b = E / E_rec (or
     e mod E when the target has fewer experts); a token's K target experts are taken from its
-    recorded experts in order, K / K_rec from each bucket. Which experts recur from token to token
-    and how often a guess is right are the recorded model's; a model of the target's size routes
-    among more distinct experts, so cache hit rates come out optimistic.
+    recorded experts in order, K / K_rec from each bucket. Which experts recur, and how often a
+    guess is right, are the recorded model's: cache hit rates come out optimistic.
     """
     E_rec, K_rec, L_rec = (trace.model[k] for k in ("num_experts", "top_k", "num_layers"))
     E, K = cfg.num_experts, cfg.top_k
@@ -160,21 +153,13 @@ def scale_trace(trace: RoutingTrace, cfg: ModelConfig) -> RoutingTrace:
             out.append(ids[:K])
         return out
 
-    passes = []
-    for p in trace.passes:
-        layers = [p.layers[l % L_rec] for l in range(cfg.num_layers)]
-        passes.append(
-            type(p)(
-                p.phase,
-                [
-                    LayerRecord(
-                        experts=remap(r.experts),
-                        guesses={n: remap(g) for n, g in r.guesses.items()},
-                    )
-                    for r in layers
-                ],
-            )
-        )
+    def layer(r: LayerRecord) -> LayerRecord:
+        return LayerRecord(remap(r.experts), {n: remap(g) for n, g in r.guesses.items()})
+
+    passes = [
+        PassRecord(p.phase, [layer(p.layers[l % L_rec]) for l in range(cfg.num_layers)])
+        for p in trace.passes
+    ]
     model = {
         "model_type": cfg.model_type,
         "num_layers": cfg.num_layers,

@@ -20,10 +20,8 @@ and per pass `head_s` (final norm + LM head). The file is JSON:
                  "router_s": ..., "expert_s": ..., "guess_s": {"router": ...}}]}]}
 
 `record_trace` makes one from two runs of the same prompt, which route identically because
-offloading is exact: the timed run (any exact policy, e.g. on-demand over the link being
-modelled, so its compute times include what running that way costs on this machine), then a
-resident pass with the hook that scores predictors (speculation/scoring.py), which keeps the
-routing and every predictor's guess.
+offloading is exact: a timed run, then a resident pass that keeps the routing and every
+predictor's guess (record_run, docs/simulator.md).
 """
 
 import json

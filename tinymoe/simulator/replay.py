@@ -3,22 +3,13 @@
 Nothing is computed and nothing is copied. Time is a number (`VirtualClock`) that the replay
 advances by what each piece of work costs (a `Costs`: measured times from the trace, or a
 roofline projection for other hardware, costs.py), and transfers are entries on a virtual
-first-in-first-out link (`VirtualLink`) that land when the link model says. Everything that
-decides is the engine's own: the runtime's `LayerDriver` (offload/runtime.py) with its
-`PredictionHook` (what to predict, when to speculate), `Scheduler`, `ExpertCache` and `Meter`.
-The replay only stands in for the model's forward pass, layer by layer:
-
-    attention + router  -> clock += costs; the driver routes (the recorded truth, or the guess
-                           when speculating); predictors replay their recorded guesses
-    experts             -> for each expert the driver yields: clock += that expert's cost
-                           (waiting for a copy moves the clock to the copy's end: a stall)
-    norm + LM head      -> clock += costs
-
-Approximations, stated: the trace is an exact run, so a speculative policy is replayed on the
-exact run's states (a real speculative run drifts from it); a host-computed miss (miss handler
-"cpu") runs beside the device's experts on a GPU (`Costs.host_parallel`), after them on a CPU.
+first-in-first-out link (`VirtualLink`). Everything that decides is the engine's own: the
+runtime's `LayerDriver` with its `PredictionHook`, `Scheduler`, `ExpertCache` and `Meter`;
+`simulate` only stands in for the model's forward pass, layer by layer. docs/simulator.md
+("Replaying it") states the approximations.
 """
 
+from types import SimpleNamespace
 from typing import Protocol
 
 import torch
@@ -159,13 +150,15 @@ def simulate(
     elif policy.predictor is not None:
         predictor = TracePredictor(trace, policy.predictor, clock, costs)
     hook = PredictionHook(predictor, policy.speculate)
-    n_slots, sched = 0, None
+    n_slots, sched, store = 0, None, _NoStore(costs.expert_bytes)
+    host_row = store.row  # what the scheduler yields for a miss computed on the host
     if policy.offload:
-        n_slots = resolve_slots(policy, _Shape(m), costs.expert_bytes, max(d, 1), slots)
+        shape = SimpleNamespace(**m)  # top_k, num_layers, num_experts: as ModelConfig names them
+        n_slots = resolve_slots(policy, shape, costs.expert_bytes, max(d, 1), slots)
         cache = ExpertCache(n_slots, 1, torch.device("cpu"), torch.float32, policy.eviction)
         sched = Scheduler(
             cache,
-            _NoStore(costs.expert_bytes),
+            store,
             VirtualLink(costs.link, costs.expert_bytes, clock),
             meter,
             L,
@@ -181,44 +174,20 @@ def simulate(
             u = torch.zeros(len(rec.experts), 1)  # (N, 1): the tokens, no state
             routing = driver.route(layer, u, u, lambda _, rec=rec: _routing(rec.experts))
             ids = sorted({e for row in routing.ids_on_host() for e in row})
-            _run_experts(driver, sched, clock, costs, p, layer, rec, ids)
+            # The device's experts in turn; host-computed misses (miss handler "cpu") after them
+            # on a CPU, beside them on a GPU.
+            start, host_s = clock.now, 0.0
+            for _, w in driver.experts(layer, ids):
+                if w is host_row:
+                    host_s += costs.host_expert_s(p, layer, rec)
+                    if not costs.host_parallel:
+                        clock.now += costs.host_expert_s(p, layer, rec)
+                else:
+                    clock.now += costs.expert_s(p, layer, rec)
+            if costs.host_parallel and host_s:
+                clock.now = max(clock.now, start + host_s)
         clock.now += costs.head_s(p)
         driver.forward_end()
     meter.fold(block=True)
     dec = meter.stats["decode"].summary()
     return {"policy": policy_name, "expert_slots": n_slots, "tpot_ms": dec["ms_per_step"], **dec}
-
-
-def _run_experts(
-    driver: LayerDriver,
-    sched: Scheduler | None,
-    clock: VirtualClock,
-    costs: Costs,
-    p: int,
-    layer: int,
-    rec: LayerRecord,
-    ids: list[int],
-) -> None:
-    """Drive one layer's experts: device experts in turn, host misses beside them."""
-    start, host_s = clock.now, 0.0
-    host_row = sched.store.row if sched is not None else None  # type: ignore[attr-defined]
-    for _, w in driver.experts(layer, ids):
-        if w is host_row:  # a miss computed on the host (miss handler "cpu")
-            host_s += costs.host_expert_s(p, layer, rec)
-            if not costs.host_parallel:
-                clock.now += costs.host_expert_s(p, layer, rec)
-        else:
-            clock.now += costs.expert_s(p, layer, rec)
-    if costs.host_parallel and host_s:
-        clock.now = max(clock.now, start + host_s)
-
-
-class _Shape:
-    """The few ModelConfig fields resolve_slots reads, from a trace's model entry."""
-
-    def __init__(self, m: dict) -> None:
-        self.top_k, self.num_layers, self.num_experts = (
-            m["top_k"],
-            m["num_layers"],
-            m["num_experts"],
-        )

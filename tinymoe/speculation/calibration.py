@@ -101,13 +101,12 @@ def load_speculation(path: str | Path, cfg: ModelConfig | None = None) -> Calibr
         if key not in tensors:
             raise TinyMoeError(f"{tensors_path}: missing tensor {key!r}")
     dv = tensors["default_vectors"]
-    if cfg is not None:
-        expected = (cfg.num_layers, cfg.num_experts, cfg.hidden_size)
-        if tuple(dv.shape) != expected:
-            raise TinyMoeError(
-                f"{tensors_path}: default_vectors has shape {tuple(dv.shape)}, expected "
-                f"{expected} (layers, experts, hidden) for this model; recalibrate"
-            )
+    expected = None if cfg is None else (cfg.num_layers, cfg.num_experts, cfg.hidden_size)
+    if expected is not None and tuple(dv.shape) != expected:
+        raise TinyMoeError(
+            f"{tensors_path}: default_vectors has shape {tuple(dv.shape)}, expected "
+            f"{expected} (layers, experts, hidden) for this model; recalibrate"
+        )
     estimators = {}
     for entry in entries:
         try:
@@ -122,7 +121,7 @@ def load_speculation(path: str | Path, cfg: ModelConfig | None = None) -> Calibr
         except RuntimeError as e:
             raise TinyMoeError(f"{tensors_path}: {kind} for lookahead {d}: {e}") from None
         shape = (est.cfg.num_layers, est.cfg.num_experts, est.cfg.hidden_size)
-        if cfg is not None and shape != (cfg.num_layers, cfg.num_experts, cfg.hidden_size):
+        if expected is not None and shape != expected:
             raise TinyMoeError(f"{tensors_path}: {kind} for lookahead {d} is for another model")
         estimators[(kind, d)] = est.eval()
     return Calibration(dv, tensors["expert_counts"], estimators, hybrid, meta)

@@ -26,10 +26,9 @@ def record_routing(
 class OraclePredictor:
     """Predicts layer l + lookahead's routing perfectly, by replaying a recorded resident run.
 
-    Valid only for the same prompt and generation settings as the recording (then exactness
-    makes the offloaded run route identically). Unlike a real predictor it crosses tokens: for a
-    target t >= L it predicts layer t - L of the next recorded forward pass (None after the last
-    one), so even layer 0 is prefetched. That makes it a bound for Eq. 1, which counts layer 0.
+    Unlike a real predictor it crosses tokens: for a target t >= L it predicts layer t - L of the
+    next recorded forward pass (None after the last one), so even layer 0 is prefetched. That
+    makes it a bound for Eq. 1, which counts layer 0.
     """
 
     crosses_tokens = True  # see the Predictor protocol

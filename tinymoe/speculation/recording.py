@@ -4,9 +4,8 @@ Every tool that watches an exact run uses this one hook; only what it keeps diff
     the oracle         each forward pass's routing, to replay it (`record_routing`, oracle.py)
     calibration        r_l, the routing and its logits, each expert's output sums (calibrate.py)
     training           the routings with their autograd graph, for the balance loss (train.py)
-    train's evaluation how often each expert is routed to (train.py)
-A hook that changes the routing (speculation, hook.py) or scores predictors (evaluate.py) is a
-different thing and lives with its tool.
+    train's evaluation how often each expert is routed to (model_card.py)
+A hook that changes the routing (hook.py) or scores predictors (scoring.py) lives elsewhere.
 """
 
 from collections.abc import Callable

@@ -4,7 +4,7 @@ ScoringHook lets the true router decide every layer and scores any number of pre
 lookaheads side by side in one forward. FirstPositionHook speculates with previous-token over
 whole windows. forward_logits runs a model under either hook (or PredictionHook), over whole
 windows or, stepwise, one position at a time through a KV cache as decoding does. Why the two
-ways compute the same numbers: tinymoe/evaluate.py's docstring.
+ways compute the same numbers: docs/speculation.md, "One forward per window".
 """
 
 import time
