@@ -42,8 +42,10 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, except that a bad flag is one `error: ...` line on stderr (no usage block), and
     help shows every default. `tool` names the command in usage lines: `tinymoe TOOL`."""
 
-    def __init__(self, tool: str, **kwargs) -> None:
-        super().__init__(prog=f"tinymoe {tool}", formatter_class=HelpFormatter, **kwargs)
+    def __init__(self, tool: str | None = None, **kwargs) -> None:
+        if tool is not None:  # (None: a subcommand's parser, argparse gives its prog)
+            kwargs["prog"] = f"tinymoe {tool}"
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         # "argument --x: expected ..." reads better as "--x: expected ..."

@@ -8,9 +8,8 @@ reported on one line.
 import argparse
 import json
 from pathlib import Path
-from typing import NoReturn
 
-from tinymoe.cli import run_cli
+from tinymoe.cli import OneLineParser, run_cli
 from tinymoe.exercises.catalog import EXERCISES, get
 from tinymoe.exercises.holes import write_starter
 from tinymoe.exercises.runner import check_file
@@ -18,19 +17,12 @@ from tinymoe.exercises.runner import check_file
 DEFAULT_WORKDIR = "tinymoe-exercises"
 
 
-class Parser(argparse.ArgumentParser):
-    """A bad command line is one `error: ...` line and exit status 2, as for the other tools."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message.removeprefix('argument ')} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="tinymoe exercises",
+    p = OneLineParser(
+        "exercises",
         description="Exercises cut from tinymoe's own code: start one, fill the holes, check it.",
     )
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     ls = sub.add_parser("list", help="the exercises, in order")
     ls.add_argument("--json", action="store_true", help="one JSON list of objects")
     start = sub.add_parser("start", help="write an exercise's starter file")
