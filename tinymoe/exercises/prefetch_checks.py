@@ -30,8 +30,9 @@ from tinymoe.speculation.oracle import OraclePredictor, record_routing
 
 # ---------------------------------------------------------------- time-model
 
-# Expert sizes in bytes: the demo model's in bf16 and fp32, and Mixtral-8x7B's in bf16.
-SIZES = (3 * 80 * 192 * 2, 3 * 80 * 192 * 4, 3 * 14336 * 4096 * 2)
+# Bytes of one expert (ModelConfig.expert_bytes): the demo model's in bf16 and in fp32 (as the
+# checks load it), and Mixtral-8x7B's in bf16.
+SIZES = (92_160, 184_320, 352_321_536)
 
 
 def check_copy_time(code) -> str:
@@ -76,8 +77,8 @@ def check_bench(code) -> str:
     """tinymoe.bench on the demo model, on demand, over a simulated link built from the
     student's LinkSpec, with the student's Eq. 1 computing the bound it reports."""
     cfg, (gbps, latency_us) = demo_model().cfg, BENCH_LINK
-    per_copy_s = LinkSpec(gbps, latency_us).seconds(cfg.expert_numel * 4)  # fp32 experts
-    mine = code.LinkSpec(gbps, latency_us).seconds(cfg.expert_numel * 4)
+    per_copy_s = LinkSpec(gbps, latency_us).seconds(SIZES[1])  # the demo's experts, in fp32
+    mine = code.LinkSpec(gbps, latency_us).seconds(SIZES[1])
     expect(
         isinstance(mine, float) and 0.5 * per_copy_s < mine < 2 * per_copy_s,
         "not run: with your copy time the simulated link would be far too slow or too fast "
@@ -265,7 +266,7 @@ def check_prefetch_decisions(code) -> str:
 
 def check_overlap(code) -> str:
     """Copies about as long as compute: on-demand waits for every copy, the oracle hides them."""
-    expert_bytes = demo_model().cfg.expert_numel * 4
+    expert_bytes = SIZES[1]  # the demo model's experts, in fp32
     link = LinkSpec(100.0, 250.0, "slow")  # ~0.25 ms per expert: 1 ms per layer at top-4
     tokens, oracle = _oracle(code, link)
     _, on_demand = offloaded("on-demand", link=link)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tinymoe.calibrate import router_recall
 from tinymoe.engine.kvcache import KVCache
 from tinymoe.engine.moe import Routing
 from tinymoe.exercises.exercise import (
@@ -22,6 +23,7 @@ from tinymoe.exercises.exercise import (
     expect_close,
     expect_equal,
     expect_tensor,
+    patched,
     targets,
 )
 from tinymoe.exercises.fixtures import (
@@ -38,7 +40,7 @@ from tinymoe.exercises.fixtures import (
 from tinymoe.exercises.offload_checks import same_as_engine
 from tinymoe.speculation.hook import PredictionHook, speculates
 from tinymoe.speculation.oracle import OraclePredictor
-from tinymoe.speculation.predictors import quasi_hidden, recall_at_k
+from tinymoe.speculation.predictors import quasi_hidden
 from tinymoe.speculation.recording import RouteRecorder
 
 # ---------------------------------------------------------------- router-pf
@@ -91,27 +93,18 @@ def check_qh_bf16(code) -> str:
     return "bf16 in, bf16 out, whatever the routing weights' dtype"
 
 
-def _recall(quasi, default_vectors) -> list[float]:
-    """Recall@K of Router-PF (lookahead 1) per target layer 1..L-1 on the held-out exact run."""
-    model, run = demo_model(), demo_exact_run()
-    out = []
-    with torch.no_grad():
-        for t in range(1, model.cfg.num_layers):
-            q = quasi(model, default_vectors, t - 1, t, run.resid[t - 1], run.routing(t - 1))
-            pred = model.layers[t].mlp.route(q).ids
-            out.append(recall_at_k(pred, run.routing(t).ids).mean().item())
-    return out
-
-
 @functools.cache
-def _engine_recall(with_vectors: bool) -> tuple[float, ...]:
+def _recall(with_vectors: bool, quasi=quasi_hidden) -> tuple[float, ...]:
+    """Recall@K of Router-PF (lookahead 1) per target layer 1..L-1 on the held-out exact run,
+    as calibrate measures it, with `quasi` as the predictor's quasi-hidden state."""
     dv = demo_calibration().default_vectors if with_vectors else None
-    return tuple(_recall(quasi_hidden, dv))
+    with patched("tinymoe.speculation.predictors", "quasi_hidden", quasi), torch.no_grad():
+        return tuple(router_recall(demo_model(), dv, demo_exact_run(), 1).values())
 
 
 def check_qh_recall(code) -> str:
-    mine = _recall(code.quasi_hidden, demo_calibration().default_vectors)
-    want, bare = _engine_recall(True), _engine_recall(False)
+    want, bare = _recall(True), _recall(False)
+    mine = _recall(True, code.quasi_hidden)
     for t, (got, ref) in enumerate(zip(mine, want, strict=True), 1):
         expect(
             got >= ref - 0.005,
@@ -156,7 +149,7 @@ ROUTER_PF = Exercise(
         ("recall on held-out text", check_qh_recall),
         ("the runtime on your q_l", check_qh_runtime),
     ),
-    engine_checks=("the runtime on your q_l",),
+    engine_checks=("recall on held-out text", "the runtime on your q_l"),
 )
 
 
