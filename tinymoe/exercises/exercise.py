@@ -190,7 +190,9 @@ HOST_READS = frozenset(
 
 
 class HostReads(TorchFunctionMode):
-    """Counts host reads of tensor values (HOST_READS) made inside the `with` block.
+    """Counts host reads of tensor values (HOST_READS) made inside the `with` block. Reading a
+    tensor that `.cpu()` brought over (or one made from it) is free: on a GPU only the `.cpu()`
+    waits, so `x.cpu().tolist()` is one read, as `x.tolist()` is, and `x.cpu(); x.tolist()` two.
 
     with HostReads() as reads:
         code.moe_forward(...)
@@ -200,6 +202,7 @@ class HostReads(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[str] = []
+        self.on_host: list[Tensor] = []  # what .cpu() returned, and what was made from it
 
     @property
     def count(self) -> int:
@@ -207,6 +210,13 @@ class HostReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in HOST_READS:
+        out = func(*args, **(kwargs or {}))
+        if args and any(args[0] is t for t in self.on_host):  # on the host already: free
+            if isinstance(out, Tensor):
+                self.on_host.append(out)
+        elif name in HOST_READS:
             self.calls.append(name)
-        return func(*args, **(kwargs or {}))
+            if name == "cpu":  # (a CPU's .cpu() returns x itself: copy, as a GPU's would)
+                out = out.clone() if out is args[0] else out
+                self.on_host.append(out)
+        return out

@@ -272,24 +272,6 @@ def check_perplexity(code) -> str:
     return "held-out perplexity: " + ", ".join(notes)
 
 
-class _DeviceReads(HostReads):
-    """HostReads, where reading a tensor that `.cpu()` already brought over is not another read
-    (on a GPU only the `.cpu()` waits): `x.cpu().tolist()` is one read, as `x.tolist()` is."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on_host: list[Tensor] = []  # what .cpu() returned (kept, so ids stay unique)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if args and any(args[0] is t for t in self.on_host):
-            return func(*args, **(kwargs or {}))  # already on the host: free
-        out = super().__torch_function__(func, types, args, kwargs)
-        if name == "cpu":
-            self.on_host.append(out)
-        return out
-
-
 def check_read_ids(code) -> str:
     model = demo_model()
     D = model.cfg.hidden_size
@@ -297,7 +279,7 @@ def check_read_ids(code) -> str:
     hook.reset()
     r = randn(1, 1, D, seed=5)
     u = model.layers[0].post_attention_layernorm(r).view(1, D)
-    with torch.no_grad(), _DeviceReads() as reads:
+    with torch.no_grad(), HostReads() as reads:
         routing = hook(0, r, u, model.layers[0].mlp.route)
     guess = hook.pending.get(1)
     expect(guess is not None, "after layer 0, pending[1] should hold the guess for layer 1")
