@@ -25,7 +25,15 @@ _HOME = {  # name -> the module that defines it
     "load_model": "tinymoe.engine.loader",
     "save_model": "tinymoe.engine.loader",
 }
-__all__ = list(_HOME)
+__all__ = [
+    "GenerationResult",
+    "ModelConfig",
+    "MoETransformer",
+    "TinyMoeError",
+    "generate",
+    "load_model",
+    "save_model",
+]
 
 
 def __getattr__(name: str) -> Any:
