@@ -41,7 +41,6 @@ from tinymoe.corpus import fewer_tokens, read_token_ids
 from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.loader import load_model
 from tinymoe.engine.model import MoETransformer
-from tinymoe.engine.moe import Routing
 from tinymoe.errors import TinyMoeError
 from tinymoe.speculation.calibration import META_FILE, TENSORS_FILE, Calibration, save_speculation
 from tinymoe.speculation.estimator import (
@@ -86,7 +85,7 @@ def quasi_pairs(model: MoETransformer, dv: Tensor, run: ExactRunRecord, lookahea
     pairs: Pairs = {}
     for t in range(lookahead, model.cfg.num_layers):
         l = t - lookahead
-        routing = Routing(run.ids[l].to(device), run.weights[l].to(device))
+        routing = run.routing(l, device)
         resid = run.resid[l].to(device, dv.dtype)
         q = quasi_hidden(model, dv, l, t, resid, routing).float()  # (N, D)
         pairs[t] = (q, run.logits[t].to(device))
@@ -112,7 +111,7 @@ def router_recall(
     out = {}
     for t in range(lookahead, model.cfg.num_layers):
         l = t - lookahead
-        routing = Routing(run.ids[l].to(device), run.weights[l].to(device))
+        routing = run.routing(l, device)
         resid = run.resid[l].to(device, model.embed_tokens.weight.dtype)
         pred = predictor.observe(l, resid, resid, routing)  # (u is not read by Router-PF)
         out[t] = recall_at_k(pred.ids.cpu(), run.ids[t]).mean().item()

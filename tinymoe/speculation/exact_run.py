@@ -34,9 +34,10 @@ class ExactRunRecord:
     expert_sum: Tensor  # (L, E, D) sum of expert e's output over the tokens routed to it
     expert_count: Tensor  # (L, E) how many tokens were routed to expert e
 
-    def routing(self, layer: int) -> Routing:
-        """Layer `layer`'s routing over the N tokens, with the router's logits."""
-        return Routing(self.ids[layer], self.weights[layer], self.logits[layer])
+    def routing(self, layer: int, device: torch.device | str = "cpu") -> Routing:
+        """Layer `layer`'s routing over the N tokens, with the router's logits, on `device`."""
+        ids, weights, logits = self.ids[layer], self.weights[layer], self.logits[layer]
+        return Routing(ids.to(device), weights.to(device), logits.to(device))
 
 
 class _ExactRunLog:
