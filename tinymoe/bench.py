@@ -186,9 +186,10 @@ def auto_depth(
 
 def new_tokens(s: str) -> int:
     """--max-new-tokens' argparse type: an integer >= 2."""
-    if positive_int(s) < 2:
+    n = positive_int(s)
+    if n < 2:
         raise argparse.ArgumentTypeError("must be >= 2 (TPOT excludes the first token)")
-    return int(s)
+    return n
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
