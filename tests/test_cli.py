@@ -153,7 +153,8 @@ def test_shared_flags_in_help(capsys):
         run.cli(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
     assert (
-        "auto: the checkpoint's dtype on CUDA, float32 on CPU (CPU bf16 matmuls are slow)" in text
+        "auto: the checkpoint's dtype on CUDA; on CPU float32 (CPU bf16 matmuls are slow) where "
+        "it fits in memory, else the checkpoint's dtype" in text
     )
     assert "1 thread can be 10-60x faster" in text
 

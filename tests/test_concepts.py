@@ -137,13 +137,13 @@ def test_kv_cache(model):
 
 def test_quasi_hidden_state_is_what_router_pf_runs(model):
     predictor = RouterPredictor(model, None, 1)
-    _, want = offloaded(model, "prefetch+router+lru", predictor, slots=6)
+    _, want = offloaded(model, "speculative+router+lru", predictor, slots=6)
 
     def elsewhere(model, default_vectors, layer, target, resid, routing):
         return original(model, default_vectors, layer, target, -resid, routing)
 
     with replaced("tinymoe.speculation.predictors", "quasi_hidden", elsewhere) as original:
-        _, got = offloaded(model, "prefetch+router+lru", predictor, slots=6)
+        _, got = offloaded(model, "speculative+router+lru", predictor, slots=6)
     assert decisions(got) != decisions(want)
 
 
@@ -164,7 +164,7 @@ def test_default_vectors_computed_once_used_by_calibration(model):
 
 def test_router_pf_prediction(model):
     predictor = RouterPredictor(model, None, 1)
-    _, want = offloaded(model, "prefetch+router+lru", predictor, slots=6)
+    _, want = offloaded(model, "speculative+router+lru", predictor, slots=6)
 
     def always_0_1(self, layer, resid, u, routing):
         if layer + 1 >= self.model.cfg.num_layers:
@@ -173,6 +173,22 @@ def test_router_pf_prediction(model):
         return Routing(ids, torch.full(ids.shape, 0.5))
 
     with replaced("tinymoe.speculation.predictors", "RouterPredictor.observe", always_0_1):
+        _, got = offloaded(model, "speculative+router+lru", predictor, slots=6)
+    assert decisions(got) != decisions(want)
+
+
+def test_router_pf_experts_for_exact_prefetch(model):
+    """Exact prefetch asks Router-PF for experts only (guess_ids, the folded form that
+    tests/test_predict.py checks against observe); that is what prefetch+router runs."""
+    predictor = RouterPredictor(model, None, 1)
+    _, want = offloaded(model, "prefetch+router+lru", predictor, slots=6)
+
+    def always_0_1(self, layer, resid, u, routing):
+        if layer + 1 >= self.model.cfg.num_layers:
+            return None
+        return Routing(torch.tensor([[0, 1]]).expand(u.shape[0], 2), None)
+
+    with replaced("tinymoe.speculation.predictors", "RouterPredictor.guess_ids", always_0_1):
         _, got = offloaded(model, "prefetch+router+lru", predictor, slots=6)
     assert decisions(got) != decisions(want)
 

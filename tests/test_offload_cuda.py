@@ -4,9 +4,13 @@ The copies are delayed on the copy stream (`torch.cuda._sleep` in the before-cop
 missing or misplaced stream wait computes with a slot whose bytes have not arrived yet and the
 tokens differ from resident's. Every scheduling mode is covered: on-demand, a cache that streams,
 the oracle (crossing tokens), exact prefetch with a real predictor (throttled and not) and
-speculative execution. The sync test counts the host syncs of the default path.
+speculative execution. The sync test counts the host syncs of each decode step of the default
+path; the fault test makes a copy fail while it runs and finds where the error surfaces.
 """
 
+import json
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -86,24 +90,26 @@ def test_speculative_oracle_with_delayed_copies_equals_exact(model):
 def test_default_path_syncs_once_per_layer_and_once_per_token(model):
     """The host reads each layer's expert ids (with the prediction, in one read) and the sampled
     token; nothing else on the decode path may synchronise. CUDA's sync debug mode warns on
-    every synchronising call, so the warnings of the decode steps are counted."""
+    every synchronising call: each decode step's warnings are counted, L + 1 exactly."""
     L, n = model.cfg.num_layers, 6
+    caught: list = []
+    marks: list[int] = []  # len(caught) after each token
+
+    def mark(tok: int) -> None:
+        marks.append(len(caught))
+        if len(marks) == 1:  # prefill done: count the decode steps only
+            torch.cuda.set_sync_debug_mode("warn")
+
     with OffloadRuntime(model, "prefetch+router+lru", predictor=RouterPredictor(model, None, 1)):
-        seen: list[int] = []
-
-        def count_from_second_token(tok: int) -> None:
-            seen.append(tok)
-            if len(seen) == 1:  # prefill done: count the decode steps only
-                torch.cuda.set_sync_debug_mode("warn")
-
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                generate(model, PROMPT, n, eos_ids=(), on_token=count_from_second_token)
+                generate(model, PROMPT, n, eos_ids=(), on_token=mark)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    assert 0 < len(syncs) <= (n - 1) * (L + 1), [str(w.message) for w in syncs[:5]]
+    syncs = ["synchroniz" in str(w.message).lower() for w in caught]
+    per_step = [sum(syncs[a:b]) for a, b in zip(marks, marks[1:], strict=False)]
+    assert per_step == [L + 1] * (n - 1), [str(w.message)[:80] for w in caught[marks[0] :][:9]]
 
 
 def test_runtime_built_inside_inference_mode_generates(model):
@@ -129,6 +135,56 @@ def test_cuda_failed_copy_raises_where_used(model):
     finally:
         rt.close()
     assert generate(model, PROMPT, 2, eos_ids=()).tokens  # usable again
+
+
+FAULT_CHILD = """
+import json, linecache, os, sys, traceback
+import torch
+from tinymoe import generate, load_model
+from tinymoe.offload.runtime import OffloadRuntime
+
+model = load_model(sys.argv[1], device="cuda")
+probe, bad = torch.zeros(4, device="cuda"), torch.tensor([10**6], device="cuda")
+decoding, faulted = [], []
+
+def fault(t):  # called on the copy stream (CudaCopyEngine.copy), before the copy is queued
+    if decoding and not faulted:
+        faulted.append(str(t.tag))
+        torch.cuda._sleep(400_000_000)  # ~0.2 s: the host has long moved on when it faults
+        probe[bad]  # an index out of bounds: a device-side assert, on the copy stream
+
+def where(e):  # the innermost tinymoe line of the CUDA error's traceback, and the one above
+    tb = traceback.extract_tb(e.__traceback__) if e is not None else []
+    f = ([f for f in tb if "tinymoe" in f.filename] or [None])[-1]
+    return [linecache.getline(f.filename, n) for n in (f.lineno - 1, f.lineno)] if f else []
+
+rt = OffloadRuntime(model, "on-demand")
+rt.engine.before_copy = fault
+out = {"raised": None}
+try:
+    generate(model, [5, 17, 3, 42, 8], 4, eos_ids=(), on_token=decoding.append)
+except Exception as e:
+    out = {"raised": type(e).__name__, "message": str(e), "line": where(e.__cause__)}
+print(json.dumps({**out, "faulted": faulted}), flush=True)
+os._exit(0)  # the CUDA context is lost: no teardown
+"""
+
+
+def test_cuda_copy_fault_surfaces_at_a_named_sync(tmp_path):
+    """A copy that faults while it runs on the copy stream (a device-side assert queued before
+    it, long after the host issued it) cannot be raised by compute_wait, which only queues a
+    wait: it surfaces at the next host sync, a line marked # SYNC:, and generate names the step
+    and the call in a TinyMoeError. In a child process: a CUDA error loses the context."""
+    from conftest import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m")
+    p = subprocess.run(
+        [sys.executable, "-c", FAULT_CHILD, str(path)], capture_output=True, text=True, timeout=300
+    )
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["raised"] == "TinyMoeError", (out, p.stderr[-2000:])
+    assert "decode step 1" in out["message"] and "CUDA error" in out["message"]
+    assert any("# SYNC" in line for line in out["line"]), out  # where CUDA reported it
 
 
 def test_cuda_link_flags_are_refused(model):
@@ -165,3 +221,25 @@ def test_cpu_miss_handler_on_cuda_gives_resident_tokens(model, policy, slots):
         report = rt.report()
     assert got.tokens == want
     assert report["decode"]["host_computed"] > 0
+
+
+def test_event_pool_makes_no_events_in_a_warm_decode(model, monkeypatch):
+    """Warm, every expert in a slot: a decode step makes no CUDA event. The meter's stamps come
+    from its pool and each slot has one "done reading" event, recorded again at every release."""
+    made = []
+
+    class Counted(torch.cuda.Event):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    all_experts = model.cfg.num_layers * model.cfg.num_experts
+    with OffloadRuntime(model, "lru", slots=all_experts) as rt:
+        generate(model, PROMPT, 8, eos_ids=())  # loads what the next run uses; fills the pool
+        rt.report()
+        rt.reset_stats()
+        monkeypatch.setattr(torch.cuda, "Event", Counted)
+        generate(model, PROMPT, 8, eos_ids=())
+        decode = rt.report()["decode"]
+    assert decode["misses"] == 0 and decode["steps"] == 7
+    assert len(made) == 0

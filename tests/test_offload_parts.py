@@ -2,15 +2,17 @@
 
 import json
 import threading
+import time
 
 import pytest
 import torch
+from conftest import make_checkpoint
 
-from tinymoe import load_model
+from tinymoe import generate, load_model
 from tinymoe.engine.moe import Routing
 from tinymoe.offload.cache import ExpertCache
 from tinymoe.offload.link import LinkSpec, SimulatedLink
-from tinymoe.offload.meter import classify_miss, eq1_bound_ms
+from tinymoe.offload.meter import HostClock, classify_miss, eq1_bound_ms
 from tinymoe.offload.runtime import OffloadRuntime
 from tinymoe.offload.trace import PerfettoTrace
 
@@ -318,3 +320,65 @@ def test_an_error_while_issuing_copies_leaves_no_slot_pinned(tmp_path):
         assert rt.cache.lookup((0, 1)) is None
         rt.engine.copy = issue
         assert [e for e, _ in rt.layers.experts(0, [0, 1])] == [0, 1]  # usable again
+
+
+PROMPT = [5, 17, 3, 42, 8, 61, 23, 7, 90, 11, 2, 33]
+
+
+class PooledClock(HostClock):
+    """A host clock whose stamps are objects from a pool, like CudaClock's events: counts how
+    many it ever made, and fails if the meter reads a stamp it has already given back."""
+
+    def __init__(self) -> None:
+        self.pool: list[list[float]] = []
+        self.made = 0
+
+    def stamp(self) -> list[float]:
+        if not self.pool:
+            self.made += 1
+        s = self.pool.pop() if self.pool else [0.0]
+        s[0] = time.perf_counter()
+        return s
+
+    def seconds(self, stamp: object) -> float:
+        if isinstance(stamp, float):  # a copy's, from the simulated link's clock
+            return stamp
+        assert not any(s is stamp for s in self.pool), "a stamp read after it went back"
+        return stamp[0]  # type: ignore[index]
+
+    def recycle(self, stamp: object) -> None:
+        self.pool.append(stamp)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("trace", [False, True])
+def test_meter_stamps_come_back_to_the_pool(tmp_path, trace):
+    """The meter gives every stamp back once read: a second generation makes no new stamps (on
+    CUDA, no new events), and the figures are those of a plain host clock's run."""
+    model = load_model(make_checkpoint(tmp_path / "m", num_layers=3))
+    with OffloadRuntime(model, "lru", slots=4, link=LinkSpec(100.0, 0.0), trace=trace) as rt:
+        clock = rt.meter.clock = PooledClock()
+        generate(model, PROMPT, 5, eos_ids=())
+        rt.report()
+        made = clock.made
+        generate(model, PROMPT, 5, eos_ids=())
+        report = rt.report()
+    assert made > 0 and clock.made == made  # (stalls vary in number: <= a pass's worth more)
+    assert len(clock.pool) == clock.made  # every stamp is back
+    assert report["decode"]["steps"] == 8 and report["decode"]["compute_ms"] > 0
+
+
+def test_meter_stamps_one_mark_per_layer_without_a_trace(tmp_path):
+    """Without a trace a layer costs the compute side one stamp (where its experts end), plus
+    two per forward pass; a trace adds the router's start and end."""
+    model = load_model(make_checkpoint(tmp_path / "m", num_layers=3))
+    counts = {}
+    for trace in (False, True):
+        with OffloadRuntime(model, "lru", slots=24, link=LinkSpec(100.0, 0.0), trace=trace) as rt:
+            generate(model, PROMPT, 2, eos_ids=())  # every expert the next run uses is loaded
+            clock = rt.meter.clock = PooledClock()
+            rt.reset_stats()
+            generate(model, PROMPT[:1], 1, eos_ids=())  # one forward pass, no copies: no stalls
+            counts[trace] = clock.made
+            assert rt.report()["prefill"]["misses"] == 0
+    L = model.cfg.num_layers
+    assert counts == {False: L + 2, True: 3 * L + 2}

@@ -137,3 +137,94 @@ def test_bad_run_flags_are_the_same_one_line_in_simulate_and_bench(baby, capsys,
         assert err.startswith(f"error: {flag}: ")
         errors.append(err)
     assert errors[0] == errors[1]
+
+
+class SplitCosts:
+    """Costs that count what the replay asks for, per (pass, layer): a device expert X, a host
+    expert H, a layer's two host copies C together; nothing else costs, the link is instant."""
+
+    X, H, C = 1e-3, 0.4e-3, 0.3e-3
+
+    def __init__(self, trace, host_parallel: bool) -> None:
+        self.link, self.expert_bytes = LinkSpec(1e9, 0.0), trace.model["expert_bytes"]
+        self.host_parallel = host_parallel
+        self.device: dict = {}  # (p, layer) -> device experts
+        self.host: dict = {}  # (p, layer) -> host_expert_s calls (in turn: one per expert)
+        self.copies: dict = {}  # (p, layer) -> [(rows_in, rows_out)] per host_copies_s call
+
+    def layer_s(self, p, layer, rec):
+        return 0.0
+
+    def expert_s(self, p, layer, rec):
+        self.device[p, layer] = self.device.get((p, layer), 0) + 1
+        return self.X
+
+    def host_expert_s(self, p, layer, rec):
+        self.host[p, layer] = self.host.get((p, layer), 0) + 1
+        return self.H
+
+    def host_copies_s(self, p, layer, rec, rows_in, rows_out):
+        self.copies.setdefault((p, layer), []).append((rows_in, rows_out))
+        return self.C
+
+    def guess_s(self, p, layer, rec, predictor):
+        return 0.0
+
+    def head_s(self, p):
+        return 0.0
+
+
+def test_host_experts_run_beside_the_device_experts_with_one_copy_each_way(trace):
+    """On a GPU (host_parallel) a layer's host experts cost one copy each way, not one per
+    expert, and run beside its device experts: the layer takes max(device experts, copies + host
+    experts). On a CPU (the host is the device) they run in turn and nothing is copied."""
+    decode = [p for p, ps in enumerate(trace.passes) if ps.phase == "decode"]
+    L = trace.model["num_layers"]
+    gpu = SplitCosts(trace, host_parallel=True)
+    sim = simulate(trace, "oracle", gpu, slots=3, miss_handler="cpu")
+    X, H, C = SplitCosts.X, SplitCosts.H, SplitCosts.C
+    step_s, host_experts, mixed = [], 0, 0
+    for p in decode:
+        t = 0.0
+        for layer in range(L):
+            d, copies = gpu.device.get((p, layer), 0), gpu.copies.get((p, layer), [])
+            assert len(copies) <= 1  # one pair of copies per layer, however many host experts
+            if copies:
+                ((rows_in, h),) = copies
+                assert rows_in == 1  # a decode step copies its one token once
+                host_experts, mixed = host_experts + h, mixed + (d > 0)
+                t += max(d * X, C + h * H)
+            else:
+                t += d * X
+        step_s.append(t)
+    assert sim["host_computed"] == host_experts > 0  # the decode's, all counted in the copies
+    assert mixed > 0  # layers where the two really ran side by side
+    assert sim["tpot_ms"] == pytest.approx(1e3 * sum(step_s) / len(decode), rel=1e-6)
+
+    cpu = SplitCosts(trace, host_parallel=False)
+    serial = simulate(trace, "oracle", cpu, slots=3, miss_handler="cpu")
+    assert not cpu.copies
+    want = [sum(cpu.device.get((p, l), 0) * X + cpu.host.get((p, l), 0) * H for l in range(L))
+            for p in decode]  # fmt: skip
+    assert serial["tpot_ms"] == pytest.approx(1e3 * sum(want) / len(decode), rel=1e-6)
+    # The same decisions (the scheduler reads no clock), only costed in turn.
+    assert cpu.device == gpu.device and serial["host_computed"] == sim["host_computed"]
+
+
+def test_roofline_host_miss_costs_two_copies_per_layer(trace):
+    """On-demand with the CPU handler computes every expert on the host: a decode step costs, per
+    layer, its attention, K host experts, and two copies (one token in, K rows out)."""
+    cfg = ModelConfig.from_file("docs/configs/qwen3-30b-a3b.json")
+    scaled = scale_trace(trace, cfg)
+    costs = RooflineCosts(HARDWARE["a6000"], cfg, context=2048)
+    got = simulate(scaled, "on-demand", costs, miss_handler="cpu")
+    K, rec = cfg.top_k, scaled.passes[1].layers[0]
+    per_layer = (
+        costs.layer_s(1, 0, rec) + costs.host_copies_s(1, 0, rec, 1, K)
+        + K * costs.host_expert_s(1, 0, rec)
+    )  # fmt: skip
+    assert got["host_computed"] > 0 and got["bytes_copied"] == 0
+    want_ms = 1e3 * (cfg.num_layers * per_layer + costs.head_s(1))
+    assert got["tpot_ms"] == pytest.approx(want_ms, rel=1e-9)
+    # Two latencies per layer, not one (or two) per host expert.
+    assert costs.host_copies_s(1, 0, rec, 1, K) < 3 * costs.link.latency_us * 1e-6

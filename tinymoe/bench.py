@@ -20,6 +20,7 @@ actually achieved. Every row also checks that its tokens equal those of the resi
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,8 +32,9 @@ from tinymoe.cli import (
     add_link_flags,
     add_model_flag,
     check_output_dir,
-    check_sequence_fits,
+    check_positions,
     device_from_args,
+    dtype_from_args,
     link_from_args,
     model_dir_from_args,
     open_fraction,
@@ -41,34 +43,21 @@ from tinymoe.cli import (
     positive_int_or_auto,
     run_cli,
 )
+from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.model import MoETransformer
 from tinymoe.engine.moe import Routing
 from tinymoe.engine.tokenizer import load_tokenizer
 from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec
 from tinymoe.offload.meter import eq1_bound_ms
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy
-from tinymoe.offload.runtime import OffloadRuntime
+from tinymoe.offload.runtime import OffloadRuntime, bare_report
 from tinymoe.offload.scheduler import throttle_depth
+from tinymoe.offload.transfer import measure_h2d_peak_gbps
 from tinymoe.speculation.calibration import Calibration, load_speculation
 from tinymoe.speculation.oracle import record_routing
 from tinymoe.speculation.predictors import PREDICTOR_NAMES, make_predictor
 
 FAST_LINK = LinkSpec(1e6, 0.0, "unlimited")  # for measuring compute alone
-
-
-def measure_h2d_peak_gbps(device: torch.device, nbytes: int = 256 * 2**20) -> float:
-    """The pinned host-to-device bandwidth this machine reaches: one big copy, best of three."""
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    best = 0.0
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()  # SYNC: measurement
-        best = max(best, nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
-    return best
 
 
 def run_policy(
@@ -84,8 +73,11 @@ def run_policy(
     calibration: Calibration | None = None,
     lookahead: int = 1,
     prefetch_depth: int = 1,
+    warm: bool = False,
 ) -> dict:
-    """Generate once under policy `name`; return its row (before the on-demand comparisons)."""
+    """Generate once under policy `name`; return its row (before the on-demand comparisons).
+    warm: generate once first, untimed, under the runtime, which keeps what it loaded (--warm).
+    resident without a trace is the bare model: no runtime, the baseline of every row."""
     policy = parse_policy(name)
     predictor = None
     if policy.predictor is not None:
@@ -93,16 +85,23 @@ def run_policy(
             policy.predictor, model, calibration, lookahead, recording=recording
         )
     offload = policy.offload
-    with OffloadRuntime(
-        model,
-        policy,
-        predictor=predictor,
-        slots=slots if offload else None,
-        budget_gb=budget_gb if offload else None,
-        link=link if offload and model.embed_tokens.weight.is_cpu else None,
-        trace=trace is not None,
-        prefetch_depth=prefetch_depth,
-    ) as rt:
+    rt = None  # resident without a trace: the bare model
+    if offload or trace is not None:
+        rt = OffloadRuntime(
+            model,
+            policy,
+            predictor=predictor,
+            slots=slots if offload else None,
+            budget_gb=budget_gb if offload else None,
+            link=link if offload and model.embed_tokens.weight.is_cpu else None,
+            trace=trace is not None,
+            prefetch_depth=prefetch_depth,
+        )
+    with rt or nullcontext():
+        if warm:
+            generate(model, ids, max_new_tokens, eos_ids=())
+            if rt:
+                rt.reset_stats()
         try:
             out = generate(model, ids, max_new_tokens, eos_ids=())
         except KeyboardInterrupt:  # what ran so far is worth seeing, as in run.py
@@ -110,7 +109,7 @@ def run_policy(
                 rt.write_trace(trace)
                 print(f"wrote the trace so far to {trace}", file=sys.stderr)
             raise
-        report = rt.report()
+        report = rt.report() if rt else bare_report(model.cfg.num_layers)
         if trace is not None:
             rt.write_trace(trace)
     dec = report["decode"]
@@ -239,7 +238,7 @@ def run_rounds(
             trace = trace_dir / f"{name}.trace.json" if trace_dir and i == 0 else None
             row = run_policy(
                 model, name, ids, args.max_new_tokens, link, recording, args.expert_slots,
-                budget_gb, trace, calibration, args.lookahead, depth,
+                budget_gb, trace, calibration, args.lookahead, depth, getattr(args, "warm", False),
             )  # fmt: skip
             row["exact"] = row.pop("tokens") == ref.tokens
             runs[name].append(row)
@@ -267,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(p)
     a("--expert-budget-gb", type=positive_float, metavar="GB", help="or a budget in GB (1e9 B)")
     a("--trace-dir", metavar="DIR", help="write POLICY.trace.json files here")
+    a(
+        "--warm",
+        action="store_true",
+        help="each run first generates the prompt once, untimed, under its runtime: with "
+        "--expert-slots for every expert and a fast link, TPOT over resident's is the runtime's "
+        "host overhead (the table then shows it per layer: host us/L)",
+    )
     a("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -296,11 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         trace_dir = check_output_dir(args.trace_dir, "--trace-dir")
         trace_dir.mkdir(parents=True, exist_ok=True)
     device = device_from_args(args)
-    model_dir_from_args(args)
-    model = load_model(args.model, device=device, dtype=args.dtype)
-    ids = prompt_ids(args, model.cfg.vocab_size)
-    p = model.embed_tokens.weight
-    check_sequence_fits(model.cfg, len(ids), args.max_new_tokens, p.dtype, p.device)
+    cfg = ModelConfig.from_file(model_dir_from_args(args) / "config.json")
+    ids = prompt_ids(args, cfg.vocab_size)  # before loading: the KV cache counts in what fits
+    positions = check_positions(cfg, len(ids), args.max_new_tokens)
+    dtype = dtype_from_args(args, device, positions, [parse_policy(n) for n in names])
+    model = load_model(args.model, device=device, dtype=dtype)
     calibration = load_speculation(args.model, model.cfg) if set(predictors) - {"oracle"} else None
     log = sys.stderr
 
@@ -327,22 +333,23 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     od = next(r for r in rows if r["policy"] == "on-demand")
     bound = eq1_bound_ms(od["tpot_ms"], od["layers"])
+    resident = next((r for r in rows if r["policy"] == "resident"), None)
     for r in rows:
         r["ratio_vs_on_demand"] = r["tpot_ms"] / od["tpot_ms"]
+        # TPOT over resident's per layer: with --warm and every expert in a slot, host overhead
+        r["over_resident_us_per_layer"] = (
+            (r["tpot_ms"] - resident["tpot_ms"]) * 1e3 / model.cfg.num_layers if resident else None
+        )
         r["eq1_bound_ms"] = bound
-        r["eq1_saving_share"] = (od["tpot_ms"] - r["tpot_ms"]) / (od["tpot_ms"] - bound)
-    result = {
-        "model": args.model,
-        "prompt_tokens": len(ids),
-        "new_tokens": args.max_new_tokens,
-        "link_gbps": link.gbps if link else None,  # None on CUDA: the real link
-        "link_latency_us": link.latency_us if link else None,
-        "h2d_peak_gbps": h2d_peak,
-        "copy_share_target": args.copy_share,
-        "prefetch_depth": depth,
-        "repeat": args.repeat,
-        "rows": rows,
-    }
+        saving = od["tpot_ms"] - bound  # 0 when on-demand copied nothing (--warm, every slot)
+        r["eq1_saving_share"] = (od["tpot_ms"] - r["tpot_ms"]) / saving if saving else None
+    result = dict(
+        model=args.model, prompt_tokens=len(ids), new_tokens=args.max_new_tokens,
+        link_gbps=link.gbps if link else None,  # None on CUDA: the real link
+        link_latency_us=link.latency_us if link else None, h2d_peak_gbps=h2d_peak,
+        copy_share_target=args.copy_share, prefetch_depth=depth, repeat=args.repeat,
+        warm=args.warm, threads=torch.get_num_threads(), rows=rows,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
@@ -355,25 +362,31 @@ def format_table(result: dict) -> str:
         f"{'policy':<24} {'slots':>5} {'TPOT ms':>8} {'vs OD':>6} {'tok/s':>7} {'hit':>5} "
         f"{'GB copied':>9} {'stall':>6} {'copy':>6} {'GB/s':>7} {'Eq.1 ms':>8} {'of Eq.1':>7} exact"
     )
+    warm = result.get("warm") and result["rows"][0]["over_resident_us_per_layer"] is not None
+    if warm:
+        head += f" {'host us/L':>9}"
     if result["link_gbps"] is None:
         link = f"CUDA, pinned host-to-device peak {result['h2d_peak_gbps']:.1f} GB/s"
     else:
         link = f"link {result['link_gbps']:.3f} GB/s + {result['link_latency_us']} us"
     lines = [
         f"{result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens, {link}, "
-        f"exact prefetch depth {result['prefetch_depth']}",
+        f"exact prefetch depth {result['prefetch_depth']}, {result['threads']} threads"
+        + (", warm (each run generated the prompt once first)" if result.get("warm") else ""),
         head,
     ]
     for r in result["rows"]:
         # Eq. 1 bounds what overlap can save; rows that avoid copies (caches) are not bounded by it.
         prefetches = parse_policy(r["policy"]).predictor is not None
-        eq1_share = f"{r['eq1_saving_share']:.1%}" if prefetches else "-"
+        share = r["eq1_saving_share"]
+        eq1_share = f"{share:.1%}" if prefetches and share is not None else "-"
         lines.append(
             f"{r['policy']:<24} {r['expert_slots']:>5} {r['tpot_ms']:>8.2f} "
             f"{r['ratio_vs_on_demand']:>6.3f} {r['tokens_per_s']:>7.1f} {r['hit_rate']:>5.2f} "
             f"{r['gb_copied']:>9.4f} {r['stall_share']:>6.1%} {r['copy_share']:>6.1%} "
             f"{r['achieved_gbps'] or 0:>7.2f} "
-            f"{r['eq1_bound_ms']:>8.2f} {eq1_share:>7} {r['exact']}"
+            f"{r['eq1_bound_ms']:>8.2f} {eq1_share:>7} {r['exact']!s:<5}"
+            + (f" {r['over_resident_us_per_layer']:>9.1f}" if warm else "")
         )
     return "\n".join(lines)
 

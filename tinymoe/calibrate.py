@@ -30,6 +30,7 @@ from tinymoe.cli import (
     add_model_flag,
     check_output_dir,
     device_from_args,
+    dtype_from_args,
     lookahead_list,
     model_dir_from_args,
     open_fraction,
@@ -269,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             raise TinyMoeError(f"--lookahead {d}: must be between 1 and {L - 1} for {L} layers")
     out = output_dir(args)
     device = device_from_args(args)
+    dtype = dtype_from_args(args, device)  # fits in memory? before anything is read
     ids = read_token_ids(args.model, args.text, args.tokens, args.seq_len)
     if ids.numel() < args.tokens:
         print(f"calibrate: {fewer_tokens(ids, args.tokens)}", file=sys.stderr)
-    model = load_model(args.model, device=device, dtype=args.dtype)
+    model = load_model(args.model, device=device, dtype=dtype)
     settings = CalibrationSettings(
         lookaheads=args.lookahead or tuple(d for d in (1, 2, 3) if d < L),
         steps=args.estimator_steps,

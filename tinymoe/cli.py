@@ -6,23 +6,33 @@ closed pipe (`tinymoe run ... | head -1`) ends quietly, with status 141 as for a
 
 The flags every tool shares are defined here once (`add_*`), each with the function that checks
 it and turns it into what the library takes (`*_from_args`); the `check_*` functions check where
-a tool will write, and what it will allocate, before it starts its long work.
+a tool will write, and what it will allocate, before it starts its long work: `dtype_from_args`
+compares what loading --model in --dtype needs (weights, expert slots, KV cache) with the memory
+free, from config.json alone, before anything is read.
 """
 
 import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 
 from tinymoe.engine.config import ModelConfig
-from tinymoe.engine.loader import DTYPES
+from tinymoe.engine.loader import (
+    DTYPES,
+    Checkpoint,
+    memory_needs,
+    resolve_dtype,
+    shortfall,
+    with_headroom,
+)
 from tinymoe.errors import TinyMoeError
 from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec
+from tinymoe.offload.policy import Policy, resolve_slots
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -156,8 +166,9 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=list(DTYPES),
         default="auto",
-        help="weights and activations; auto: the checkpoint's dtype on CUDA, float32 on CPU "
-        "(CPU bf16 matmuls are slow)",
+        help="weights and activations; auto: the checkpoint's dtype on CUDA; on CPU float32 "
+        "(CPU bf16 matmuls are slow) where it fits in memory, else the checkpoint's dtype (said "
+        "on stderr)",
     )
     add_threads_flag(parser)
 
@@ -232,17 +243,12 @@ def check_output_dir(path: str | Path, flag: str) -> Path:
     return p
 
 
-def check_sequence_fits(
-    cfg: ModelConfig,
-    prompt_len: int,
-    new_tokens: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    allow_long: bool = False,
-) -> None:
+def check_positions(
+    cfg: ModelConfig, prompt_len: int, new_tokens: int, allow_long: bool = False
+) -> int:
     """Prompt + --max-new-tokens: within max_position_embeddings, unless the user asked to go
     beyond (--allow-long: rotary positions past what the model was trained on still run, but
-    degrade); and a KV cache that fits, as it is allocated whole before the first token."""
+    degrade). Returns the positions, what the KV cache will hold (dtype_from_args counts it)."""
     positions, limit = prompt_len + new_tokens, cfg.max_position_embeddings
     if positions > limit:
         msg = (
@@ -254,13 +260,103 @@ def check_sequence_fits(
                 f"{msg}; lower --max-new-tokens, shorten the prompt, or add --allow-long"
             )
         print(f"warning: {msg}; going on (--allow-long): expect degraded text", file=sys.stderr)
-    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * positions * cfg.head_dim * dtype.itemsize
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_host_bytes()
-    if kv_bytes > free:
-        raise TinyMoeError(
-            f"the KV cache for {positions} positions needs {kv_bytes / 2**30:.1f} GiB, more "
-            f"than the {free / 2**30:.1f} GiB free on {device.type}; lower --max-new-tokens"
+    return positions
+
+
+def dtype_from_args(
+    args: argparse.Namespace,
+    device: torch.device,
+    positions: int = 0,
+    policies: Sequence[Policy] = (),
+    experts_on_host: bool = False,
+) -> torch.dtype:
+    """--dtype for --model on `device`, checked to fit in the memory free, before any weight is
+    read: counted from config.json alone (a shard's header only where it states no dtype).
+
+    Counts the weights (weight_bytes), a KV cache of `positions`, and the slots of the
+    offloading `policies` the tool will run (--expert-slots, --expert-budget-gb and --lookahead
+    where the tool has them). "auto" on a CPU takes float32 only where that fits (resolve_dtype
+    decides) and says on stderr when it takes the checkpoint's dtype instead; a dtype that does
+    not fit is a TinyMoeError naming the way out. experts_on_host: the tool loads the experts
+    into host memory (load_model(expert_device="cpu")).
+    """
+    path = model_dir_from_args(args)
+    cfg = ModelConfig.from_file(path / "config.json")
+    stored = cfg.dtype if cfg.dtype is not None else Checkpoint(path).storage_dtype()
+    offload = [p for p in policies if p.offload]
+    placement = "host" if experts_on_host else "device+host" if offload else "device"
+    free = {"host": free_host_bytes()}
+    if device.type == "cuda":
+        free["cuda"] = torch.cuda.mem_get_info(device)[0]
+    flags = ("lookahead", "expert_slots", "expert_budget_gb")  # where the tool has them
+    ahead, slots, budget = (getattr(args, f, None) for f in flags)
+    ahead = ahead if isinstance(ahead, int) else 1  # with a predictor; (calibrate's is a list)
+
+    def needs(dtype: torch.dtype) -> dict[str, dict[str, int]]:
+        size = cfg.expert_bytes(dtype)
+        n = [
+            resolve_slots(p, cfg, size, ahead if p.predictor else 1, slots, budget) for p in offload
+        ]
+        return memory_needs(cfg, dtype, device, positions, max(n, default=0), placement)
+
+    dtype = resolve_dtype(args.dtype, stored, device, lambda d: shortfall(needs(d), free) is None)
+    if short := shortfall(needs(dtype), free):
+        raise TinyMoeError(refusal(args, dtype, needs, *short, free, positions))
+    usual = resolve_dtype(args.dtype, stored, device)
+    if dtype != usual and (short := shortfall(needs(usual), free)):  # said: it is not the usual
+        pool, total = short
+        print(
+            f"dtype auto: {_name(dtype)}, the checkpoint's ({_name(usual)} would need "
+            f"{_gb(with_headroom(total))} of {_where(pool)} with headroom, {_gb(free[pool])} "
+            "available)",
+            file=sys.stderr,
         )
+    return dtype
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB"
+
+
+def _where(pool: str) -> str:
+    return "host memory" if pool == "host" else "GPU memory"
+
+
+def refusal(
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    needs: Callable[[torch.dtype], dict[str, dict[str, int]]],
+    pool: str,
+    total: int,
+    free: dict[str, int],
+    positions: int,
+) -> str:
+    """Why `dtype` does not fit in `pool`, and the way out, in one line."""
+    parts, avail = needs(dtype)[pool], _gb(free[pool])
+    flag = "--max-new-tokens" if hasattr(args, "max_new_tokens") else "--tokens"
+    if (kv := parts.get("KV cache", 0)) > free[pool]:  # the sequence alone is too long
+        return (
+            f"the KV cache for {positions} positions needs {_gb(kv)}, more than the {avail} of "
+            f"{_where(pool)} free; lower {flag}"
+        )
+    listed = ", ".join(f"{k} {_gb(v)}" for k, v in parts.items() if v >= 5e7)  # >= 0.1 GB
+    msg = f"{_name(dtype)} needs {_gb(with_headroom(total))} of {_where(pool)} ({listed}, + "
+    msg += f"headroom) and {avail} is available"
+    if dtype.itemsize > 2 and shortfall(needs(torch.bfloat16), free) is None:
+        return f"{msg}; use --dtype bfloat16"
+    if pool != "host" and "experts" in parts:  # on the GPU: offloading keeps them on the host
+        if getattr(args, "offload_policy", None) == "resident":
+            return f"{msg}; keep the experts in host memory: --offload-policy lru (or another)"
+        return f"{msg}: here every expert is on the GPU (tinymoe run can offload them)"
+    if (slots := parts.get("expert slots")) and with_headroom(total - slots) <= free[pool]:
+        return f"{msg}; give fewer --expert-slots"  # on a CPU too: slots there are extra copies
+    if kv and with_headroom(total - kv) <= free[pool]:
+        return f"{msg}; lower {flag}"
+    return f"{msg}: this checkpoint does not fit in this machine's {_where(pool)} in any dtype"
 
 
 def free_host_bytes() -> int:

@@ -35,6 +35,7 @@ from tinymoe.cli import (
     add_model_flag,
     check_output_file,
     device_from_args,
+    dtype_from_args,
     lookahead_list,
     model_dir_from_args,
     positive_int,
@@ -271,10 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             f"in {args.calibration or args.model}; run `tinymoe calibrate --model DIR --text FILE`"
         )
     device = device_from_args(args)
+    # Fits in memory? Before anything is read; --stepwise has a KV cache for up to --tokens ids.
+    dtype = dtype_from_args(args, device, args.tokens if args.stepwise else 0)
     ids = read_token_ids(args.model, args.text, args.tokens, args.seq_len)
     if ids.numel() < args.tokens:
         print(f"evaluate: {fewer_tokens(ids, args.tokens)}", file=sys.stderr)
-    model = load_model(args.model, device=device, dtype=args.dtype)
+    model = load_model(args.model, device=device, dtype=dtype)
     result = evaluate(model, ids, cal, names, lookaheads, not args.skip_speculative, args.stepwise)
     result.update(model=str(args.model), text=str(args.text))
     print(json.dumps(result) if args.json else table(result))

@@ -9,6 +9,7 @@ Ctrl-C ends the text with a newline, writes the --trace so far, and exits 130.
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,8 +21,9 @@ from tinymoe.cli import (
     add_link_flags,
     add_model_flag,
     check_output_file,
-    check_sequence_fits,
+    check_positions,
     device_from_args,
+    dtype_from_args,
     first_given,
     link_from_args,
     model_dir_from_args,
@@ -29,13 +31,12 @@ from tinymoe.cli import (
     positive_int,
     run_cli,
 )
-from tinymoe.engine.loader import Checkpoint, resolve_dtype
+from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.timing import peak_memory_bytes
 from tinymoe.engine.tokenizer import StopStrings, StreamDecoder, load_tokenizer
 from tinymoe.offload.link import DEFAULT_LINK, PRESETS
-from tinymoe.offload.meter import format_layers
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy
-from tinymoe.offload.runtime import OffloadRuntime
+from tinymoe.offload.runtime import OffloadRuntime, bare_report
 from tinymoe.offload.scheduler import MISS_HANDLERS
 from tinymoe.simulator.record import record_run
 from tinymoe.speculation.calibration import load_speculation
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--compile",
         action="store_true",
-        help="decode steps via torch.compile (resident: layers are then not timed one by one)",
+        help="decode steps via torch.compile (one graph when resident without --trace; an "
+        "offloading policy cuts the step into pieces around every layer)",
     )
     a("--json", action="store_true", help="print one JSON object instead of text")
     off = p.add_argument_group("expert offloading (see docs/offloading.md)")
@@ -191,12 +193,19 @@ def policy_name(args: argparse.Namespace) -> str:
 
 def make_runtime(
     args: argparse.Namespace, model: MoETransformer, prompt_ids: list[int], name: str
-) -> OffloadRuntime:
-    """The runtime for policy `name` (`resident` too: it is what measures layers), with the
-    predictor --prefetch names: built from the calibration files, or the oracle's recording."""
+) -> OffloadRuntime | None:
+    """The runtime for policy `name`, with the predictor --prefetch names: built from the
+    calibration files, or the oracle's recording. None for `resident` without --trace: the bare
+    model runs, with no hook, provider or meter, so its TPOT is the model's own."""
     link = link_from_args(args)
     if link is not None and args.offload_policy == "resident":
         raise TinyMoeError("--link-* flags need an offloading --offload-policy")
+    if name == "resident" and args.trace is None:
+        if first_given(args, "--expert-slots", "--expert-budget-gb") or args.miss_handler != "copy":
+            raise TinyMoeError(
+                "--expert-slots/--expert-budget-gb/--miss-handler need an offloading policy"
+            )
+        return None
     kind, predictor = parse_policy(name).predictor, None
     if kind is not None:
         check_lookahead(args.lookahead, model.cfg.num_layers)  # before the oracle's recording run
@@ -218,7 +227,6 @@ def make_runtime(
         trace=args.trace is not None,
         prefetch_depth=args.prefetch_depth,
         miss_handler=args.miss_handler,
-        per_layer=not (args.compile and name == "resident"),  # else compiled in pieces
     )
 
 
@@ -242,17 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = tokenizer.encode(prompt).ids
     if not prompt_ids:
         raise TinyMoeError("the prompt encodes to no tokens; give some text")
-    # Check the sequence fits from config.json and the file headers alone, before any weights.
-    ckpt = Checkpoint(args.model)
-    dtype = resolve_dtype(args.dtype, ckpt.storage_dtype(), device)
-    check_sequence_fits(
-        ckpt.config, len(prompt_ids), args.max_new_tokens, dtype, device, args.allow_long
-    )
+    # The sequence, and what it needs in memory in which dtype: from config.json alone, before
+    # any weight is read (dtype_from_args; "auto" on a CPU is float32 only where that fits).
+    cfg = ModelConfig.from_file(Path(args.model) / "config.json")
+    positions = check_positions(cfg, len(prompt_ids), args.max_new_tokens, args.allow_long)
     # Offloading on a GPU: read the experts straight into pinned host memory, so they never
     # have to fit on the device. The oracle is the exception: it first records a resident run.
     to_host = device.type == "cuda" and policy.offload and policy.predictor != "oracle"
+    dtype = dtype_from_args(args, device, positions, [policy], experts_on_host=to_host)
     model = load_model(
-        args.model, device=device, dtype=args.dtype, expert_device="cpu" if to_host else None
+        args.model, device=device, dtype=dtype, expert_device="cpu" if to_host else None
     )
     runtime = make_runtime(args, model, prompt_ids, name)
     stream, stops = StreamDecoder(tokenizer), StopStrings(args.stop)
@@ -266,19 +273,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.json:
         print(prompt, end="", flush=True)
-    with runtime:
+    with runtime or nullcontext():
         try:
             out = generate(model, prompt_ids, args.max_new_tokens, **sampling(args),
                            on_token=on_token, compile=args.compile)  # fmt: skip
         except KeyboardInterrupt:
             if not args.json:
                 print(flush=True)  # the interrupted text still ends its line
-            if args.trace:  # what ran so far is worth seeing: the trace is why it was asked for
+            if runtime and args.trace:  # what ran so far is worth seeing: the trace is why
                 runtime.write_trace(args.trace)
                 print(f"wrote the trace so far to {args.trace}", file=sys.stderr)
             raise
-        report = runtime.report()  # decode and prefill measured separately
-        if args.trace:
+        # decode and prefill measured separately (None: the bare model, nothing to report)
+        report = runtime.report() if runtime else None
+        if runtime and args.trace:
             runtime.write_trace(args.trace)
     if not args.json:
         print(stops.flush(), end="")  # text held back as a possible stop string that was not
@@ -297,11 +305,13 @@ def print_result(
     args: argparse.Namespace,
     text: str,
     out: GenerationResult,
-    report: dict,
+    report: dict | None,
     stop: str | None,
     device: torch.device,
 ) -> None:
-    """The timing summary on stderr (text mode), or everything as one JSON object."""
+    """The timing summary on stderr (text mode), or everything as one JSON object. report: the
+    runtime's; None for the bare model (resident, nothing copied, layers not timed)."""
+    report = report or bare_report(0)  # (no layers: run.py prints no per-layer table for it)
     tpot, dec, pre = out.tpot_ms, report["decode"], report["prefill"]
     stats = {
         "prompt_tokens": out.prompt_len,
@@ -315,13 +325,14 @@ def print_result(
         "compile_s": out.compile_s,  # --compile: the first decode step, kept out of TPOT
         "offload_policy": report["policy"],
         "expert_slots": report["expert_slots"],
-        "hit_rate": dec["hit_rate"] if dec["hits"] + dec["misses"] else None,
+        "hit_rate": dec["hit_rate"] if dec["hits"] + dec["misses"] else None,  # None: bare
         "bytes_copied": dec["bytes_copied"],  # decode steps, in total
         "stall_ms": dec["stall_ms"],  # per decode step, as tpot_ms
         "copy_ms": dec["copy_ms"],
         "miss_kinds": dec["miss_kinds"],
         "wasted_prefetch_bytes": dec["wasted_prefetch_bytes"],
-        "layers": dec["layers"],  # per layer: ms per decode step; hits, misses, bytes in total
+        # per layer: ms per decode step; hits, misses, bytes in total (None: not timed per layer)
+        "layers": dec["layers"] or None,
         "prefill": {k: pre[k] for k in ("copy_ms", "stall_ms", "bytes_copied", "hits", "misses")},
     }
     if args.json:
@@ -346,6 +357,19 @@ def print_result(
             f"copied in {pre['copy_ms']:.1f} ms\n{format_layers(dec)}",
             file=sys.stderr,
         )
+
+
+def format_layers(summary: dict) -> str:
+    """A per-layer table of a PhaseStats.summary(), for people."""
+    lines = [
+        f"{'layer':>5} {'compute ms':>10} {'copy ms':>8} {'stall ms':>8} {'hits':>6} {'misses':>6}"
+    ]
+    for i, s in enumerate(summary["layers"]):
+        lines.append(
+            f"{i:>5} {s['compute_ms']:>10.3f} {s['copy_ms']:>8.3f} {s['stall_ms']:>8.3f} "
+            f"{s['hits']:>6} {s['misses']:>6}"
+        )
+    return "\n".join(lines)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -23,7 +23,14 @@ from pathlib import Path
 
 from tinymoe import load_model
 from tinymoe.bench import add_run_flags, auto_depth, prompt_ids, run_rounds, simulated_link
-from tinymoe.cli import OneLineParser, device_from_args, model_dir_from_args, positive_int, run_cli
+from tinymoe.cli import (
+    OneLineParser,
+    device_from_args,
+    dtype_from_args,
+    model_dir_from_args,
+    positive_int,
+    run_cli,
+)
 from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.generate import generate
 from tinymoe.errors import TinyMoeError
@@ -86,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.model is None:
             raise TinyMoeError("give --model DIR (to record a run) or --trace FILE")
-        model_dir_from_args(args)
-        model = load_model(args.model, device=device, dtype=args.dtype)
-        ids = prompt_ids(args, model.cfg.vocab_size)
+        recorded_cfg = ModelConfig.from_file(model_dir_from_args(args) / "config.json")
+        ids = prompt_ids(args, recorded_cfg.vocab_size)
+        # Fits in memory? Before the weights are read. Recording runs on-demand (record_run).
+        offload = [parse_policy("on-demand"), *(policies if args.validate else ())]
+        dtype = dtype_from_args(args, device, len(ids) + args.max_new_tokens, offload)
+        model = load_model(args.model, device=device, dtype=dtype)
         generate(model, ids[:4], 2, eos_ids=())  # warm-up
         ref, recording = record_routing(model, ids, args.max_new_tokens, eos_ids=())
         link = simulated_link(model, ids, args, recording)

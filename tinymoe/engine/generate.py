@@ -6,11 +6,14 @@ is prefill (time to first token, TTFT); every later token costs one decode step.
 generate(compile=True) runs the decode steps through torch.compile (compiled_forward): the
 same forward pass, traced once, with inductor's fused kernels instead of one kernel per
 operation. Prefill stays eager (it runs once, and every prompt length would be a new graph).
+The steps that compile, or record a CUDA graph, are kept out of TPOT (warmup_steps).
 """
 
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -19,6 +22,8 @@ from tinymoe.engine.kvcache import KVCache
 from tinymoe.engine.model import MoETransformer
 from tinymoe.engine.timing import now, summarize_ms
 from tinymoe.errors import TinyMoeError
+
+PACKAGE = Path(__file__).resolve().parents[1]  # tinymoe/, to find its frames in a traceback
 
 
 @dataclass
@@ -31,6 +36,11 @@ class GenerationResult:
     # compile=True: the first decode step, which traces and compiles (unless an earlier call
     # compiled this model already); kept out of step_s, so TPOT is the compiled steady state
     compile_s: float | None = None
+    # compile=True with CUDA graphs: the second decode step, in which CUDA-graph trees record
+    # the graph (the first ran the compiled step once to warm up); kept out of step_s too. In a
+    # later generation the first step records (a new KV cache) and this one is a plain replay,
+    # kept out all the same: which steps count never depends on what ran before.
+    record_s: float | None = None
 
     @property
     def tpot_ms(self) -> dict[str, float]:
@@ -38,8 +48,10 @@ class GenerationResult:
 
     @property
     def tokens_per_s(self) -> float:
+        """The first token and the timed decode steps' over their time (the steps kept out of
+        step_s, compiling or recording, are left out of both)."""
         total = self.ttft_s + sum(self.step_s)
-        return len(self.tokens) / total if total > 0 else float("nan")
+        return (1 + len(self.step_s)) / total if total > 0 else float("nan")
 
 
 def sample(
@@ -88,13 +100,23 @@ def cuda_graphs_apply(model: MoETransformer) -> bool:
     return on_cuda and model.route_hook is None and model.provider is model.experts
 
 
+def warmup_steps(compile: bool, cuda_graphs: bool) -> int:
+    """How many decode steps generate keeps out of TPOT (step_s): under compile, the first (it
+    compiles, once per model; with CUDA graphs it also runs the step once, eagerly, to warm up
+    the graph's memory pool) and, with CUDA graphs, the second, in which CUDA-graph trees record
+    the graph; replays start at the third. A count fixed before the loop, never a clock."""
+    return (2 if cuda_graphs else 1) if compile else 0
+
+
 def compiled_forward(model: MoETransformer, cuda_graphs: bool = False) -> Callable[..., Tensor]:
     """model.forward compiled with torch.compile for the static-shape decode step (start a (1,)
     tensor: MoETransformer._static_step, one graph for every position), made once per model (and
     mode) and kept on it. cuda_graphs: also capture it as a CUDA graph (mode "reduce-overhead"),
     replayed each step as one launch instead of one per kernel. A route hook or an offloading
-    provider runs eagerly inside the step (model.outside_graph); with neither, the whole step is
-    one graph: the experts are read by index (experts_by_index) and no id goes to the host."""
+    provider runs eagerly inside the step (model.outside_graph), the layer loop too, each layer
+    compiled in pieces around them (MoETransformer._layers_with_host_calls); with neither, the
+    whole step is one graph: the experts are read by index (experts_by_index) and no id goes
+    to the host."""
     mode = "reduce-overhead" if cuda_graphs else "default"
     if mode not in model.compiled:
         if model.embed_tokens.weight.device.type == "cpu":
@@ -213,13 +235,18 @@ def generate(
 
     ids = torch.tensor([input_ids], device=device)  # (1, T)
     t0 = now()
-    token = sample(prefill(model, ids, cache), temperature, top_p, gen, top_k)  # (1,)
-    tok = int(token.item())  # SYNC: the host needs the id to decide whether to stop
+    try:
+        token = sample(prefill(model, ids, cache), temperature, top_p, gen, top_k)  # (1,)
+        tok = int(token.item())  # SYNC: the host needs the id to decide whether to stop
+    except Exception as e:
+        _name_cuda_error(e, "the prefill")
+        raise
     ttft = now() - t0
     result = GenerationResult(tokens=[tok], prompt_len=len(input_ids), ttft_s=ttft)
     stop = bool(on_token and on_token(tok))
     pos = len(input_ids)
-    model.compiling = compile  # the first compiled step compiles (a runtime meters it apart)
+    warmup = warmup_steps(compile, compile and cuda_graphs_apply(model))
+    steps = 0  # decode steps done
     try:
         with torch.inference_mode(), compiled_steps(model) if compile else nullcontext():
             # The compiled step takes its position as a (1,) tensor on the device, advanced in
@@ -227,22 +254,58 @@ def generate(
             # kind of tensor from step to step, which the compiled graph's guards check).
             position = torch.tensor([pos], device=device) if compile else None
             while len(result.tokens) < max_new_tokens and tok not in eos and not stop:
+                model.compiling = steps < warmup  # (a runtime meters these steps apart)
                 t0 = now()
                 at = pos if position is None else position
                 logits = decode_one_token(model, token.view(1, 1), cache, at)
                 token = sample(logits, temperature, top_p, gen, top_k)
                 tok = int(token.item())  # SYNC: one per token, as above; the step is done
-                if model.compiling:
-                    result.compile_s = now() - t0
-                    model.compiling = False
+                took = now() - t0
+                if steps >= warmup:
+                    result.step_s.append(took)
+                elif steps == 0:
+                    result.compile_s = took
                 else:
-                    result.step_s.append(now() - t0)
+                    result.record_s = took
+                steps += 1
                 result.tokens.append(tok)
                 pos += 1
                 if position is not None:
                     position += 1
                 stop = bool(on_token and on_token(tok))
+    except Exception as e:
+        _name_cuda_error(e, f"decode step {steps + 1}")
+        raise
     finally:
         model.compiling = False
     result.stopped_at_eos = tok in eos
     return result
+
+
+def _name_cuda_error(e: Exception, during: str) -> None:
+    """Raise a TinyMoeError, from e, if e is an error CUDA reported; else return (the caller
+    re-raises e as it is).
+
+    CUDA reports a failure of queued work (a kernel, an expert copy on the copy stream) at the
+    first CUDA call after it that checks, and at the latest at the next host sync: for a copy
+    the compute stream waited for, the next layer's ids read or the step's token read (every
+    `# SYNC:` of a step comes after the waits it queued). So the message names the sync, or
+    other call, where it surfaced, and how to find the operation that failed. The CUDA context
+    is lost after such an error: nothing on this device can run again in this process.
+    """
+    accelerator_error = getattr(torch, "AcceleratorError", ())  # torch >= 2.8
+    if not isinstance(e, accelerator_error) and not str(e).startswith("CUDA error"):
+        return
+    frames = [
+        f for f in traceback.extract_tb(e.__traceback__) if f.filename.startswith(str(PACKAGE))
+    ]
+    where = "(no tinymoe frame)"
+    if frames:
+        f = frames[-1]
+        where = f"{Path(f.filename).relative_to(PACKAGE.parent)}:{f.lineno} ({f.name})"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise TinyMoeError(
+        f"CUDA reported an error during {during}, at {where}: {first}. It may come from work "
+        "queued earlier (a kernel, an expert copy), reported at the next sync; rerun with "
+        "CUDA_LAUNCH_BLOCKING=1 to see the operation"
+    ) from e

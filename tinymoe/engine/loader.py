@@ -8,7 +8,8 @@ Experts kept on the host (`expert_device="cpu"`) are read, expert by expert, int
 (L, E, 3*I*D) buffer from `host_buffer` (offload/store.py), page-locked exactly when the model
 computes on CUDA; each layer's parameter is a view of it, so the offloading runtime's host store
 adopts them as they are and the host never holds the experts twice. The dtype to compute in
-is resolved here too (resolve_dtype), so entry points only pass its name.
+is decided here too, in one place (resolve_dtype): the tools give it their check of what fits in
+memory (tinymoe/cli.py, dtype_from_args, before anything is read; weight_bytes counts the weights).
 
 Key mapping (checkpoint key -> tinymoe name): drop the leading `model.`; Mixtral's
 `block_sparse_moe` is our `mlp`; `self_attn.{q,k,v}_proj` are the three row blocks of our fused
@@ -21,6 +22,7 @@ expert (see experts.py):
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,15 +59,22 @@ def qkv_rows(cfg: ModelConfig) -> tuple[int, int, int]:
 
 
 def resolve_dtype(
-    name: str | torch.dtype, checkpoint_dtype: str, device: str | torch.device
+    name: str | torch.dtype,
+    checkpoint_dtype: str,
+    device: str | torch.device,
+    fits: Callable[[torch.dtype], bool] | None = None,
 ) -> torch.dtype:
     """The dtype to compute in: `name`, where "auto" means the checkpoint's own dtype on an
-    accelerator and float32 on the CPU.
+    accelerator and float32 on the CPU when it fits in memory, else the checkpoint's dtype.
 
     Why float32 on the CPU: bf16 matmuls there are slow (often emulated) and not every CPU kernel
-    supports bf16 well. Why the checkpoint's dtype on a GPU: widening bf16 to fp32 would double
+    supports bf16 well. But a bf16 checkpoint widened to fp32 takes twice its size in memory
+    (OLMoE-1B-7B: 27.7 GB instead of 13.8), and a run that fits is worth more than a fast one
+    that cannot start. Why the checkpoint's dtype on a GPU: widening bf16 to fp32 would double
     the memory and the bytes of every expert copy, for no accuracy gained over the stored weights.
     checkpoint_dtype: e.g. "bfloat16", as Checkpoint.storage_dtype names it.
+    fits: whether everything a run allocates fits in memory in a dtype (the tools pass
+    tinymoe.cli's check, made before loading); None: assume it does (load_model's own "auto").
     """
     if isinstance(name, torch.dtype):
         return name
@@ -73,14 +82,80 @@ def resolve_dtype(
         raise TinyMoeError(f"dtype {name!r} is not supported; expected one of {', '.join(DTYPES)}")
     if name != "auto":
         return _TORCH_DTYPES[name]
+    stored = _TORCH_DTYPES.get(checkpoint_dtype)
     if torch.device(device).type == "cpu":
-        return torch.float32
-    if checkpoint_dtype not in _TORCH_DTYPES:
+        # A stored dtype tinymoe does not compute in (fp8) stays float32: if that does not fit,
+        # the caller's memory check names --dtype bfloat16.
+        return torch.float32 if stored is None or fits is None or fits(torch.float32) else stored
+    if stored is None:
         raise TinyMoeError(
             f"dtype 'auto': the checkpoint stores {checkpoint_dtype}, which tinymoe does not "
             f"compute in; choose one of {', '.join(_TORCH_DTYPES)} (--dtype)"
         )
-    return _TORCH_DTYPES[checkpoint_dtype]
+    return stored
+
+
+def weight_bytes(cfg: ModelConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """Bytes load_model allocates for cfg's weights in dtype: (all but the experts, the experts).
+
+    Counted on the very model load_model builds, on the `meta` device (shapes only, nothing
+    allocated; a tied LM head counted once), so the count cannot drift from the model code.
+    """
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    experts = cfg.num_layers * cfg.num_experts * cfg.expert_numel
+    total = sum(p.numel() for p in model.parameters())
+    return (total - experts) * dtype.itemsize, experts * dtype.itemsize
+
+
+# What a run allocates beyond what memory_needs counts (weights, expert slots, KV cache):
+# activations (a prefill's logits alone are T x V floats), the allocator's rounding and
+# fragmentation, the tensor being cast while loading. 10% of what is counted, at least 256 MiB.
+# (The process itself, Python and torch, is already running when free memory is read.)
+HEADROOM_SHARE = 0.10
+HEADROOM_MIN_BYTES = 256 * 2**20
+
+
+def with_headroom(nbytes: int) -> int:
+    """nbytes plus the headroom above (0 stays 0: a pool nothing goes to needs nothing)."""
+    return nbytes + max(int(nbytes * HEADROOM_SHARE), HEADROOM_MIN_BYTES) if nbytes else 0
+
+
+def memory_needs(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    positions: int = 0,
+    slots: int = 0,
+    experts: str = "device",
+) -> dict[str, dict[str, int]]:
+    """Bytes a run allocates, by memory pool and part: {"host": parts} on a CPU (the device is
+    the host), {"cuda": parts, "host": parts} on CUDA.
+
+    positions: the KV cache's. slots: the offloading runtime's expert slots, on the device; on
+    a CPU they add to the experts, which the host store adopts from the model without a copy.
+    experts: "device" (resident), "host" (load_model(expert_device="cpu"): on the device only
+    the rest), or "device+host" (loaded on the device; an offloading runtime allocates its
+    slots, then moves them to the host: on CUDA both, at the peak).
+    """
+    weights, expert_bytes = weight_bytes(cfg, dtype)
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * positions * cfg.head_dim * dtype.itemsize
+    parts = {"other weights": weights, "experts": expert_bytes}
+    parts.update({"expert slots": slots * cfg.expert_bytes(dtype), "KV cache": kv})
+    if device.type == "cpu":
+        return {"host": parts}
+    if experts == "host":
+        del parts["experts"]
+    return {device.type: parts, "host": {} if experts == "device" else {"experts": expert_bytes}}
+
+
+def shortfall(needs: dict[str, dict[str, int]], free: dict[str, int]) -> tuple[str, int] | None:
+    """The first pool where what goes there, with headroom, exceeds what is free: (pool,
+    bytes without headroom); None when everything fits."""
+    for pool, parts in needs.items():
+        if with_headroom(total := sum(parts.values())) > free[pool]:
+            return pool, total
+    return None
 
 
 class Checkpoint:
@@ -186,7 +261,8 @@ def load_model(
     """Build a MoETransformer from a checkpoint directory, every weight on `device` in `dtype`.
 
     dtype: a torch dtype or one of DTYPES; "auto" (the default) is the checkpoint's dtype on a
-    GPU and float32 on the CPU (see resolve_dtype).
+    GPU and float32 on the CPU (see resolve_dtype; the tools first check what fits in memory,
+    tinymoe.cli.dtype_from_args, and pass the dtype it chose).
 
     expert_device: where the experts go (default: `device`); "cpu" reads them into the one host
     buffer the offloading runtime adopts (see the top), so they never have to fit on a GPU.

@@ -162,7 +162,8 @@ def outside_graph(fn: Callable[..., Any], *args: Any) -> Any:
 
     For the code the model calls but does not own: a route hook or an offloading provider reads
     ids to the host, keeps Python state and times itself, none of which belongs in a graph. In
-    eager mode this is a plain call.
+    eager mode this is a plain call. (Each call cuts the compiled step: see
+    MoETransformer._layers_with_host_calls.)
     """
     return fn(*args)
 
@@ -195,8 +196,9 @@ class MoETransformer(nn.Module):
         self._provider: ExpertProvider | None = None
         self._rope: tuple[Tensor, Tensor] | None = None  # cos, sin (n, Dh) for positions < n
         self.compiled: dict[str, Callable[..., Tensor]] = {}  # generate.compiled_forward's
-        # True during generate(compile=True)'s first decode step, the one that compiles: a
-        # runtime's meter files that pass apart, as the GenerationResult keeps it out of TPOT.
+        # True during the decode steps generate(compile=True) keeps out of TPOT (the one that
+        # compiles; with CUDA graphs, the one that records too: generate.warmup_steps): a
+        # runtime's meter files those passes apart, as the GenerationResult keeps them apart.
         self.compiling = False
 
     @contextmanager
@@ -241,7 +243,6 @@ class MoETransformer(nn.Module):
         start may also be a (1,) long tensor, for one new token (T = 1) with a cache: the
         static-shape decode step (see `_static_step`), which the compiled decode uses.
         """
-        cfg = self.cfg
         B, T = input_ids.shape
         x = self.embed_tokens(input_ids)  # (B, T, D)
         if isinstance(start, Tensor):
@@ -250,22 +251,63 @@ class MoETransformer(nn.Module):
             pos = torch.arange(start, start + T, device=x.device)  # (T,)
             cos, sin = self._rope_rows(start, T, max(start + T, cache.max_len if cache else 0), x)
             mask = self._mask(pos, start + T, x.device)
-        for i, layer in enumerate(self.layers):
-            # ---- attention ----
-            r = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, cache, i, start)
-            # ---- routing ----
-            u = layer.post_attention_layernorm(r).view(B * T, -1)  # (N, D)
-            if self.route_hook is None:
-                routing = layer.mlp.route(u)
-            else:
-                routing = outside_graph(self.route_hook, i, r, u, layer.mlp.route)
-            # ---- experts ----
-            if self._provider is None:  # resident
-                y = moe_forward(u, routing, self.experts, i, cfg.expert_dim)  # (N, D)
-            else:
-                y = outside_graph(moe_forward, u, routing, self._provider, i, cfg.expert_dim)
-            x = r + y.view(B, T, -1)
+        if self.route_hook is None and self._provider is None:
+            for i, layer in enumerate(self.layers):
+                x = self._layer(i, layer, x, cos, sin, mask, cache, start)  # (B, T, D)
+        else:  # the same layers, in a loop of their own (see _layers_with_host_calls)
+            x = self._layers_with_host_calls(x, cos, sin, mask, cache, start)  # (B, T, D)
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def _layer(
+        self,
+        i: int,
+        layer: Block,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        start: int | Tensor,
+    ) -> Tensor:
+        """Layer i (its Block passed in, not looked up: see _layers_with_host_calls): x -> x."""
+        B, T, _ = x.shape
+        # ---- attention ----
+        r = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, cache, i, start)
+        # ---- routing ----
+        u = layer.post_attention_layernorm(r).view(B * T, -1)  # (N, D)
+        if self.route_hook is None:
+            routing = layer.mlp.route(u)
+        else:
+            routing = outside_graph(self.route_hook, i, r, u, layer.mlp.route)
+        # ---- experts ----
+        if self._provider is None:  # resident
+            y = moe_forward(u, routing, self.experts, i, self.cfg.expert_dim)  # (N, D)
+        else:
+            y = outside_graph(moe_forward, u, routing, self._provider, i, self.cfg.expert_dim)
+        return r + y.view(B, T, -1)  # (B, T, D)
+
+    def _layers_with_host_calls(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        start: int | Tensor,
+    ) -> Tensor:
+        """The layer loop when a route hook or a provider is installed: forward's, in a function
+        of its own for torch.compile. Dynamo cannot resume a graph cut inside a loop
+        (outside_graph cuts every layer twice), so it runs the function holding the loop
+        eagerly, and for good: the mark is on the code, so were that forward, every later
+        compiled forward of the process, resident ones included, would run eagerly too. Here
+        only this loop does, and each `_layer` it calls compiles in pieces around the two host
+        calls. The Block is passed in because `self.layers[i]` would specialise those
+        graphs on i, compiling them once per layer, past dynamo's recompile limit (8) on a real
+        model; as it is, each compiles twice (layer 0, then i symbolic) whatever L
+        (tests/test_cuda_path.py runs 48 layers)."""
+        for i, layer in enumerate(self.layers):
+            x = self._layer(i, layer, x, cos, sin, mask, cache, start)
+        return x
 
     def _rope_rows(self, start: int, T: int, length: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin (T, Dh) for positions start..start+T-1, rows of a table of `length` rows.

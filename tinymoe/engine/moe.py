@@ -23,7 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from tinymoe.engine.config import ModelConfig
-from tinymoe.engine.experts import ExpertProvider, ResidentExperts, expert_forward, experts_by_index
+from tinymoe.engine.experts import (
+    ExpertProvider,
+    HostExperts,
+    ResidentExperts,
+    expert_forward,
+    experts_by_index,
+    on_host,
+)
 
 
 @dataclass
@@ -31,7 +38,9 @@ class Routing:
     """Which experts each token uses, and with what weights."""
 
     ids: Tensor  # (N, K) long
-    weights: Tensor  # (N, K), in routing_weights_dtype (fp32 for Mixtral, else the activations')
+    # (N, K), in routing_weights_dtype (fp32 for Mixtral, else the activations'); None for a
+    # guess that names experts only (RouterPredictor.guess_ids: exact prefetch never runs it)
+    weights: Tensor | None
     logits: Tensor | None = None  # (N, E) the router's logits; None when the routing was predicted
     host_ids: list[list[int]] | None = None  # ids as read to the host, once (see ids_on_host)
 
@@ -98,6 +107,11 @@ def moe_forward(
 
     The ids are read to the host once (the layer's one sync: it must know which experts to ask
     for), or not at all for one token whose ids are already read (`routing.ids_on_host()`).
+
+    Host experts (weights the provider yields from the host, experts.py): only collected as they
+    come; their inputs' one copy to the host starts before the first device expert is queued,
+    the host computes them after the last, and their outputs, copied back once, are scaled and
+    summed with the others as if computed here (on a CUDA device, one more host sync).
     """
     N, K = routing.ids.shape
     if N == 1 and torch.compiler.is_compiling() and isinstance(provider, ResidentExperts):
@@ -107,7 +121,14 @@ def moe_forward(
         )
     if N == 1:  # decode: one token, so skip the grouping machinery (per-op overhead dominates)
         ids = routing.ids_on_host()[0]  # (the layer's one sync, unless already read)
-        y = {e: expert_forward(w, u, expert_dim) for e, w in provider.experts(layer, sorted(ids))}
+        host, y = HostExperts(expert_dim), {}
+        for e, w in provider.experts(layer, sorted(ids)):
+            if on_host(w, u):
+                host.add(e, w, u)
+                continue
+            host.start()  # before the first device expert, so its copy does not queue behind it
+            y[e] = expert_forward(w, u, expert_dim)
+        y.update(host.finish())  # (1, D) each, on u's device
         if len(y) != K:
             raise RuntimeError(f"expert provider did not supply experts {ids} of layer {layer}")
         ys = torch.stack([y[e] for e in ids])  # (K, 1, D) in k order, whatever the yield order
@@ -122,10 +143,17 @@ def moe_forward(
     token_of = order // K  # (N*K,) token index of each sorted slot
     w_sorted = routing.weights.reshape(-1)[order]  # (N*K,)
     parts: dict[int, Tensor] = {}
+    host = HostExperts(expert_dim)
     for e, w in provider.experts(layer, used):
         a, b = starts[e], starts[e + 1]
         x_e = u[token_of[a:b]]  # (n_e, D)
+        if on_host(w, u):
+            host.add(e, w, x_e)
+            continue
+        host.start()  # before the first device expert, so its copy does not queue behind it
         parts[e] = expert_forward(w, x_e, expert_dim) * w_sorted[a:b, None]  # (n_e, D)
+    for e, y_e in host.finish():  # (n_e, D) each, on u's device
+        parts[e] = y_e * w_sorted[starts[e] : starts[e + 1], None]
     if len(parts) != len(used):
         missing = sorted(set(used) - set(parts))
         raise RuntimeError(f"expert provider did not supply experts {missing} of layer {layer}")

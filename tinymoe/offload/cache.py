@@ -4,8 +4,24 @@ The cache only decides *where* an expert goes and *which* expert leaves; the tra
 (transfer.py) moves the bytes and the scheduler (scheduler.py) decides *when* (a slot whose copy
 is still in flight is not pinned: see there). Experts are read-only, so an evicted expert is
 simply forgotten: nothing is copied back.
+
+Finding the victim without looking at every slot. Each unpinned slot belongs to one of four
+groups, by (free or held, reserved or not), and each group has a min-heap of entries:
+(slot,) for a free slot (the lowest index goes first), (last_use, slot) under lru and
+(uses[key], last_use, slot) under lfu for a held one, i.e. the eviction order of the class
+docstring. `_victim` reads the tops of at most four heaps. Every method that changes a slot's
+group or rank (touch, unpin, reserve, unreserve, insert, drop) marks the slot; the next
+`_victim` pushes each marked slot's new entry once, and leaves old entries where they are: an
+entry is live only while it still equals what the slot's state says now (`_place`; pinning
+kills it), and a dead one is popped when it reaches the top. When the heaps hold more than
+2S + 16 entries, they are rebuilt from the state (at most S entries, all live): so they never
+hold more, and a rebuild, O(S), follows at least S + 16 pushes: O(1) per push.
+Cost: O(log S) per operation, amortised. Heaps rather than an O(1) recency list because an
+unpinned (or unreserved) slot goes back to its *old* place in the order, somewhere in the
+middle, which a list cannot find without a scan.
 """
 
+import heapq
 from collections import Counter
 
 import torch
@@ -14,6 +30,8 @@ from tinymoe.errors import TinyMoeError
 
 Key = tuple[int, int]  # (layer, expert)
 EVICTIONS = ("lru", "lfu")
+# The heap groups of unpinned slots: free or held, reserved or not (the module docstring).
+FREE, FREE_RESERVED, HELD, HELD_RESERVED = range(4)
 
 
 class ExpertCache:
@@ -69,6 +87,12 @@ class ExpertCache:
         self.last_use = [0] * num_slots  # logical clock of the slot's last use (or load)
         self.uses: Counter[Key] = Counter()  # LFU: uses of each expert since the cache was made
         self._clock = 0
+        # The victim index (the module docstring): one heap per group, and how many entries
+        # the four hold, live or dead.
+        self._heaps: list[list[tuple[int, ...]]] = [[], [], [], []]
+        self._entries = 0
+        self._dirty: set[int] = set()  # slots whose state changed since their last push
+        self._rebuild()
 
     @property
     def num_slots(self) -> int:
@@ -80,23 +104,28 @@ class ExpertCache:
 
     def touch(self, key: Key) -> None:
         """Record one use of `key` (it must be held): refreshes recency, counts frequency."""
+        slot = self.slot_of[key]
         self._clock += 1
-        self.last_use[self.slot_of[key]] = self._clock
+        self.last_use[slot] = self._clock
         self.uses[key] += 1
+        self._index(slot)
 
     def pin(self, slot: int) -> None:
-        self.pins[slot] += 1
+        self.pins[slot] += 1  # its heap entry is dead now (`_place`): nothing to push
 
     def unpin(self, slot: int) -> None:
         if self.pins[slot] <= 0:
             raise RuntimeError(f"expert cache: slot {slot} unpinned more often than pinned")
         self.pins[slot] -= 1
+        self._index(slot)
 
     def reserve(self, slot: int) -> None:
         self.reserved[slot] = True
+        self._index(slot)
 
     def unreserve(self, slot: int) -> None:
         self.reserved[slot] = False
+        self._index(slot)
 
     def insert(self, key: Key, evict_reserved: bool = True) -> tuple[int, Key | None] | None:
         """Give `key` a slot, for the copy the caller is about to issue.
@@ -118,6 +147,7 @@ class ExpertCache:
         self.slot_of[key] = slot
         self._clock += 1
         self.last_use[slot] = self._clock  # a fresh load is "recent", so it is not the next victim
+        self._index(slot)
         return slot, evicted
 
     def drop(self, key: Key) -> None:
@@ -126,21 +156,70 @@ class ExpertCache:
         if slot is not None:
             self.key_of[slot] = None
             self.pins[slot], self.reserved[slot] = 0, False
+            self._index(slot)
 
     def _victim(self, evict_reserved: bool) -> int | None:
         """The slot `insert` fills: a free slot if there is one, else the evictable slot the
         policy likes least (the class docstring's rules); None when no slot may be taken."""
-        best, best_rank = None, None
-        for slot, key in enumerate(self.key_of):
-            if self.pins[slot] or (self.reserved[slot] and not evict_reserved):
-                continue
-            if key is None:
-                return slot
-            # Unreserved slots go first; then the eviction order proper.
-            if self.eviction == "lru":
-                rank = (self.reserved[slot], self.last_use[slot])
-            else:
-                rank = (self.reserved[slot], self.uses[key], self.last_use[slot])
-            if best_rank is None or rank < best_rank:
-                best, best_rank = slot, rank
-        return best
+        self._flush()
+        # A pinned slot is in no heap; a reserved one is looked at only for a demand miss.
+        free = [self._best(FREE)] + ([self._best(FREE_RESERVED)] if evict_reserved else [])
+        free = [entry for entry in free if entry is not None]
+        if free:
+            return min(free)[-1]  # any free slot would do: the lowest index, as a scan finds
+        for group in (HELD, HELD_RESERVED) if evict_reserved else (HELD,):
+            entry = self._best(group)  # unreserved slots go before reserved ones
+            if entry is not None:
+                return entry[-1]
+        return None
+
+    # ---- the victim index (the module docstring)
+
+    def _place(self, slot: int) -> tuple[int, tuple[int, ...]] | None:
+        """(group, entry) of `slot` as its state is now; None while it is pinned (no heap)."""
+        if self.pins[slot]:
+            return None
+        key = self.key_of[slot]
+        if key is None:
+            return FREE + self.reserved[slot], (slot,)
+        group = HELD + self.reserved[slot]
+        if self.eviction == "lru":
+            return group, (self.last_use[slot], slot)
+        return group, (self.uses[key], self.last_use[slot], slot)
+
+    def _index(self, slot: int) -> None:
+        """`slot`'s state changed (its old entry dies): its new entry is pushed by the next
+        `_victim`. Deferred, because hits change state many times per layer (pin, touch,
+        unpin, reserve) and choose no victim: a set insert each, and one push per slot later."""
+        self._dirty.add(slot)
+
+    def _flush(self) -> None:
+        """Push the current entry of every slot changed since the last flush."""
+        for slot in self._dirty:
+            place = self._place(slot)
+            if place is not None:
+                heapq.heappush(self._heaps[place[0]], place[1])
+                self._entries += 1
+        self._dirty.clear()
+        if self._entries > 2 * self.num_slots + 16:
+            self._rebuild()  # back to at most S entries: S + 16 pushes paid for this one
+
+    def _best(self, group: int) -> tuple[int, ...] | None:
+        """The smallest live entry of `group`'s heap, or None; pops dead entries on the way."""
+        heap = self._heaps[group]
+        while heap and self._place(heap[0][-1]) != (group, heap[0]):
+            heapq.heappop(heap)  # the slot was pinned, touched, refilled... since the push
+            self._entries -= 1
+        return heap[0] if heap else None
+
+    def _rebuild(self) -> None:
+        """The heaps from the state alone: one live entry per unpinned slot, nothing dead."""
+        self._heaps = [[], [], [], []]
+        self._dirty.clear()
+        for slot in range(self.num_slots):
+            place = self._place(slot)
+            if place is not None:
+                self._heaps[place[0]].append(place[1])
+        for heap in self._heaps:
+            heapq.heapify(heap)
+        self._entries = sum(map(len, self._heaps))

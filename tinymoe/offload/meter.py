@@ -26,13 +26,16 @@ Per layer, kept separately for prefill and decode:
 A stall is the time between two compute-side stamps around the wait for a copy (on CUDA, how
 long the GPU sat waiting for the copy stream). Whether a use was a hit or "late" is asked of the
 copy without blocking (an event query): measurement only, no decision depends on it.
+
+The compute side pays one stamp per layer and two per pass, stored in place; spans are worked
+out, and named, only when a pass is folded (and named only for a trace). CUDA events come from
+a pool: an event is recorded again once it has been read.
 """
 
 import contextlib
 from collections import Counter
 from collections.abc import Container
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
@@ -69,6 +72,9 @@ class HostClock:
     def seconds(self, stamp: object) -> float:
         return stamp  # type: ignore[return-value]
 
+    def recycle(self, stamp: object) -> None:
+        pass
+
 
 class CudaClock:
     """Stamps are CUDA events on the current (compute) stream; read back once completed."""
@@ -80,11 +86,17 @@ class CudaClock:
         self.base.record(torch.cuda.current_stream(device))
         self.base.synchronize()  # SYNC: once, at setup
         self.base_s = now()
+        self._pool: list[torch.cuda.Event] = []  # events read back, ready to be recorded again
 
     def stamp(self) -> torch.cuda.Event:
-        ev = torch.cuda.Event(enable_timing=True)
+        # From the pool: creating an event per stamp costs host time on every layer.
+        ev = self._pool.pop() if self._pool else torch.cuda.Event(enable_timing=True)
         ev.record(torch.cuda.current_stream(self.device))  # not a sync: queued with the kernels
         return ev
+
+    def recycle(self, stamp: object) -> None:
+        """A stamp that has been read goes back to the pool (it completed: free to re-record)."""
+        self._pool.append(stamp)  # type: ignore[arg-type]
 
     def ready(self, stamp: object) -> bool:
         return stamp.query()  # type: ignore[attr-defined]
@@ -173,59 +185,54 @@ def eq1_bound_ms(tpot_ms: float, layers: list[dict]) -> float:
     return tpot_ms - sum(min(s["copy_ms"], s["compute_ms"]) for s in layers)
 
 
-def format_layers(summary: dict) -> str:
-    """A per-layer table of a PhaseStats.summary(), for people."""
-    lines = [
-        f"{'layer':>5} {'compute ms':>10} {'copy ms':>8} {'stall ms':>8} {'hits':>6} {'misses':>6}"
-    ]
-    for i, s in enumerate(summary["layers"]):
-        lines.append(
-            f"{i:>5} {s['compute_ms']:>10.3f} {s['copy_ms']:>8.3f} {s['stall_ms']:>8.3f} "
-            f"{s['hits']:>6} {s['misses']:>6}"
-        )
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- the meter
 
 
-class _Span(NamedTuple):
-    """A compute-track span as raw stamps; folded into `stats.field` once `end` is readable."""
+class _Pass:
+    """One forward pass's stamps, read once they are readable (CUDA: a pass later).
 
-    stats: LayerStats | PhaseStats
-    field: str  # compute_s | stall_s | wall_s (PhaseStats: the pass from `since` to `end`)
-    name: str
-    start: object
-    end: object
-    args: dict
-    since: object = None
+    marks[0] is the pass's start, marks[-1] its end (None until forward_end). Layer l's compute
+    ends at marks[3l + 3]; with a trace, marks[3l + 1] and marks[3l + 2] also split it into
+    attention | router | experts. A layer that did not run (an interrupted pass) has None there.
+    """
+
+    __slots__ = ("stats", "marks", "stalls", "experts")
+
+    def __init__(self, stats: PhaseStats, start: object) -> None:
+        L = stats.num_layers
+        self.stats = stats
+        self.marks: list[object] = [None] * (3 * L + 2)
+        self.marks[0] = start
+        self.stalls: list[tuple[int, object, object, object]] = []  # (layer, start, end, tag)
+        self.experts = [0] * L  # experts each layer ran (the trace's span argument)
 
 
 class Meter:
     """Counts and times one runtime's forward passes; `stats[phase].layers[l]` are the totals.
 
-    The runtime calls, per forward pass: forward_start, then per layer route_start, route_end,
-    (stall_start, stall_end around each wait for a copy), experts_end; then forward_end. Spans
-    are kept as raw stamps and folded into the totals once their stamps can be read.
+    The runtime calls, per forward pass: forward_start, then per layer route_start and route_end
+    (only when `tracing`: they split the layer for the trace), stall_start/stall_end around each
+    wait for a copy, experts_end; then forward_end. Times are worked out in `fold`.
     """
 
     def __init__(self, num_layers: int, clock: HostClock | CudaClock, trace: bool = False) -> None:
         self.num_layers, self.clock = num_layers, clock
+        self.tracing = trace
         self.trace = PerfettoTrace() if trace else None
         self.stats: dict[str, PhaseStats] = {}
         self.reset()
 
     def reset(self) -> None:
-        """Forget everything measured so far (spans not yet folded included)."""
+        """Forget everything measured so far (passes not yet folded included)."""
         L = self.num_layers
         # "compile": a decode step that compiled the step first (generate(compile=True)), kept
         # apart as GenerationResult keeps it out of TPOT; its tokens and copies are real
         self.stats = {"prefill": PhaseStats(L), "decode": PhaseStats(L), "compile": PhaseStats(L)}
         self.phase = "prefill"
-        self._spans: list[_Span] = []  # recorded, not yet folded
+        self._pass: _Pass | None = None  # the pass being recorded
+        self._passes: list[_Pass] = []  # ended (or interrupted), not folded yet
+        self._stalls: list[tuple[LayerStats, object, object]] = []  # stalls outside any pass
         self._copies: list[tuple[Transfer, LayerStats]] = []  # copies whose times are unread
-        # The latest marks (set here too, so a layer driven without a forward pass has them).
-        self._t_forward = self._t_segment = self._t_route = self._t_experts = self.clock.stamp()
         if self.trace is not None:
             self.trace = PerfettoTrace()
 
@@ -235,37 +242,47 @@ class Meter:
     # ---- the compute side's marks
 
     def forward_start(self, phase: str) -> None:
+        self._close_pass()  # a pass that never reached forward_end (it raised) is kept as is
         self.fold()  # the previous pass ended with the sampled token's sync: its stamps are ready
         self.phase = phase
-        self._t_forward = self._t_segment = self.clock.stamp()
-        self.stats[phase].steps += 1
+        st = self.stats[phase]
+        st.steps += 1
+        self._pass = _Pass(st, self.clock.stamp())
 
     def route_start(self, layer: int) -> None:
-        self._t_route = self.clock.stamp()
-        self._span(f"L{layer} attention", self._t_segment, self._t_route, layer)
+        """(Tracing only.) Attention ends, the router starts."""
+        if self._pass is not None:
+            self._pass.marks[3 * layer + 1] = self.clock.stamp()
 
     def route_end(self, layer: int) -> None:
-        self._t_experts = self.clock.stamp()
-        self._span(f"L{layer} router", self._t_route, self._t_experts, layer)
+        """(Tracing only.) The router ends, the experts start."""
+        if self._pass is not None:
+            self._pass.marks[3 * layer + 2] = self.clock.stamp()
 
     def stall_start(self) -> object:
         return self.clock.stamp()
 
     def stall_end(self, layer: int, start: object, waited_for: Transfer) -> None:
         end = self.clock.stamp()
-        self._span("stall", start, end, layer, "stall_s", copy=str(waited_for.tag))
+        if self._pass is not None:
+            self._pass.stalls.append((layer, start, end, waited_for.tag))
+        else:  # a layer driven on its own (tests, exercises): still a stall of that layer
+            self._stalls.append((self.layer(layer), start, end))
 
     def experts_end(self, layer: int, experts: int) -> None:
-        t = self.clock.stamp()
-        self._span(f"L{layer} experts", self._t_experts, t, layer, experts=experts)
-        self._t_segment = t
+        if self._pass is not None:
+            self._pass.marks[3 * layer + 3] = self.clock.stamp()
+            self._pass.experts[layer] = experts
 
     def forward_end(self) -> None:
-        t = self.clock.stamp()
-        self._spans.append(
-            _Span(self.stats[self.phase], "wall_s", "norm + lm_head", self._t_segment, t, {},
-                  since=self._t_forward)
-        )  # fmt: skip
+        if self._pass is not None:
+            self._pass.marks[-1] = self.clock.stamp()
+            self._close_pass()  # folded at the next forward_start, or by report()
+
+    def _close_pass(self) -> None:
+        if self._pass is not None:
+            self._passes.append(self._pass)
+            self._pass = None
 
     # ---- what the scheduler reports
 
@@ -290,34 +307,79 @@ class Meter:
 
     # ---- reading the stamps
 
-    def _span(
-        self, name: str, start: object, end: object, layer: int,
-        field: str = "compute_s", **args: object,
-    ) -> None:  # fmt: skip
-        self._spans.append(_Span(self.layer(layer), field, name, start, end, args))
-
     def fold(self, block: bool = False) -> None:
-        """Add every span and copy whose stamps are readable to the totals (and the trace).
-        block=True waits for all of them (SYNC on CUDA: report() only)."""
-        clock, trace = self.clock, self.trace
+        """Add every pass, stall and copy whose stamps are readable to the totals (and the
+        trace); block=True also closes a pass in progress and waits for all of them (SYNC on
+        CUDA: report() only)."""
+        clock = self.clock
+        if block:
+            self._close_pass()
         n = 0
-        for sp in self._spans:
-            if not clock.ready(sp.end):
+        for p in self._passes:
+            last = next(m for m in reversed(p.marks) if m is not None)
+            if not clock.ready(last):
                 if not block:
-                    break  # stamps complete in order: the rest are not ready either
-                clock.wait(sp.end)
-            a, b = clock.seconds(sp.start), clock.seconds(sp.end)
-            st = sp.stats
-            if sp.field == "wall_s":  # the pass's last span closes the whole pass
-                st.wall_s += b - clock.seconds(sp.since)
-            else:
-                setattr(st, sp.field, getattr(st, sp.field) + (b - a))
-                if sp.field == "stall_s":  # stalls sit inside the experts span: not compute
-                    st.compute_s -= b - a
-            if trace is not None:
-                trace.span("compute", sp.name, a, b, **sp.args)
+                    break  # stamps complete in order: later passes are not ready either
+                clock.wait(last)
+            self._fold_pass(p)
             n += 1
-        del self._spans[:n]
+        del self._passes[:n]
+        n = 0
+        for st, start, end in self._stalls:
+            if not clock.ready(end):
+                if not block:
+                    break
+                clock.wait(end)
+            a, b = clock.seconds(start), clock.seconds(end)
+            st.stall_s += b - a
+            st.compute_s -= b - a
+            clock.recycle(start)
+            clock.recycle(end)
+            n += 1
+        del self._stalls[:n]
+        self._fold_copies(block)
+
+    def _fold_pass(self, p: _Pass) -> None:
+        """One pass's layer times: layer l computed from the previous layer's end (the pass's
+        start for layer 0) to its own, stalls excluded; the head after the last layer."""
+        sec, trace, marks, layers = self.clock.seconds, self.trace, p.marks, p.stats.layers
+        stalls: dict[int, list[tuple[float, float, object]]] = {}
+        for layer, a, b, tag in p.stalls:
+            stalls.setdefault(layer, []).append((sec(a), sec(b), tag))
+        t0 = prev = sec(marks[0])
+        for layer, st in enumerate(layers):
+            end = marks[3 * layer + 3]
+            if end is None:
+                continue  # the layer did not run in this pass (it was interrupted)
+            t = sec(end)
+            st.compute_s += t - prev
+            for a, b, _ in stalls.get(layer, ()):
+                st.stall_s += b - a
+                st.compute_s -= b - a  # stalls sit inside the experts span: not compute
+            if trace is not None:
+                r0, r1 = (
+                    prev if m is None else sec(m) for m in marks[3 * layer + 1 : 3 * layer + 3]
+                )
+                trace.span("compute", f"L{layer} attention", prev, r0)
+                trace.span("compute", f"L{layer} router", r0, r1)
+                for a, b, tag in stalls.get(layer, ()):
+                    trace.span("compute", "stall", a, b, copy=str(tag))
+                trace.span("compute", f"L{layer} experts", r1, t, experts=p.experts[layer])
+            prev = t
+        if marks[-1] is not None:
+            end = sec(marks[-1])
+            p.stats.wall_s += end - t0
+            if trace is not None:
+                trace.span("compute", "norm + lm_head", prev, end)
+        for m in marks:
+            if m is not None:
+                self.clock.recycle(m)
+        for _, a, b, _ in p.stalls:
+            self.clock.recycle(a)
+            self.clock.recycle(b)
+
+    def _fold_copies(self, block: bool) -> None:
+        clock, trace = self.clock, self.trace
         n = 0
         for t, st in self._copies:
             if t.error is None and not t.done():

@@ -24,7 +24,7 @@ from tinymoe.engine.moe import Routing
 from tinymoe.errors import TinyMoeError
 from tinymoe.offload.cache import ExpertCache
 from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec, SimulatedLink
-from tinymoe.offload.meter import Meter, clock_for
+from tinymoe.offload.meter import Meter, PhaseStats, clock_for
 from tinymoe.offload.policy import Policy, parse_policy, resolve_slots
 from tinymoe.offload.scheduler import MISS_HANDLERS, Prefetch, Scheduler, exact_depth
 from tinymoe.offload.store import HostExpertStore
@@ -61,13 +61,8 @@ class OffloadRuntime:
         trace: bool = False,
         prefetch_depth: int | None = 1,
         miss_handler: str = "copy",
-        per_layer: bool = True,
     ) -> None:
         self.policy = parse_policy(policy) if isinstance(policy, str) else policy
-        if not per_layer and (self.policy.offload or predictor is not None):
-            raise TinyMoeError(
-                f"offload policy {self.policy.name!r} works layer by layer: it needs per_layer"
-            )
         if (self.policy.predictor is None) != (predictor is None):
             raise TinyMoeError(
                 f"offload policy {self.policy.name!r} "
@@ -131,12 +126,10 @@ class OffloadRuntime:
             lambda layer: model.experts.weights[layer],  # (E, 3*I*D), resident
         )
         # Install. The forward hooks mark where each forward pass starts and ends; the route
-        # hook and the provider see every layer. per_layer=False (resident only) leaves those
-        # two out: forward passes are still timed, layers are not, and a compiled decode step
-        # is not cut into pieces around them.
+        # hook and the provider see every layer. (A resident run that needs no per-layer figures
+        # installs no runtime at all: run.py and bench run the bare model then.)
         self._saved_hook = model.route_hook
-        if per_layer:
-            model.provider, model.route_hook = self.layers, self.layers.route
+        model.provider, model.route_hook = self.layers, self.layers.route
         self._handles = [
             model.register_forward_pre_hook(self._forward_start, with_kwargs=True),
             model.register_forward_hook(lambda *_: self.layers.forward_end()),
@@ -201,6 +194,14 @@ class OffloadRuntime:
         self.layers.forward_start(phase, fresh, "compile" if self.model.compiling else phase)
 
 
+def bare_report(num_layers: int) -> dict:
+    """What `OffloadRuntime.report()` says of the bare model, run with no runtime installed:
+    every expert on the device (every use a hit, nothing copied); no time is split by layer."""
+    phase = PhaseStats(num_layers).summary()
+    phase.update(hit_rate=1.0, compute_ms=float("nan"))
+    return dict(policy="resident", expert_slots=0, link=None, decode=phase, prefill=phase)
+
+
 class LayerDriver:
     """One forward pass, layer by layer, as the runtime runs it and the simulator replays it.
 
@@ -239,6 +240,8 @@ class LayerDriver:
     def route(
         self, layer: int, resid: Tensor, u: Tensor, router: Callable[[Tensor], Routing]
     ) -> Routing:
+        if not self.meter.tracing:  # the layer's one stamp is at its end (experts)
+            return self.hook(layer, resid, u, router)
         self.meter.route_start(layer)
         routing = self.hook(layer, resid, u, router)
         self.meter.route_end(layer)

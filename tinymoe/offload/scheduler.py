@@ -31,9 +31,10 @@ prefetched expert is reserved for its target layer until that layer runs; a dema
 a reserved slot, as a last resort, a prefetch never.
 
 The CPU miss handler (`miss_handler="cpu"`): a miss is not copied; the expert is computed where
-it lives, on the host, reading the host store. The layer's device experts are yielded first, so
-on a GPU their kernels are queued before the host starts on the misses. Prefetching still copies
-guesses into slots; only demand copies are replaced.
+it lives, on the host, reading the host store. Its host rows are yielded FIRST, before the
+device's experts: the MoE layer (moe.py) only collects them, starts its one copy of their inputs
+to the host, queues the device's experts, and computes the host ones while those kernels run
+(experts.py, "Host experts"). Prefetching still copies guesses; only demand copies are replaced.
 
 Cross-token prefetch (the oracle only): the last `lookahead` layers may prefetch the next forward
 pass's first layers (targets >= L); those reservations are re-keyed at the end of each pass.
@@ -43,6 +44,7 @@ from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from tinymoe.offload.cache import ExpertCache, Key
@@ -122,6 +124,11 @@ class Scheduler:
         self.reserved: dict[int, list[Key]] = {}  # target layer -> experts prefetched for it
         self.seen: set[Key] = set()  # experts ever copied (compulsory vs capacity misses)
         self.unused_prefetch: set[Key] = set()  # prefetched, not used yet (wasted if evicted)
+        # Each slot's row of cache.slots as a view made once: indexing the tensor per use costs
+        # about a microsecond of host time, every expert of every layer. (Made outside inference
+        # mode, as the slots are: the copy worker writes through them; see cache.py.)
+        with torch.inference_mode(False):
+            self.slot_views = cache.slots.unbind(0)  # S views of (3*I*D,)
 
     # ---- forward-pass boundaries
 
@@ -178,6 +185,9 @@ class Scheduler:
             self._issue_demand(layer, todo, arriving, st)
             if not todo:
                 self._prefetch(prefetch)
+            for e in host:  # first: the layer computes them last, on the host (see the top)
+                meter.host_computed(st)
+                yield e, self.store.expert(layer, e)
             while ready or arriving:
                 if not ready and not self.pipeline:
                     for e, slot in arriving:  # the paper's on-demand: land them all first
@@ -187,7 +197,7 @@ class Scheduler:
                 self._land(layer, e, slot)
                 cache.touch((layer, e))
                 self.unused_prefetch.discard((layer, e))
-                yield e, cache.slots[slot]
+                yield e, self.slot_views[slot]
                 # The caller has computed expert e's tokens: its slot may be reused.
                 current = None
                 self.engine.release(slot)
@@ -196,9 +206,6 @@ class Scheduler:
                     self._issue_demand(layer, todo, arriving, st)
                     if not todo:
                         self._prefetch(prefetch)
-            for e in host:  # after the device's experts, which run (on a GPU) meanwhile
-                meter.host_computed(st)
-                yield e, self.store.expert(layer, e)
         finally:
             for e, slot in ready + arriving + ([current] if current else []):
                 if cache.key_of[slot] == (layer, e):
@@ -268,9 +275,7 @@ class Scheduler:
         """Issue the copy of (layer, expert) into `slot` ("demand" | "prefetch"), counted in st."""
         tag = CopyTag(layer, expert, slot, kind)
         try:
-            t = self.engine.copy(
-                self.cache.slots[slot], self.store.expert(layer, expert), slot, tag
-            )
+            t = self.engine.copy(self.slot_views[slot], self.store.expert(layer, expert), slot, tag)
         except BaseException:
             self.cache.drop((layer, expert))  # nothing is on its way: the slot holds no expert
             raise

@@ -14,8 +14,16 @@ Both engines run copies first in, first out, on one queue. The scheduler relies 
 may be given a new copy while an earlier copy into it is still queued, because the earlier one is
 certain to land first, and the compute side only ever waits for the newest copy into a slot.
 
-A copy that fails (an exception at issue, in the worker, or a CUDA error) is kept on its transfer
-and raised by `compute_wait()`, where the expert is about to be used; nothing hangs on it.
+Failures. A copy that fails where the host sees it (an exception when it is issued, or in the
+simulated link's worker) is kept on its transfer and raised by `compute_wait()`, where the
+expert is about to be used, naming layer, expert and slot; nothing hangs on it. On CUDA a copy
+can also fail after it was issued, while it runs on the copy stream (a fault): compute_wait only
+queues a wait, so it cannot see that. CUDA reports such an error to the first CUDA call that
+checks after it happened, and at the latest at the next host sync after the compute stream's
+wait for the copy: the next layer's ids read or the step's token read, which generate() turns
+into a TinyMoeError naming the step and the call (engine/generate.py, _name_cuda_error). A
+copy nobody waited for (a wrong guess) reports at the next sync of any kind, at the latest at
+`host_wait` (report, trace) or `close`. The CUDA context is lost after such an error.
 """
 
 from collections.abc import Callable
@@ -41,7 +49,8 @@ class Transfer:
         raise NotImplementedError
 
     def compute_wait(self) -> None:
-        """Make the compute side wait for this copy; raise TinyMoeError if the copy failed."""
+        """Make the compute side wait for this copy; raise TinyMoeError if the copy failed (on
+        CUDA: failed when issued; a fault while it runs surfaces later, see the top)."""
         raise NotImplementedError
 
     def host_wait(self) -> None:
@@ -86,18 +95,22 @@ class CudaTransfer(Transfer):
         return self.error is not None or self.end_ev.query()  # a query, not a sync
 
     def compute_wait(self) -> None:
-        self.raise_if_failed()
+        self.raise_if_failed()  # failed when issued
         # WAIT: the compute stream waits for this copy, and only this copy, right before the
-        # expert is used. The host does not block; later kernels queue behind the event.
+        # expert is used. The host does not block; later kernels queue behind the event. (A
+        # fault during the copy cannot be seen here: it surfaces at the host's next sync.)
         torch.cuda.current_stream(self.dst.device).wait_event(self.end_ev)
 
     def host_wait(self) -> None:
         self.raise_if_failed()
         try:
             self.end_ev.synchronize()  # SYNC: reporting or shutdown only
-        except RuntimeError as e:  # a CUDA error in the copy surfaces here, named
-            self.error = e
-            self.raise_if_failed()
+        except RuntimeError as e:  # a CUDA error: this copy's, or queued work's before it
+            self.error = e  # (done() is True from now on; the meter leaves its times unread)
+            raise TinyMoeError(
+                f"CUDA reported an error waiting for the copy of {self.tag} (it, or work queued "
+                f"before it, failed; rerun with CUDA_LAUNCH_BLOCKING=1 to see which): {_first(e)}"
+            ) from e
 
     def stamps(self) -> tuple[object, object]:
         return self.start_ev, self.end_ev
@@ -109,7 +122,10 @@ class CudaCopyEngine:
     def __init__(self, device: torch.device, num_slots: int) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
-        self.read_done: list[torch.cuda.Event | None] = [None] * num_slots
+        # One "done reading" event per slot, recorded again at each release: a stream's wait
+        # takes the event as it is when the wait is queued, so re-recording it later is safe,
+        # and no event is created per expert use. (Waiting on one never recorded is a no-op.)
+        self.read_done = [torch.cuda.Event() for _ in range(num_slots)]
         self.before_copy: Callable[[Transfer], None] | None = None
         self._closed = False
 
@@ -119,10 +135,9 @@ class CudaCopyEngine:
         t = CudaTransfer(dst, src, tag, torch.cuda.Event(enable_timing=True))
         try:
             with torch.cuda.stream(self.stream):
-                if self.read_done[slot] is not None:
-                    # WAIT: the copy stream must not overwrite the slot while a kernel queued
-                    # earlier on the compute stream may still be reading the expert it held.
-                    self.stream.wait_event(self.read_done[slot])
+                # WAIT: the copy stream must not overwrite the slot while a kernel queued
+                # earlier on the compute stream may still be reading the expert it held.
+                self.stream.wait_event(self.read_done[slot])
                 if self.before_copy is not None:  # (on the copy stream: tests delay it here)
                     self.before_copy(t)
                 t.start_ev.record(self.stream)
@@ -136,11 +151,34 @@ class CudaCopyEngine:
     def release(self, slot: int) -> None:
         # Recorded on the compute stream after the kernels that read the slot were queued: the
         # copy stream waits on it (above) before the slot's next copy.
-        ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.device))
-        self.read_done[slot] = ev
+        self.read_done[slot].record(torch.cuda.current_stream(self.device))
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.stream.synchronize()  # SYNC: let queued copies finish before slots are freed
+            try:
+                self.stream.synchronize()  # SYNC: let queued copies finish before slots are freed
+            except RuntimeError as e:  # a fault in a copy nobody waited for surfaces here at last
+                raise TinyMoeError(
+                    f"CUDA reported an error finishing the queued expert copies: {_first(e)}"
+                ) from e
+
+
+def _first(e: BaseException) -> str:
+    """The first line of an error's message (CUDA's run on with hints)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def measure_h2d_peak_gbps(device: torch.device, nbytes: int = 256 * 2**20) -> float:
+    """The pinned host-to-device bandwidth this machine reaches: one big copy, best of three."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = 0.0
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()  # SYNC: measurement
+        best = max(best, nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
+    return best

@@ -9,10 +9,15 @@ by memory bandwidth, so each piece costs the bytes it reads over the bandwidth t
 plus a fixed cost per layer for launching its kernels:
 
     one expert on the device   expert_bytes / (device GB/s * efficiency)
-    one expert on the host     expert_bytes / host GB/s  (+ a sync)   (miss handler "cpu")
+    one expert on the host     expert_bytes / host GB/s                (miss handler "cpu")
+    a layer's host experts     + their inputs to the host and outputs back: one copy each
+                               way, latency + rows x hidden x 2 B / link GB/s each
     attention + router         (attention weights + KV cache + router) / device GB/s + overhead
     one expert copy            the link: latency + expert_bytes / link GB/s
     norm + LM head             (vocab x hidden) / device GB/s
+
+A layer's host experts run beside its device experts, as the engine runs them (experts.py, "Host
+experts"): the layer takes max(device experts, copy in + host experts + copy out).
 
 The presets' figures are the vendors' published peaks (sources beside each); the efficiency
 and the overheads are assumptions (RooflineCosts).
@@ -84,6 +89,11 @@ class MeasuredCosts:
     def host_expert_s(self, p: int, layer: int, rec: LayerRecord) -> float:
         return rec.expert_s  # the same CPU computes it, from the host store instead of a slot
 
+    def host_copies_s(
+        self, p: int, layer: int, rec: LayerRecord, rows_in: int, rows_out: int
+    ) -> float:
+        return 0.0  # the host is the device: host experts' inputs and outputs stay where they are
+
     def guess_s(self, p: int, layer: int, rec: LayerRecord, predictor: str) -> float:
         return rec.guess_s.get(predictor, 0.0)
 
@@ -95,9 +105,10 @@ class RooflineCosts:
     """Bytes over bandwidth on `hw` for a model shaped like `cfg` (see the top)."""
 
     host_parallel = True
-    # Assumptions: bf16 weights; batch-1 GEMVs reach 60-80% of peak bandwidth; some ten kernel
-    # launches per layer (40 us); a host sync per host-computed expert (20 us).
-    dtype, efficiency, layer_overhead_s, host_sync_s = torch.bfloat16, 0.7, 40e-6, 20e-6
+    # Assumptions: bf16 weights and activations; batch-1 GEMVs reach 60-80% of peak bandwidth;
+    # some ten kernel launches per layer (40 us); the host experts' two copies cost what the
+    # link's copies do (its latency each), device to host as host to device.
+    dtype, efficiency, layer_overhead_s = torch.bfloat16, 0.7, 40e-6
 
     def __init__(self, hw: Hardware, cfg: ModelConfig, context: int) -> None:
         self.hw, self.cfg, self.link = hw, cfg, hw.link
@@ -109,7 +120,8 @@ class RooflineCosts:
         overhead = self.layer_overhead_s
         self._layer = (attn + kv + D * cfg.num_experts * b) / bw + overhead
         self._expert = self.expert_bytes / bw
-        self._host = self.expert_bytes / (hw.host_gbps * 1e9) + self.host_sync_s
+        self._host = self.expert_bytes / (hw.host_gbps * 1e9)
+        self._row_bytes = D * b  # one token's activations
         self._head = cfg.vocab_size * D * b / bw
         self._guess = (D * cfg.num_experts * b) / bw + overhead / 4  # a few small kernels
 
@@ -121,6 +133,14 @@ class RooflineCosts:
 
     def host_expert_s(self, p: int, layer: int, rec: LayerRecord) -> float:
         return self._host
+
+    def host_copies_s(
+        self, p: int, layer: int, rec: LayerRecord, rows_in: int, rows_out: int
+    ) -> float:
+        """A layer's host experts: their inputs to the host, then their outputs back (rows)."""
+        return self.link.seconds(rows_in * self._row_bytes) + self.link.seconds(
+            rows_out * self._row_bytes
+        )
 
     def guess_s(self, p: int, layer: int, rec: LayerRecord, predictor: str) -> float:
         return self._guess

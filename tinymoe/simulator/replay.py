@@ -95,13 +95,29 @@ class Costs(Protocol):
 
     link: LinkSpec
     expert_bytes: int
-    host_parallel: bool  # host-computed misses overlap the device's experts (a GPU) or not
+    host_parallel: bool  # the host is another processor (a GPU's): host experts run beside
 
     def layer_s(self, p: int, layer: int, rec: LayerRecord) -> float: ...  # attention + router
     def expert_s(self, p: int, layer: int, rec: LayerRecord) -> float: ...  # one, on the device
     def host_expert_s(self, p: int, layer: int, rec: LayerRecord) -> float: ...  # one, on host
+    def host_copies_s(  # a layer's host experts' rows: inputs to the host, outputs back
+        self, p: int, layer: int, rec: LayerRecord, rows_in: int, rows_out: int
+    ) -> float: ...
     def guess_s(self, p: int, layer: int, rec: LayerRecord, predictor: str) -> float: ...
     def head_s(self, p: int) -> float: ...
+
+
+def _host_chain_s(
+    costs: Costs, p: int, layer: int, rec: LayerRecord, rows: list[list[int]], host: list[int]
+) -> float:
+    """A layer's host experts as the engine runs them beside the device's (experts.py, "Host
+    experts"): one copy of their inputs to the host (one token in a decode step, however many
+    experts read it), the host computes them in turn, one copy of their outputs back. rows: the
+    routing the layer ran (N lists of K ids)."""
+    rows_out = sum(e in row for row in rows for e in host)  # (token, expert) pairs
+    rows_in = 1 if len(rows) == 1 else rows_out
+    copies = costs.host_copies_s(p, layer, rec, rows_in, rows_out)
+    return copies + len(host) * costs.host_expert_s(p, layer, rec)
 
 
 def _routing(rows: list[list[int]]) -> Routing:
@@ -174,18 +190,17 @@ def simulate(
             u = torch.zeros(len(rec.experts), 1)  # (N, 1): the tokens, no state
             routing = driver.route(layer, u, u, lambda _, rec=rec: _routing(rec.experts))
             ids = sorted({e for row in routing.ids_on_host() for e in row})
-            # The device's experts in turn; host-computed misses (miss handler "cpu") after them
-            # on a CPU, beside them on a GPU.
-            start, host_s = clock.now, 0.0
-            for _, w in driver.experts(layer, ids):
-                if w is host_row:
-                    host_s += costs.host_expert_s(p, layer, rec)
-                    if not costs.host_parallel:
-                        clock.now += costs.host_expert_s(p, layer, rec)
-                else:
+            start, host = clock.now, []
+            for e, w in driver.experts(layer, ids):
+                if w is not host_row:
                     clock.now += costs.expert_s(p, layer, rec)
-            if costs.host_parallel and host_s:
-                clock.now = max(clock.now, start + host_s)
+                elif costs.host_parallel:
+                    host.append(e)  # computed beside the device's experts, below
+                else:  # host and device are one processor: in turn (and nothing is copied)
+                    clock.now += costs.host_expert_s(p, layer, rec)
+            if host:
+                chain = _host_chain_s(costs, p, layer, rec, routing.ids_on_host(), host)
+                clock.now = max(clock.now, start + chain)
         clock.now += costs.head_s(p)
         driver.forward_end()
     meter.fold(block=True)

@@ -54,6 +54,11 @@ class PredictionHook:
         self.read_ids = read_ids
         self.pending: dict[int, Routing] = {}  # target layer -> predicted routing (this forward)
         self.crosses_tokens = getattr(predictor, "crosses_tokens", False)
+        # What the hook calls after each layer. Exact mode only copies the guessed experts, so a
+        # predictor that can name them without their weights (RouterPredictor.guess_ids) does.
+        self.observe = None if predictor is None else predictor.observe
+        if predictor is not None and not speculate:
+            self.observe = getattr(predictor, "guess_ids", predictor.observe)
         self.last_prediction: dict[int, Routing] = {}  # layer -> the prediction that layer had
 
     def reset(self) -> None:
@@ -79,8 +84,8 @@ class PredictionHook:
         lookahead = self.predictor.lookahead if self.predictor is not None else 0
         speculated = speculates(self.speculate, self.phase, layer, lookahead, predicted)
         routing = predicted if speculated else router(u)
-        if self.predictor is not None:
-            nxt = self.predictor.observe(layer, resid.reshape(u.shape), u, routing)
+        if self.observe is not None:
+            nxt = self.observe(layer, resid.reshape(u.shape), u, routing)
             if nxt is not None:
                 self.pending[layer + lookahead] = nxt
                 if self.read_ids and routing.host_ids is None and u.shape[0] == 1:

@@ -23,6 +23,7 @@ import sys
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinymoe.engine.model import MoETransformer
@@ -129,6 +130,10 @@ class RouterPredictor:
     For lookahead > 1 the same r_l + d_l goes through layer t's norm and router, ignoring the
     layers in between. Fed the true post-MoE hidden state h_l in place of r_l (and no default
     vectors), it is the "router on the full hidden state" reference tinymoe.evaluate scores.
+
+    `observe` is the definition (quasi_hidden, then layer t's router: ids and weights); exact
+    prefetch, which only needs the experts, runs `guess_ids`, the same choice in four tensor
+    operations (see there), tested to agree with `observe`.
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class RouterPredictor:
         check_lookahead(lookahead, model.cfg.num_layers)
         self.model, self.lookahead = model, lookahead
         self.default_vectors = _on_model(model, default_vectors)
+        self._folded: list[tuple[Tensor, Tensor | None]] | None = None  # guess_ids', made once
 
     def reset(self) -> None:
         pass  # stateless: every token is predicted from its own state
@@ -149,6 +155,39 @@ class RouterPredictor:
             return None
         q = quasi_hidden(self.model, self.default_vectors, layer, target, resid, routing)
         return _as_prediction(self.model.layers[target].mlp.route(q))  # (N, K)
+
+    def guess_ids(self, layer: int, resid: Tensor, u: Tensor, routing: Routing) -> Routing | None:
+        """`observe`'s experts without its weights (None), for exact prefetch, which copies
+        experts and never runs the guess. Why it is the same choice: layer t's router ranks
+        W_t (gain_t * x / rms(x)), and a token's positive 1/rms(x) ranks nothing, so the
+        top-K of W'_t x, with W'_t = W_t * gain_t, are the same experts. With x = r_l + d_l that
+        is W'_t r_l + sum_k g_k P_l[e_k], where P_l = v_l W'_t^T (E x E) is fixed: one matmul, one
+        row gather, one batched multiply-add and a top-K, against ~17 operations for `observe`.
+        Only rounding differs (fp32 here), so a near-tie may rank differently;
+        tests/test_predict.py measures how often the two disagree.
+        """
+        target = layer + self.lookahead
+        if target >= self.model.cfg.num_layers:
+            return None
+        if self._folded is None:
+            self._folded = self._fold()
+        w, p = self._folded[layer]  # (E, D), (E, E) or None
+        logits = F.linear(resid if resid.dtype == w.dtype else resid.to(w.dtype), w)  # (N, E)
+        if p is not None:
+            g = routing.weights if routing.weights.dtype == w.dtype else routing.weights.to(w.dtype)
+            # (N, 1, E) += (N, 1, K) @ (N, K, E): the default vectors' share, d_l's logits
+            logits = torch.baddbmm(logits.unsqueeze(1), g.unsqueeze(1), p[routing.ids]).squeeze(1)
+        return Routing(ids=torch.topk(logits, self.model.cfg.top_k, dim=-1).indices, weights=None)
+
+    def _fold(self) -> list[tuple[Tensor, Tensor | None]]:
+        """Per source layer l: (W'_t, P_l) for guess_ids, in fp32, from the model as it is now."""
+        folded = []
+        for layer in range(self.model.cfg.num_layers - self.lookahead):
+            block = self.model.layers[layer + self.lookahead]
+            w = block.mlp.gate.weight.float() * block.post_attention_layernorm.weight.float()
+            v = self.default_vectors
+            folded.append((w, None if v is None else v[layer].float() @ w.T))  # (E, E)
+        return folded
 
 
 class EstimatorPredictor:
