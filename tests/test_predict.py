@@ -336,6 +336,17 @@ def test_guess_ids_names_the_experts_observe_names(tmp_path, dtype, with_vectors
             want = predictor.observe(layer, *seen[layer]).ids  # (N, K)
             got = predictor.guess_ids(layer, *seen[layer])
         assert got.weights is None and got.ids.shape == want.shape
+        resid, u, routing = seen[layer]
+        for i in range(0, resid.shape[0], 12):  # one token at a time: a decode step's own path
+            one = Routing(routing.ids[i : i + 1], routing.weights[i : i + 1])
+            with torch.no_grad():
+                alone = predictor.guess_ids(layer, resid[i : i + 1], u[i : i + 1], one).ids
+            same_alone = torch.equal(alone, got.ids[i : i + 1])
+            assert (
+                same_alone
+                or dtype == "bfloat16"
+                and set(alone[0].tolist()) == set(got.ids[i].tolist())
+            )
         same_order += int((got.ids == want).all(-1).sum())
         same_set += int((got.ids.sort(-1).values == want.sort(-1).values).all(-1).sum())
         total += want.shape[0]

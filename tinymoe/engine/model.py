@@ -168,6 +168,10 @@ def outside_graph(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -275,15 +279,17 @@ class MoETransformer(nn.Module):
         r = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, cache, i, start)
         # ---- routing ----
         u = layer.post_attention_layernorm(r).view(B * T, -1)  # (N, D)
+        # (outside_graph only while compiling: in eager mode its wrapper is pure host time)
+        host_call = outside_graph if torch.compiler.is_compiling() else _call
         if self.route_hook is None:
             routing = layer.mlp.route(u)
         else:
-            routing = outside_graph(self.route_hook, i, r, u, layer.mlp.route)
+            routing = host_call(self.route_hook, i, r, u, layer.mlp.route)
         # ---- experts ----
         if self._provider is None:  # resident
             y = moe_forward(u, routing, self.experts, i, self.cfg.expert_dim)  # (N, D)
         else:
-            y = outside_graph(moe_forward, u, routing, self._provider, i, self.cfg.expert_dim)
+            y = host_call(moe_forward, u, routing, self._provider, i, self.cfg.expert_dim)
         return r + y.view(B, T, -1)  # (B, T, D)
 
     def _layers_with_host_calls(

@@ -173,10 +173,13 @@ class RouterPredictor:
             self._folded = self._fold()
         w, p = self._folded[layer]  # (E, D), (E, E) or None
         logits = F.linear(resid if resid.dtype == w.dtype else resid.to(w.dtype), w)  # (N, E)
-        if p is not None:
+        if p is not None:  # + the default vectors' share, d_l's logits: sum_k g_k P_l[e_k]
             g = routing.weights if routing.weights.dtype == w.dtype else routing.weights.to(w.dtype)
-            # (N, 1, E) += (N, 1, K) @ (N, K, E): the default vectors' share, d_l's logits
-            logits = torch.baddbmm(logits.unsqueeze(1), g.unsqueeze(1), p[routing.ids]).squeeze(1)
+            ids = routing.ids
+            if ids.shape[0] == 1:  # a decode step: (1, E) += (1, K) @ (K, E), in one call
+                logits = torch.addmm(logits, g, p.index_select(0, ids.view(-1)))
+            else:  # (N, 1, E) += (N, 1, K) @ (N, K, E)
+                logits = torch.baddbmm(logits.unsqueeze(1), g.unsqueeze(1), p[ids]).squeeze(1)
         return Routing(ids=torch.topk(logits, self.model.cfg.top_k, dim=-1).indices, weights=None)
 
     def _fold(self) -> list[tuple[Tensor, Tensor | None]]:
