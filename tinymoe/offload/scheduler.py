@@ -194,9 +194,11 @@ class Scheduler:
                         self._land(layer, e, slot)
                     ready, arriving = arriving, []
                 e, slot = current = ready.pop(0) if ready else arriving.pop(0)
-                self._land(layer, e, slot)
-                cache.touch((layer, e))
-                self.unused_prefetch.discard((layer, e))
+                if slot in self.landing:  # (a hit on a slot whose copy was waited for: no call)
+                    self._land(layer, e, slot)
+                key = (layer, e)
+                cache.touch(key)
+                self.unused_prefetch.discard(key)
                 yield e, self.slot_views[slot]
                 # The caller has computed expert e's tokens: its slot may be reused.
                 current = None
