@@ -24,6 +24,8 @@ check starts after --budget-s and its subprocesses stop 30 s after it. GPU-only 
   bench       tinymoe.bench on a random checkpoint with Qwen3-30B-A3B's shapes (hidden 2048,
               128 experts of width 768, top-8, bf16; 9.4 MB per expert), --layers layers
   decode      resident decode, eager against compiled + CUDA graphs: TPOT, same tokens
+  simulate    tinymoe.simulate --validate on the same checkpoint: the trace recorded over the
+              real link (measured, no simulated one), simulated beside measured TPOT per policy
 
 --dry-run runs it all on the CPU with tiny sizes (tests: collected and skipped; h2d: skipped;
 the rest for real, on inductor's CPU code), so that a bug here shows without a GPU
@@ -77,7 +79,16 @@ CLAIMS = {
     "cuda_graphs": "test_cuda_graphs_replay_the_compiled_step",
     "event_pool": "pool",
 }
-CHECKS = ("tests", "gather", "record", "recompiles", "h2d", "bench", "decode")  # in this order
+CHECKS = (
+    "tests",
+    "gather",
+    "record",
+    "recompiles",
+    "h2d",
+    "bench",
+    "decode",
+    "simulate",
+)  # in this order
 DEADLINE = [float("inf")]  # perf_counter() at --budget-s: subprocesses are cut there (+30 s)
 MAX_GRAPHS = 8  # the offloaded step at any L; 5 on the CPU: forward before and after the layers,
 # a layer's piece before its route hook (layer 0, then i symbolic) and after its experts
@@ -289,6 +300,33 @@ def run_bench(model_dir: Path, out: Path, new_tokens: int, device: str) -> dict:
     return {"pass": exact, "rows": rows}
 
 
+def run_simulate(model_dir: Path, out: Path, new_tokens: int, device: str) -> dict:
+    """The simulator on this device: record (over the real link on CUDA), replay every policy,
+    and the real runs beside it; each policy's simulated and measured TPOT, and their ratio."""
+    dtype, repeat = ("bfloat16", "3") if device == "cuda" else ("float32", "1")
+    cmd = [
+        sys.executable, "-m", "tinymoe.simulate", "--model", str(model_dir), "--validate",
+        "--device", device, "--dtype", dtype, "--policies", POLICIES, "--prompt-tokens", "64",
+        "--max-new-tokens", str(new_tokens), "--repeat", repeat, "--json",
+    ]  # fmt: skip
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=time_left(420))
+    (out / "simulate.txt").write_text(p.stderr)
+    if p.returncode != 0:
+        return {"pass": False, "returncode": p.returncode, "error": p.stderr.splitlines()[-1:]}
+    (out / "simulate.json").write_text(p.stdout)
+    result = json.loads(p.stdout)
+    rows = {r["policy"]: {"simulated_tpot_ms": r["simulated_tpot_ms"],
+                          "measured_tpot_ms": r.get("measured_tpot_ms"),
+                          "sim_over_measured": r["simulated_tpot_ms"] / r["measured_tpot_ms"]
+                          if r.get("measured_tpot_ms") else None}
+            for r in result["rows"] if r["miss_handler"] == "copy"}  # fmt: skip
+    worst = max((abs(r["sim_over_measured"] - 1) for r in rows.values()
+                 if r["sim_over_measured"]), default=None)  # fmt: skip
+    # Pass: it ran and compared every policy; the error is reported (the acceptance is 10%).
+    return {"pass": all(r["measured_tpot_ms"] for r in rows.values()), "rows": rows,
+            "worst_error": worst, "link_gbps": result["link_gbps"]}  # fmt: skip
+
+
 def decode_speed(model_dir: Path, new_tokens: int, device: str) -> dict:
     """Resident decode, eager against compiled (with CUDA graphs on CUDA), alternating, two
     runs each (the first compiled run compiles and records; the second is the steady state)."""
@@ -383,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         else (lambda: h2d_bandwidth(expert_bytes)),
         "bench": lambda: run_bench(checkpoint(), out, new_tokens, dev),
         "decode": lambda: decode_speed(checkpoint(), new_tokens, dev),
+        "simulate": lambda: run_simulate(checkpoint(), out, new_tokens, dev),
     }  # fmt: skip
     checks = {n: c for n, c in checks.items() if (not only or n in only) and n not in skip}
     device = torch.cuda.get_device_name() if not dry else "cpu (dry run)"

@@ -53,6 +53,7 @@ from tinymoe.offload.policy import BASE_POLICIES, parse_policy
 from tinymoe.offload.runtime import OffloadRuntime, bare_report
 from tinymoe.offload.scheduler import throttle_depth
 from tinymoe.offload.transfer import measure_h2d_peak_gbps
+from tinymoe.simulator.record import check_real_link
 from tinymoe.speculation.calibration import Calibration, load_speculation
 from tinymoe.speculation.oracle import record_routing
 from tinymoe.speculation.predictors import PREDICTOR_NAMES, make_predictor
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         trace_dir = check_output_dir(args.trace_dir, "--trace-dir")
         trace_dir.mkdir(parents=True, exist_ok=True)
     device = device_from_args(args)
+    check_real_link(args, device)  # --copy-share/--link-* on CUDA: refused before loading
     cfg = ModelConfig.from_file(model_dir_from_args(args) / "config.json")
     ids = prompt_ids(args, cfg.vocab_size)  # before loading: the KV cache counts in what fits
     positions = check_positions(cfg, len(ids), args.max_new_tokens)
@@ -317,8 +319,6 @@ def main(argv: list[str] | None = None) -> int:
         make_predictor(p, model, calibration, args.lookahead, recording=recording)
     h2d_peak = link = None
     if device.type == "cuda":
-        if args.copy_share is not None or args.link_gbps is not None:
-            raise TinyMoeError("--copy-share/--link-gbps set the simulated link: use --device cpu")
         h2d_peak = measure_h2d_peak_gbps(device)
         print(f"link: the GPU's; pinned host-to-device peak {h2d_peak:.1f} GB/s", file=log)
     else:

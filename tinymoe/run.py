@@ -34,11 +34,10 @@ from tinymoe.cli import (
 from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.timing import peak_memory_bytes
 from tinymoe.engine.tokenizer import StopStrings, StreamDecoder, load_tokenizer
-from tinymoe.offload.link import DEFAULT_LINK, PRESETS
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy
 from tinymoe.offload.runtime import OffloadRuntime, bare_report
 from tinymoe.offload.scheduler import MISS_HANDLERS
-from tinymoe.simulator.record import record_run
+from tinymoe.simulator.record import check_real_link, record_run
 from tinymoe.speculation.calibration import load_speculation
 from tinymoe.speculation.oracle import record_routing
 from tinymoe.speculation.predictors import PREDICTOR_NAMES, check_lookahead, make_predictor
@@ -243,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.temperature > 0:
             raise TinyMoeError("--record replays an exact run: use greedy decoding")
     device = device_from_args(args)
+    if args.record:  # on CUDA it records over the real link: refused now, not after generating
+        check_real_link(args, device)
     model_dir_from_args(args)
     prompt = read_prompt(args)
     policy = parse_policy(name)
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     print_result(args, tokenizer.decode(out.tokens), out, report, stops.matched, device)
     if args.record:
         predictors = [policy.predictor] if policy.predictor is not None else []
-        link = link_from_args(args) or PRESETS[DEFAULT_LINK]
+        link = link_from_args(args)  # None: the default preset, or on CUDA the real link
         trace = record_run(model, prompt_ids, len(out.tokens), link, predictors, args.model,
                            args.lookahead)  # fmt: skip
         trace.save(args.record)

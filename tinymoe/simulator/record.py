@@ -21,10 +21,13 @@ and per pass `head_s` (final norm + LM head). The file is JSON:
 
 `record_trace` makes one from two runs of the same prompt, which route identically because
 offloading is exact: a timed run, then a resident pass that keeps the routing and every
-predictor's guess (record_run, docs/simulator.md).
+predictor's guess (record_run, docs/simulator.md). On CUDA the timed run copies over the real
+link, and the trace's machine["link"] is that link as measured here (measure_h2d_link).
 """
 
+import argparse
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,8 +36,9 @@ import torch
 from tinymoe.engine.generate import GenerationResult, generate
 from tinymoe.engine.model import MoETransformer
 from tinymoe.errors import TinyMoeError
-from tinymoe.offload.link import LinkSpec
+from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec
 from tinymoe.offload.runtime import OffloadRuntime
+from tinymoe.offload.transfer import measure_h2d_peak_gbps
 from tinymoe.speculation.calibration import load_speculation
 from tinymoe.speculation.predictors import Predictor, make_predictor
 from tinymoe.speculation.scoring import ScoringHook
@@ -149,8 +153,13 @@ def record_trace(
     times = times_from_spans(timed[1], L)
     hook = ScoringHook(model, {(n, lookahead): p for n, p in predictors.items()}, set(), log=True)
     hook.reset()
-    with model.routed_by(hook), torch.inference_mode():
-        out = generate(model, ids, max_new_tokens, eos_ids=())
+    host = model.experts.weights[0].device != model.embed_tokens.weight.device
+    model.provider = DeviceCopies(model) if host else None
+    try:
+        with model.routed_by(hook), torch.inference_mode():
+            out = generate(model, ids, max_new_tokens, eos_ids=())
+    finally:
+        model.provider = None  # the resident experts again
     seen = hook.log
     if out.tokens != timed[0].tokens or len(seen) != len(times):
         raise TinyMoeError(
@@ -172,18 +181,82 @@ def record_trace(
     return RoutingTrace(model_info(model), machine, lookahead, list(predictors), passes)
 
 
+class DeviceCopies:
+    """The resident pass's expert provider where the experts live in host memory (offloading on
+    CUDA loads them there: run.py): each expert is copied to the compute device when asked, so
+    it computes where the timed run computed it. (Left on the host, the engine would compute
+    every expert there, as host experts: slow, and not the timed run's arithmetic.)"""
+
+    def __init__(self, model: MoETransformer) -> None:
+        self.weights, self.device = model.experts.weights, model.embed_tokens.weight.device
+
+    def experts(self, layer: int, ids: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        for e in ids:  # SYNC (CUDA): a blocking copy; this pass is not timed
+            yield e, self.weights[layer][e].to(self.device)
+
+
+def measure_h2d_link(device: torch.device, expert_bytes: int) -> LinkSpec:
+    """The real link as a LinkSpec: the pinned peak (transfer.measure_h2d_peak_gbps), and as the
+    latency what one expert-sized pinned copy takes beyond bytes / peak (median of 9 copies)."""
+    gbps = measure_h2d_peak_gbps(device)
+    src = torch.empty(expert_bytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(expert_bytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(9):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()  # SYNC: measurement, before the recording
+        times.append(start.elapsed_time(end) / 1e3)
+    beyond_s = sorted(times)[len(times) // 2] - expert_bytes / (gbps * 1e9)
+    return LinkSpec(gbps, max(beyond_s * 1e6, 0.0), "measured: pinned host-to-device")
+
+
+def check_real_link(args: argparse.Namespace, device: torch.device) -> None:
+    """For the tools, before loading: on CUDA copies take the real link, so a flag that shapes
+    the simulated one (--copy-share, --link-*, those the tool has) is refused there."""
+    flags = ("--copy-share", "--link-preset", "--link-gbps", "--link-latency-us")
+    given = [f for f in flags if vars(args).get(f[2:].replace("-", "_")) is not None]
+    if device.type == "cuda" and given:
+        raise TinyMoeError(
+            f"{given[0]} sets the simulated link of a CPU run; on CUDA the real host-to-device "
+            "link is used (and measured): drop it, or use --device cpu"
+        )
+
+
+def recording_link(
+    device: torch.device, link: LinkSpec | None, expert_bytes: int
+) -> tuple[LinkSpec | None, LinkSpec]:
+    """(the timed run's runtime link, the link the trace records). On a CPU both are the
+    simulated `link` (default: the default preset). On CUDA the runtime gets None, its real
+    copy engine (it refuses a simulated link there), and the trace the real link, measured."""
+    if device.type == "cuda":
+        if link is not None:
+            raise TinyMoeError(
+                "a simulated link on CUDA: the recording there copies over the real link"
+            )
+        return None, measure_h2d_link(device, expert_bytes)
+    link = link or PRESETS[DEFAULT_LINK]
+    return link, link
+
+
 def record_run(
     model: MoETransformer,
     ids: list[int],
     new_tokens: int,
-    link: LinkSpec,
+    link: LinkSpec | None,
     predictor_names: list[str],
     model_dir: str,
     lookahead: int,
 ) -> RoutingTrace:
-    """Time an on-demand run over `link` (its compute includes what running offloaded costs
-    here), then record the routing and every predictor's guess (simulator/record.py)."""
-    with OffloadRuntime(model, "on-demand", link=link, trace=True) as rt:
+    """Time an on-demand run (its compute includes what running offloaded costs here), then
+    record the routing and every predictor's guess (simulator/record.py). link: the simulated
+    link on a CPU; None on CUDA, where the real one is used and measured (recording_link)."""
+    device = model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    run_link, recorded = recording_link(device, link, model.cfg.expert_bytes(dtype))
+    with OffloadRuntime(model, "on-demand", link=run_link, trace=True) as rt:
         out = generate(model, ids, new_tokens, eos_ids=())
         rt.report()
         events = rt.meter.trace.events
@@ -196,9 +269,10 @@ def record_run(
         if n != "oracle"
     }
     machine = {
-        "device": str(model.embed_tokens.weight.device),
+        "device": str(device),
         "threads": torch.get_num_threads(),
         "timed_policy": "on-demand",
-        "link": {"gbps": link.gbps, "latency_us": link.latency_us},
+        "link": {"gbps": recorded.gbps, "latency_us": recorded.latency_us},
+        "link_source": recorded.name,  # the simulated link's, or "measured: ..." on CUDA
     }
     return record_trace(model, ids, new_tokens, (out, events), predictors, lookahead, machine)
