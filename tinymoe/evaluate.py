@@ -46,6 +46,7 @@ from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.loader import load_model
 from tinymoe.engine.model import MoETransformer
 from tinymoe.errors import TinyMoeError
+from tinymoe.plot import pyplot
 from tinymoe.progress import Progress
 from tinymoe.speculation.calibration import Calibration, load_speculation
 from tinymoe.speculation.hook import PredictionHook
@@ -169,20 +170,6 @@ def table(result: dict) -> str:
                 f"{m['kl']:>10.4f}"
             )
     return "\n".join(lines).lstrip("\n")
-
-
-def pyplot():
-    """matplotlib.pyplot, or a TinyMoeError: --plot checks this before evaluating."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise TinyMoeError(
-            "--plot needs matplotlib, which is not installed: pip install 'tinymoe[plot]'"
-        ) from None
-    return plt
 
 
 def plot(result: dict, path: str) -> None:

@@ -44,6 +44,7 @@ from tinymoe.errors import TinyMoeError
 from tinymoe.offload.link import LinkSpec
 from tinymoe.offload.policy import parse_policy
 from tinymoe.offload.scheduler import MISS_HANDLERS
+from tinymoe.plot import pyplot
 from tinymoe.simulator.costs import (
     EXPERT_DTYPES,
     HARDWARE,
@@ -54,7 +55,7 @@ from tinymoe.simulator.costs import (
 )
 from tinymoe.simulator.record import RoutingTrace, check_real_link, record_run
 from tinymoe.simulator.replay import simulate
-from tinymoe.simulator.sweep import format_sweep, plot_sweep, pyplot, sweep_result
+from tinymoe.simulator.sweep import format_sweep, plot_sweep, sweep_result
 from tinymoe.simulator.validate import validate_rounds
 from tinymoe.speculation.calibration import load_speculation
 from tinymoe.speculation.oracle import record_routing

@@ -5,6 +5,7 @@ axes (simulate.py); these put the points' rows together, with the swept values a
 """
 
 from tinymoe.errors import TinyMoeError
+from tinymoe.plot import pyplot
 
 
 def sweep_result(sweep: dict[str, list], results: list[tuple[dict, dict]]) -> dict:
@@ -40,20 +41,6 @@ def format_sweep(result: dict) -> str:
             f"{r['simulated_tpot_ms']:9.2f} {r['hit_rate']:5.2f} {gb:8.4f} {r['stall_ms']:8.2f}"
         )
     return "\n".join(lines)
-
-
-def pyplot():
-    """matplotlib.pyplot, or a TinyMoeError: --plot checks this before any work."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise TinyMoeError(
-            '--plot needs matplotlib, which is not installed: pip install -e ".[plot]"'
-        ) from None
-    return plt
 
 
 def plot_sweep(result: dict, path: str) -> None:
