@@ -282,43 +282,45 @@ def make_checkpoint(path: Path, layers: int, fields: dict, device: str) -> None:
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
 
 
-def run_bench(model_dir: Path, out: Path, new_tokens: int, device: str) -> dict:
+def run_tool(module: str, args: list[str], out: Path, device: str) -> tuple[dict, dict | None]:
+    """`python -m tinymoe.<module> ... --json` on the checkpoint's device, its stderr in
+    out/<module>.txt and its JSON in out/<module>.json: (failure or {}, the JSON or None)."""
     dtype, repeat = ("bfloat16", "3") if device == "cuda" else ("float32", "1")
     cmd = [
-        sys.executable, "-m", "tinymoe.bench", "--model", str(model_dir), "--device", device,
-        "--dtype", dtype, "--policies", POLICIES, "--prompt-tokens", "64",
-        "--max-new-tokens", str(new_tokens), "--repeat", repeat, "--json",
+        sys.executable, "-m", f"tinymoe.{module}", *args, "--device", device, "--dtype", dtype,
+        "--policies", POLICIES, "--prompt-tokens", "64", "--repeat", repeat, "--json",
     ]  # fmt: skip
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=time_left(420))
-    (out / "bench.txt").write_text(p.stderr)
+    (out / f"{module}.txt").write_text(p.stderr)
     if p.returncode != 0:
-        return {"pass": False, "returncode": p.returncode, "error": p.stderr.splitlines()[-1:]}
-    (out / "bench.json").write_text(p.stdout)
+        failed = {"pass": False, "returncode": p.returncode, "error": p.stderr.splitlines()[-1:]}
+        return failed, None
+    (out / f"{module}.json").write_text(p.stdout)
+    return {}, json.loads(p.stdout)
+
+
+def run_bench(model_dir: Path, out: Path, new_tokens: int, device: str) -> dict:
+    args = ["--model", str(model_dir), "--max-new-tokens", str(new_tokens)]
+    failed, result = run_tool("bench", args, out, device)
+    if result is None:
+        return failed
     keys = ("tpot_ms", "ratio_vs_on_demand", "hit_rate", "stall_share", "achieved_gbps", "exact")
-    rows = {r["policy"]: {k: r.get(k) for k in keys} for r in json.loads(p.stdout)["rows"]}
+    rows = {r["policy"]: {k: r.get(k) for k in keys} for r in result["rows"]}
     exact = all(r["exact"] for name, r in rows.items() if not name.startswith("speculative"))
     return {"pass": exact, "rows": rows}
 
 
 def run_simulate(model_dir: Path, out: Path, new_tokens: int, device: str) -> dict:
     """The simulator on this device: record (over the real link on CUDA), replay every policy,
-    and the real runs beside it; each policy's simulated and measured TPOT, and their ratio."""
-    dtype, repeat = ("bfloat16", "3") if device == "cuda" else ("float32", "1")
-    cmd = [
-        sys.executable, "-m", "tinymoe.simulate", "--model", str(model_dir), "--validate",
-        "--device", device, "--dtype", dtype, "--policies", POLICIES, "--prompt-tokens", "64",
-        "--max-new-tokens", str(new_tokens), "--repeat", repeat, "--json",
-    ]  # fmt: skip
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=time_left(420))
-    (out / "simulate.txt").write_text(p.stderr)
-    if p.returncode != 0:
-        return {"pass": False, "returncode": p.returncode, "error": p.stderr.splitlines()[-1:]}
-    (out / "simulate.json").write_text(p.stdout)
-    result = json.loads(p.stdout)
+    and the real runs beside it; each policy's simulated and measured TPOT, and their ratio
+    (the median of the rounds' own ratios: simulator/validate.py)."""
+    args = ["--model", str(model_dir), "--validate", "--max-new-tokens", str(new_tokens)]
+    failed, result = run_tool("simulate", args, out, device)
+    if result is None:
+        return failed
     rows = {r["policy"]: {"simulated_tpot_ms": r["simulated_tpot_ms"],
                           "measured_tpot_ms": r.get("measured_tpot_ms"),
-                          "sim_over_measured": r["simulated_tpot_ms"] / r["measured_tpot_ms"]
-                          if r.get("measured_tpot_ms") else None}
+                          "sim_over_measured": r.get("ratio")}
             for r in result["rows"] if r["miss_handler"] == "copy"}  # fmt: skip
     worst = max((abs(r["sim_over_measured"] - 1) for r in rows.values()
                  if r["sim_over_measured"]), default=None)  # fmt: skip

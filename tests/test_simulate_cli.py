@@ -79,7 +79,9 @@ def test_no_simulated_link_on_cuda(monkeypatch):
     """The recording's runtime gets no link on CUDA (its real copy engine); the trace records the
     real link as measured. On a CPU both are the simulated link."""
     measured = LinkSpec(12.5, 3.0, "measured: pinned host-to-device")
-    monkeypatch.setattr(record, "measure_h2d_link", lambda device, nbytes: measured)
+    monkeypatch.setattr(
+        record, "measure_h2d_link", lambda device, nbytes: (measured.gbps, measured.latency_us)
+    )
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert record.recording_link(cuda, None, 1000) == (None, measured)
     with pytest.raises(record.TinyMoeError, match="real link"):
@@ -161,10 +163,11 @@ def test_sweep_mistakes_are_one_line_before_loading(ckpt, capsys, no_loading, fl
     assert named in one_error_line(capsys) and no_loading == []
 
 
-def test_plot_without_matplotlib_names_the_extra(ckpt, capsys, no_loading, tmp_path):
+def test_plot_without_matplotlib_names_the_extra(ckpt, capsys, request, tmp_path):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
+        no_loading = request.getfixturevalue("no_loading")
         argv = ["--model", str(ckpt), "--sweep", "expert-slots=2,4", "--plot", "p.png"]
         assert status(simulate.cli, argv) == 2
         assert 'pip install -e ".[plot]"' in one_error_line(capsys) and no_loading == []

@@ -33,6 +33,7 @@ from tinymoe.cli import (
     add_model_flag,
     check_output_dir,
     check_positions,
+    check_real_link,
     device_from_args,
     dtype_from_args,
     link_from_args,
@@ -53,7 +54,6 @@ from tinymoe.offload.policy import BASE_POLICIES, parse_policy
 from tinymoe.offload.runtime import OffloadRuntime, bare_report
 from tinymoe.offload.scheduler import throttle_depth
 from tinymoe.offload.transfer import measure_h2d_peak_gbps
-from tinymoe.simulator.record import check_real_link
 from tinymoe.speculation.calibration import Calibration, load_speculation
 from tinymoe.speculation.oracle import record_routing
 from tinymoe.speculation.predictors import PREDICTOR_NAMES, make_predictor

@@ -6,9 +6,8 @@ closed pipe (`tinymoe run ... | head -1`) ends quietly, with status 141 as for a
 
 The flags every tool shares are defined here once (`add_*`), each with the function that checks
 it and turns it into what the library takes (`*_from_args`); the `check_*` functions check where
-a tool will write, and what it will allocate, before it starts its long work: `dtype_from_args`
-compares what loading --model in --dtype needs (weights, expert slots, KV cache) with the memory
-free, from config.json alone, before anything is read.
+a tool will write, and what it will allocate (`dtype_from_args`: weights, expert slots and KV
+cache from config.json, against the memory free), before it starts its long work.
 """
 
 import argparse
@@ -210,8 +209,18 @@ def link_from_args(args: argparse.Namespace) -> LinkSpec | None:
 
 
 def first_given(args: argparse.Namespace, *flags: str) -> str | None:
-    """The first of `flags` (such as "--top-k") that the command line gave a value, or None."""
-    return next((f for f in flags if getattr(args, f[2:].replace("-", "_")) is not None), None)
+    """The first of `flags` (e.g. "--top-k") given a value on the command line (or None)."""
+    return next((f for f in flags if vars(args).get(f[2:].replace("-", "_")) is not None), None)
+
+
+def check_real_link(args: argparse.Namespace, device: torch.device) -> None:
+    """On CUDA copies take the real link: a flag shaping the simulated one is refused, now."""
+    flag = first_given(args, "--copy-share", "--link-preset", "--link-gbps", "--link-latency-us")
+    if device.type == "cuda" and flag:
+        raise TinyMoeError(
+            f"{flag} sets the simulated link of a CPU run; on CUDA the real host-to-device "
+            "link is used (and measured): drop it, or use --device cpu"
+        )
 
 
 # ---------------------------------------------------------------- checks before long work
@@ -270,16 +279,13 @@ def dtype_from_args(
     policies: Sequence[Policy] = (),
     experts_on_host: bool = False,
 ) -> torch.dtype:
-    """--dtype for --model on `device`, checked to fit in the memory free, before any weight is
-    read: counted from config.json alone (a shard's header only where it states no dtype).
-
-    Counts the weights (weight_bytes), a KV cache of `positions`, and the slots of the
-    offloading `policies` the tool will run (--expert-slots, --expert-budget-gb and --lookahead
-    where the tool has them). "auto" on a CPU takes float32 only where that fits (resolve_dtype
-    decides) and says on stderr when it takes the checkpoint's dtype instead; a dtype that does
-    not fit is a TinyMoeError naming the way out. experts_on_host: the tool loads the experts
-    into host memory (load_model(expert_device="cpu")).
-    """
+    """--dtype for --model on `device`, checked to fit in the memory free before any weight is
+    read, from config.json alone (a shard's header only where it states no dtype): the weights,
+    a KV cache of `positions`, and the slots of the offloading `policies` the tool will run
+    (--expert-slots, --expert-budget-gb, --lookahead where it has them). "auto" on a CPU takes
+    float32 only where that fits (resolve_dtype) and says so on stderr when it does not; a dtype
+    that does not fit is a TinyMoeError naming the way out. experts_on_host: the tool loads the
+    experts into host memory (load_model(expert_device="cpu"))."""
     path = model_dir_from_args(args)
     cfg = ModelConfig.from_file(path / "config.json")
     stored = cfg.dtype if cfg.dtype is not None else Checkpoint(path).storage_dtype()
@@ -307,7 +313,7 @@ def dtype_from_args(
         pool, total = short
         print(
             f"dtype auto: {_name(dtype)}, the checkpoint's ({_name(usual)} would need "
-            f"{_gb(with_headroom(total))} of {_where(pool)} with headroom, {_gb(free[pool])} "
+            f"{_gb(with_headroom(total))} of {_POOL_NAME[pool]} with headroom, {_gb(free[pool])} "
             "available)",
             file=sys.stderr,
         )
@@ -318,12 +324,11 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_POOL_NAME = {"host": "host memory", "cuda": "GPU memory"}  # memory_needs' pools, for people
+
+
 def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.1f} GB"
-
-
-def _where(pool: str) -> str:
-    return "host memory" if pool == "host" else "GPU memory"
 
 
 def refusal(
@@ -341,10 +346,10 @@ def refusal(
     if (kv := parts.get("KV cache", 0)) > free[pool]:  # the sequence alone is too long
         return (
             f"the KV cache for {positions} positions needs {_gb(kv)}, more than the {avail} of "
-            f"{_where(pool)} free; lower {flag}"
+            f"{_POOL_NAME[pool]} free; lower {flag}"
         )
     listed = ", ".join(f"{k} {_gb(v)}" for k, v in parts.items() if v >= 5e7)  # >= 0.1 GB
-    msg = f"{_name(dtype)} needs {_gb(with_headroom(total))} of {_where(pool)} ({listed}, + "
+    msg = f"{_name(dtype)} needs {_gb(with_headroom(total))} of {_POOL_NAME[pool]} ({listed}, + "
     msg += f"headroom) and {avail} is available"
     if dtype.itemsize > 2 and shortfall(needs(torch.bfloat16), free) is None:
         return f"{msg}; use --dtype bfloat16"
@@ -356,7 +361,7 @@ def refusal(
         return f"{msg}; give fewer --expert-slots"  # on a CPU too: slots there are extra copies
     if kv and with_headroom(total - kv) <= free[pool]:
         return f"{msg}; lower {flag}"
-    return f"{msg}: this checkpoint does not fit in this machine's {_where(pool)} in any dtype"
+    return f"{msg}: this checkpoint does not fit in this machine's {_POOL_NAME[pool]} in any dtype"
 
 
 def free_host_bytes() -> int:

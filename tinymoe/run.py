@@ -22,6 +22,7 @@ from tinymoe.cli import (
     add_model_flag,
     check_output_file,
     check_positions,
+    check_real_link,
     device_from_args,
     dtype_from_args,
     first_given,
@@ -37,7 +38,7 @@ from tinymoe.engine.tokenizer import StopStrings, StreamDecoder, load_tokenizer
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy
 from tinymoe.offload.runtime import OffloadRuntime, bare_report
 from tinymoe.offload.scheduler import MISS_HANDLERS
-from tinymoe.simulator.record import check_real_link, record_run
+from tinymoe.simulator.record import record_run
 from tinymoe.speculation.calibration import load_speculation
 from tinymoe.speculation.oracle import record_routing
 from tinymoe.speculation.predictors import PREDICTOR_NAMES, check_lookahead, make_predictor

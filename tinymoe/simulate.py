@@ -31,6 +31,7 @@ from tinymoe.cli import (
     OneLineParser,
     check_output_file,
     check_positions,
+    check_real_link,
     device_from_args,
     dtype_from_args,
     model_dir_from_args,
@@ -53,7 +54,7 @@ from tinymoe.simulator.costs import (
     projected_depth,
     scale_trace,
 )
-from tinymoe.simulator.record import RoutingTrace, check_real_link, record_run
+from tinymoe.simulator.record import RoutingTrace, record_run
 from tinymoe.simulator.replay import simulate
 from tinymoe.simulator.sweep import format_sweep, plot_sweep, sweep_result
 from tinymoe.simulator.validate import validate_rounds

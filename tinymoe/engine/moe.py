@@ -121,14 +121,17 @@ def moe_forward(
         )
     if N == 1:  # decode: one token, so skip the grouping machinery (per-op overhead dominates)
         ids = routing.ids_on_host()[0]  # (the layer's one sync, unless already read)
-        host, y = HostExperts(expert_dim), {}
+        host, y = None, {}  # host: made at the first host expert (the CPU miss handler's)
         for e, w in provider.experts(layer, sorted(ids)):
             if on_host(w, u):
+                host = host or HostExperts(expert_dim)
                 host.add(e, w, u)
                 continue
-            host.start()  # before the first device expert, so its copy does not queue behind it
+            if host:  # before the first device expert, so its copy does not queue behind it
+                host.start()
             y[e] = expert_forward(w, u, expert_dim)
-        y.update(host.finish())  # (1, D) each, on u's device
+        if host:
+            y.update(host.finish())  # (1, D) each, on u's device
         if len(y) != K:
             raise RuntimeError(f"expert provider did not supply experts {ids} of layer {layer}")
         ys = torch.stack([y[e] for e in ids])  # (K, 1, D) in k order, whatever the yield order
@@ -143,16 +146,18 @@ def moe_forward(
     token_of = order // K  # (N*K,) token index of each sorted slot
     w_sorted = routing.weights.reshape(-1)[order]  # (N*K,)
     parts: dict[int, Tensor] = {}
-    host = HostExperts(expert_dim)
+    host = None  # made at the first host expert, as above
     for e, w in provider.experts(layer, used):
         a, b = starts[e], starts[e + 1]
         x_e = u[token_of[a:b]]  # (n_e, D)
         if on_host(w, u):
+            host = host or HostExperts(expert_dim)
             host.add(e, w, x_e)
             continue
-        host.start()  # before the first device expert, so its copy does not queue behind it
+        if host:  # before the first device expert, so its copy does not queue behind it
+            host.start()
         parts[e] = expert_forward(w, x_e, expert_dim) * w_sorted[a:b, None]  # (n_e, D)
-    for e, y_e in host.finish():  # (n_e, D) each, on u's device
+    for e, y_e in host.finish() if host else ():  # (n_e, D) each, on u's device
         parts[e] = y_e * w_sorted[starts[e] : starts[e + 1], None]
     if len(parts) != len(used):
         missing = sorted(set(used) - set(parts))

@@ -169,16 +169,29 @@ def _first(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def _timed_copy_s(dst: Tensor, src: Tensor) -> float:
+    """Seconds one non-blocking copy src -> dst takes on the GPU (events around it)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    dst.copy_(src, non_blocking=True)
+    end.record()
+    end.synchronize()  # SYNC: measurement
+    return start.elapsed_time(end) / 1e3
+
+
 def measure_h2d_peak_gbps(device: torch.device, nbytes: int = 256 * 2**20) -> float:
     """The pinned host-to-device bandwidth this machine reaches: one big copy, best of three."""
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    best = 0.0
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()  # SYNC: measurement
-        best = max(best, nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
-    return best
+    return max(nbytes / _timed_copy_s(dst, src) / 1e9 for _ in range(3))
+
+
+def measure_h2d_link(device: torch.device, expert_bytes: int) -> tuple[float, float]:
+    """The real link as (GB/s, latency in us): the pinned peak (measure_h2d_peak_gbps), and as
+    the latency what one expert-sized pinned copy takes beyond bytes / peak (median of 9)."""
+    gbps = measure_h2d_peak_gbps(device)
+    src = torch.empty(expert_bytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(expert_bytes, dtype=torch.uint8, device=device)
+    times = sorted(_timed_copy_s(dst, src) for _ in range(9))
+    beyond_s = times[len(times) // 2] - expert_bytes / (gbps * 1e9)
+    return gbps, max(beyond_s * 1e6, 0.0)

@@ -25,7 +25,6 @@ predictor's guess (record_run, docs/simulator.md). On CUDA the timed run copies 
 link, and the trace's machine["link"] is that link as measured here (measure_h2d_link).
 """
 
-import argparse
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from tinymoe.engine.model import MoETransformer
 from tinymoe.errors import TinyMoeError
 from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec
 from tinymoe.offload.runtime import OffloadRuntime
-from tinymoe.offload.transfer import measure_h2d_peak_gbps
+from tinymoe.offload.transfer import measure_h2d_link
 from tinymoe.speculation.calibration import load_speculation
 from tinymoe.speculation.predictors import Predictor, make_predictor
 from tinymoe.speculation.scoring import ScoringHook
@@ -195,36 +194,6 @@ class DeviceCopies:
             yield e, self.weights[layer][e].to(self.device)
 
 
-def measure_h2d_link(device: torch.device, expert_bytes: int) -> LinkSpec:
-    """The real link as a LinkSpec: the pinned peak (transfer.measure_h2d_peak_gbps), and as the
-    latency what one expert-sized pinned copy takes beyond bytes / peak (median of 9 copies)."""
-    gbps = measure_h2d_peak_gbps(device)
-    src = torch.empty(expert_bytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(expert_bytes, dtype=torch.uint8, device=device)
-    times = []
-    for _ in range(9):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src, non_blocking=True)
-        end.record()
-        end.synchronize()  # SYNC: measurement, before the recording
-        times.append(start.elapsed_time(end) / 1e3)
-    beyond_s = sorted(times)[len(times) // 2] - expert_bytes / (gbps * 1e9)
-    return LinkSpec(gbps, max(beyond_s * 1e6, 0.0), "measured: pinned host-to-device")
-
-
-def check_real_link(args: argparse.Namespace, device: torch.device) -> None:
-    """For the tools, before loading: on CUDA copies take the real link, so a flag that shapes
-    the simulated one (--copy-share, --link-*, those the tool has) is refused there."""
-    flags = ("--copy-share", "--link-preset", "--link-gbps", "--link-latency-us")
-    given = [f for f in flags if vars(args).get(f[2:].replace("-", "_")) is not None]
-    if device.type == "cuda" and given:
-        raise TinyMoeError(
-            f"{given[0]} sets the simulated link of a CPU run; on CUDA the real host-to-device "
-            "link is used (and measured): drop it, or use --device cpu"
-        )
-
-
 def recording_link(
     device: torch.device, link: LinkSpec | None, expert_bytes: int
 ) -> tuple[LinkSpec | None, LinkSpec]:
@@ -236,7 +205,8 @@ def recording_link(
             raise TinyMoeError(
                 "a simulated link on CUDA: the recording there copies over the real link"
             )
-        return None, measure_h2d_link(device, expert_bytes)
+        gbps, latency_us = measure_h2d_link(device, expert_bytes)
+        return None, LinkSpec(gbps, latency_us, "measured: pinned host-to-device")
     link = link or PRESETS[DEFAULT_LINK]
     return link, link
 

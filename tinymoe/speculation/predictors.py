@@ -57,6 +57,10 @@ class Predictor(Protocol):
 
     A predictor may set `crosses_tokens = True` (only the oracle does, oracle.py): then
     a target t >= L (num_layers) is a prediction for layer t - L of the NEXT forward pass.
+
+    It may also have `guess_ids(layer, resid, u, routing)`, the same guess's experts alone
+    (weights None), cheaper: exact prefetch, which never runs a guess, calls it instead of
+    observe (PredictionHook; RouterPredictor has one).
     """
 
     lookahead: int
