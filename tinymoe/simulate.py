@@ -289,23 +289,24 @@ def format_table(result: dict) -> str:
         f"{result['decode_steps']} decode steps, link {result['link_gbps']:.3f} GB/s, "
         f"exact prefetch depth {result['prefetch_depth']}",
         f"{'policy':<24} {'misses':>6} {'slots':>5} {'sim TPOT':>9} {'measured':>9} "
-        f"{'sim/meas':>8} {'rounds':>11} {'hit':>5} {'GB/step':>8} {'stall ms':>8}",
+        f"{'sim/meas':>8} {'rounds':>11} {'costs':>6} {'hit':>5} {'GB/step':>8} {'stall ms':>8}",
     ]
     if "assumptions" in result:  # a projection: what it assumed (--json: with the sources)
         items = [f"{k} {v['value']}" for k, v in result["assumptions"].items()]
         lines.insert(2, "assumed: " + ", ".join(items[1:]))  # (items[0], the host, is above)
     for r in result["rows"]:
         meas = r.get("measured_tpot_ms")
-        # --validate: the median of the rounds' own ratios, and their range
+        # --validate: the median of the rounds' own ratios, and their range (each replay with its
+        # real run's own compute), then the median ratio with the round's costs as recorded
         ratio = f"{r['ratio']:8.3f}" if meas else f"{'-':>8}"
         spread = f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}" if meas else "-"
+        plain = f"{r['ratio_round_costs']:6.3f}" if meas else f"{'-':>6}"
         meas_s = f"{meas:9.2f}" if meas else f"{'-':>9}"
         gb = r["bytes_copied"] / max(r["steps"], 1) / 1e9
         lines.append(
             f"{r['policy']:<24} {r['miss_handler']:>6} {r['expert_slots']:>5} "
-            f"{r['simulated_tpot_ms']:9.2f} {meas_s} {ratio} {spread:>11} {r['hit_rate']:5.2f} "
-            f"{gb:8.4f} "
-            f"{r['stall_ms']:8.2f}"
+            f"{r['simulated_tpot_ms']:9.2f} {meas_s} {ratio} {spread:>11} {plain} "
+            f"{r['hit_rate']:5.2f} {gb:8.4f} {r['stall_ms']:8.2f}"
         )
     return "\n".join(lines)
 

@@ -116,22 +116,25 @@ def expert_bytes(cfg: ModelConfig, expert_dtype: str = "bfloat16") -> int:
 
 
 class MeasuredCosts:
-    """Every time as the trace recorded it; the link as given (see the top)."""
+    """Every time as the trace recorded it, times `compute_scale`; the link as given (see the
+    top). compute_scale: 1 replays the recorded run's compute; validation sets it to what a real
+    run's own compute measured over the replay's (validate.py), so that the comparison tests the
+    simulator's copies, stalls and overlap rather than how busy the machine was in each run."""
 
     host_parallel = False  # recorded on a CPU: the host *is* the device
 
-    def __init__(self, trace: RoutingTrace, link: LinkSpec) -> None:
-        self.trace, self.link = trace, link
+    def __init__(self, trace: RoutingTrace, link: LinkSpec, compute_scale: float = 1.0) -> None:
+        self.trace, self.link, self.scale = trace, link, compute_scale
         self.expert_bytes = trace.model["expert_bytes"]
 
     def layer_s(self, p: int, layer: int, rec: LayerRecord) -> float:
-        return rec.attention_s + rec.router_s
+        return (rec.attention_s + rec.router_s) * self.scale
 
     def expert_s(self, p: int, layer: int, rec: LayerRecord) -> float:
-        return rec.expert_s
+        return rec.expert_s * self.scale
 
     def host_expert_s(self, p: int, layer: int, rec: LayerRecord) -> float:
-        return rec.expert_s  # the same CPU computes it, from the host store instead of a slot
+        return rec.expert_s * self.scale  # the same CPU computes it, from the host store
 
     def host_copies_s(
         self, p: int, layer: int, rec: LayerRecord, rows_in: int, rows_out: int
@@ -139,10 +142,10 @@ class MeasuredCosts:
         return 0.0  # the host is the device: host experts' inputs and outputs stay where they are
 
     def guess_s(self, p: int, layer: int, rec: LayerRecord, predictor: str) -> float:
-        return rec.guess_s.get(predictor, 0.0)
+        return rec.guess_s.get(predictor, 0.0) * self.scale
 
     def head_s(self, p: int) -> float:
-        return self.trace.passes[p].head_s
+        return self.trace.passes[p].head_s * self.scale
 
 
 class RooflineCosts:

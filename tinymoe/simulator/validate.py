@@ -8,17 +8,29 @@ either side alone shows up as a simulator error (31% in issue 18, then 4% for th
 
 So each round r of --repeat records its own trace (record_run: its timed on-demand run *is* the
 round's cost measurement), runs every policy's real run once (round-robin, as bench.run_rounds
-does), and replays every policy on that round's trace. Costs and measurements of one round are
-seconds apart and see the same machine; a slow spell moves both. A row reports, per policy:
+does), and replays every policy on that round's trace, twice:
 
-    simulated_tpot_ms, measured_tpot_ms   the median over rounds of each
+    round's costs   the recorded run's compute times as they are: does a cost measured under one
+                    policy price another? (ratio_round_costs)
+    own compute     the same times scaled by one factor per policy and round, so that the
+                    replay computes exactly as long as that policy's real run did (the meter's
+                    compute_ms, stalls excluded); what is left to compare is what the simulator
+                    models: copies, stalls, overlap, the cache and the scheduler (ratio)
+
+The second is the validation: on two busy cores a real run's compute alone moves by 10-20%
+between runs seconds apart, while the stalls it models agree to a few percent (docs/results.md,
+issue 18). A row reports, per policy:
+
+    simulated_tpot_ms, measured_tpot_ms   the median over rounds of each (own compute)
     ratio                                 the median over rounds of the round's simulated/measured
     spread                                [min, max] of the rounds' ratios: how far one round
                                           alone could be off, beside the error
+    ratio_round_costs, spread_round_costs the same with the round's costs as recorded
     hit_rate, bytes_copied, steps, ...    the replay's, from the round whose ratio is the median
 
 Rows of another miss handler than `copy` have no real run (the engine measures only what it
-runs); their median round is the one of the median simulated TPOT.
+runs), so no compute of their own: they are replayed with the round's costs, and their median
+round is the one of the median simulated TPOT.
 """
 
 import argparse
@@ -70,7 +82,10 @@ def validate_rounds(
                 model, name, ids, args.max_new_tokens, link, recording, args.expert_slots,
                 None, None, calibration, args.lookahead, depth,
             )  # fmt: skip
-            measured[name].append({"tpot_ms": row["tpot_ms"], "exact": row["tokens"] == ref.tokens})
+            measured[name].append({
+                "tpot_ms": row["tpot_ms"], "compute_ms": row["compute_ms"],
+                "stall_ms": row["stall_ms"], "exact": row["tokens"] == ref.tokens,
+            })  # fmt: skip
         # This round's link: the simulated one on a CPU, the one measured with it on CUDA.
         round_link = LinkSpec(**trace.machine["link"], name=trace.machine["link_source"])
         costs = MeasuredCosts(trace, round_link)
@@ -79,6 +94,14 @@ def validate_rounds(
                 if h == "cpu" and not parse_policy(name).offload:
                     continue  # nothing is offloaded: nothing to compute on the host
                 sim = simulate(trace, name, costs, args.expert_slots, depth, miss_handler=h)
+                if h == "copy":  # the real run's own compute (see the top)
+                    scale = measured[name][-1]["compute_ms"] / sim["compute_ms"]
+                    own = MeasuredCosts(trace, round_link, compute_scale=scale)
+                    sim = {
+                        **simulate(trace, name, own, args.expert_slots, depth),
+                        "round_costs_tpot_ms": sim["tpot_ms"],
+                        "compute_scale": scale,
+                    }
                 sims.setdefault((name, h), []).append(sim)
     return [round_row(name, h, runs, measured[name]) for (name, h), runs in sims.items()]
 
@@ -99,6 +122,7 @@ def round_row(name: str, handler: str, sims: list[dict], measured: list[dict]) -
         }
     meas_ms = [m["tpot_ms"] for m in measured]
     ratios = [s / m for s, m in zip(sim_ms, meas_ms, strict=True)]
+    plain = [s["round_costs_tpot_ms"] / m for s, m in zip(sims, meas_ms, strict=True)]
     at = sorted(range(len(ratios)), key=lambda r: ratios[r])[len(ratios) // 2]
     keep = {k: v for k, v in sims[at].items() if k != "layers"}
     return {
@@ -108,10 +132,16 @@ def round_row(name: str, handler: str, sims: list[dict], measured: list[dict]) -
         "measured_tpot_ms": statistics.median(meas_ms),
         "ratio": statistics.median(ratios),
         "spread": [min(ratios), max(ratios)],
+        "ratio_round_costs": statistics.median(plain),
+        "spread_round_costs": [min(plain), max(plain)],
         "median_round": at,
         "simulated_tpot_ms_rounds": sim_ms,
         "measured_tpot_ms_rounds": meas_ms,
         "ratio_rounds": ratios,
+        "ratio_round_costs_rounds": plain,
+        "compute_scale_rounds": [s["compute_scale"] for s in sims],
+        "simulated_stall_ms_rounds": [s["stall_ms"] for s in sims],
+        "measured_stall_ms_rounds": [m["stall_ms"] for m in measured],
         "exact": all(m["exact"] for m in measured),
         "rounds": len(sims),
     }
