@@ -64,7 +64,7 @@ def machine(monkeypatch):
     """This machine, as the tools see it: `free(host_gib, gpu_gb=None)` sets the memory free
     (a GPU too, when gpu_gb is given); load_model, in every tool, raises Loaded."""
 
-    def fake_load(path, device="cpu", dtype="auto", expert_device=None):
+    def fake_load(path, device="cpu", dtype="auto", expert_device=None, **quant):
         raise Loaded(dtype, expert_device)
 
     for module in TOOLS.values():

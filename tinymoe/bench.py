@@ -15,6 +15,10 @@ on-demand run over a very fast link measures compute per token C and copies per 
 the link is set so that n copies take S / (1 - S) * C. The on-demand row then shows the share
 actually achieved. Every row also checks that its tokens equal those of the resident run
 ("exact"), the run the oracle replays.
+
+`--expert-quant none,int8,int4` runs every policy once per format, all over the link calibrated
+on the unquantized on-demand run: what fewer bytes buy on the same link. A format's rows are
+exact against a resident run of the same quantized experts (store.quantized_resident).
 """
 
 import argparse
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 
 from tinymoe import GenerationResult, TinyMoeError, generate, load_model
+from tinymoe.bench_table import format_table
 from tinymoe.cli import (
     OneLineParser,
     add_device_flags,
@@ -51,9 +56,12 @@ from tinymoe.engine.tokenizer import load_tokenizer
 from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec
 from tinymoe.offload.meter import eq1_bound_ms
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy
+from tinymoe.offload.quant import DEFAULT_GROUP_SIZE, QuantFormat
 from tinymoe.offload.runtime import OffloadRuntime, bare_report
 from tinymoe.offload.scheduler import throttle_depth
+from tinymoe.offload.store import quantized_resident
 from tinymoe.offload.transfer import measure_h2d_peak_gbps
+from tinymoe.quant_flags import add_quant_flags, quant_from_args
 from tinymoe.speculation.calibration import Calibration, load_speculation
 from tinymoe.speculation.oracle import record_routing
 from tinymoe.speculation.predictors import PREDICTOR_NAMES, make_predictor
@@ -75,10 +83,12 @@ def run_policy(
     lookahead: int = 1,
     prefetch_depth: int = 1,
     warm: bool = False,
+    quant: QuantFormat | None = None,
 ) -> dict:
     """Generate once under policy `name`; return its row (before the on-demand comparisons).
     warm: generate once first, untimed, under the runtime, which keeps what it loaded (--warm).
-    resident without a trace is the bare model: no runtime, the baseline of every row."""
+    resident without a trace is the bare model: no runtime, the baseline of every row.
+    quant: the experts' format (the model's are already in it: quantized_resident)."""
     policy = parse_policy(name)
     predictor = None
     if policy.predictor is not None:
@@ -97,6 +107,8 @@ def run_policy(
             link=link if offload and model.embed_tokens.weight.is_cpu else None,
             trace=trace is not None,
             prefetch_depth=prefetch_depth,
+            expert_quant=quant.name if quant else "none",
+            group_size=quant.group_size if quant else DEFAULT_GROUP_SIZE,
         )
     with rt or nullcontext():
         if warm:
@@ -117,6 +129,7 @@ def run_policy(
     tpot = out.tpot_ms["mean"]
     return {
         "policy": name,
+        "expert_quant": quant.name if quant else "none",
         "expert_slots": report["expert_slots"],
         "tpot_ms": tpot,
         "tokens_per_s": out.tokens_per_s,
@@ -173,13 +186,19 @@ def simulated_link(
 
 
 def auto_depth(
-    model: MoETransformer, resident: GenerationResult, link: LinkSpec | None, h2d_gbps: float | None
+    model: MoETransformer,
+    resident: GenerationResult,
+    link: LinkSpec | None,
+    h2d_gbps: float | None,
+    quant: QuantFormat | None = None,
 ) -> int:
-    """--prefetch-depth auto: from the resident run's TPOT and the link (throttle_depth)."""
+    """--prefetch-depth auto: from the resident run's TPOT and the link (throttle_depth), for
+    copies of the experts in `quant`'s bytes (None: the model's dtype)."""
     cfg = model.cfg
     if link is None:  # CUDA: the measured pinned bandwidth
         link = LinkSpec(h2d_gbps, 0.0, "measured")
-    copy_s = link.seconds(cfg.expert_bytes(model.embed_tokens.weight.dtype))
+    nbytes = cfg.expert_bytes(model.embed_tokens.weight.dtype)
+    copy_s = link.seconds(quant.expert_bytes(cfg.expert_numel) if quant else nbytes)
     layer_s = resident.tpot_ms["mean"] / 1e3 / cfg.num_layers
     return throttle_depth(layer_s, copy_s, cfg.num_experts)
 
@@ -206,7 +225,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         metavar="N|auto",
         help="exact prefetch copies at most this many guessed experts per layer; auto: 1 + the "
         "expert copies the link finishes in one layer's compute, from the resident run's TPOT "
-        "(measured once, so every row gets the same depth)",
+        "(measured once per --expert-quant format, so its rows get the same depth)",
     )
     a("--expert-slots", type=positive_int, metavar="N", help="for all (default: per policy)")
     add_link_flags(p)
@@ -226,7 +245,7 @@ def run_rounds(
     model: MoETransformer, names: list[str], ids: list[int], args: argparse.Namespace,
     link: LinkSpec | None, ref: GenerationResult, recording: list[list[Routing]],
     calibration: Calibration | None, depth: int, budget_gb: float | None = None,
-    trace_dir: Path | None = None,
+    trace_dir: Path | None = None, quant: QuantFormat | None = None,
 ) -> list[dict]:  # fmt: skip
     """Each policy's row from --repeat rounds (run_policy, with add_run_flags' `args`); "exact":
     every run's tokens are those of `ref`, the resident run that recorded `recording`. Round-robin,
@@ -236,12 +255,15 @@ def run_rounds(
     for i in range(args.repeat):
         for name in names:
             print(f"round {i + 1}/{args.repeat}: {name} ...", file=sys.stderr)
-            trace = trace_dir / f"{name}.trace.json" if trace_dir and i == 0 else None
+            label = name if quant is None else f"{name}.{quant.name}"
+            trace = trace_dir / f"{label}.trace.json" if trace_dir and i == 0 else None
             row = run_policy(
                 model, name, ids, args.max_new_tokens, link, recording, args.expert_slots,
                 budget_gb, trace, calibration, args.lookahead, depth, getattr(args, "warm", False),
+                quant,
             )  # fmt: skip
             row["exact"] = row.pop("tokens") == ref.tokens
+            row["prefetch_depth"] = depth
             runs[name].append(row)
     rows = []
     for name in names:
@@ -274,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--expert-slots for every expert and a fast link, TPOT over resident's is the runtime's "
         "host overhead (the table then shows it per layer: host us/L)",
     )
+    add_quant_flags(p, several=True)
     a("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -305,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     device = device_from_args(args)
     check_real_link(args, device)  # --copy-share/--link-* on CUDA: refused before loading
     cfg = ModelConfig.from_file(model_dir_from_args(args) / "config.json")
+    quants = [quant_from_args(args, cfg, q) for q in args.expert_quant]  # checked before loading
     ids = prompt_ids(args, cfg.vocab_size)  # before loading: the KV cache counts in what fits
     positions = check_positions(cfg, len(ids), args.max_new_tokens)
     dtype = dtype_from_args(args, device, positions, [parse_policy(n) for n in names])
@@ -324,14 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         link = simulated_link(model, ids, args, recording)
         print(f"link: {link.gbps:.3f} GB/s, {link.latency_us} us per copy ({link.name})", file=log)
-    depth = args.prefetch_depth or auto_depth(model, ref, link, h2d_peak)
-    print(f"exact prefetch depth: {depth} copies per layer", file=log)
-
-    rows = run_rounds(
-        model, names, ids, args, link, ref, recording, calibration, depth,
-        args.expert_budget_gb, trace_dir,
-    )  # fmt: skip
-    od = next(r for r in rows if r["policy"] == "on-demand")
+    rows = []
+    for quant in quants:  # the link stays the one calibrated on the model's own experts
+        with quantized_resident(model, quant) if quant else nullcontext():
+            if quant is not None:  # the reference of these rows: a resident run of the same
+                ref, recording = record_routing(model, ids, args.max_new_tokens, eos_ids=())
+            depth = args.prefetch_depth or auto_depth(model, ref, link, h2d_peak, quant)
+            print(f"exact prefetch depth ({quant or 'none'}): {depth} copies per layer", file=log)
+            rows += run_rounds(
+                model, names, ids, args, link, ref, recording, calibration, depth,
+                args.expert_budget_gb, trace_dir, quant,
+            )  # fmt: skip
+    od = next(r for r in rows if r["policy"] == "on-demand")  # the first format's
     bound = eq1_bound_ms(od["tpot_ms"], od["layers"])
     resident = next((r for r in rows if r["policy"] == "resident"), None)
     for r in rows:
@@ -355,40 +383,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(format_table(result))
     return 0
-
-
-def format_table(result: dict) -> str:
-    head = (
-        f"{'policy':<24} {'slots':>5} {'TPOT ms':>8} {'vs OD':>6} {'tok/s':>7} {'hit':>5} "
-        f"{'GB copied':>9} {'stall':>6} {'copy':>6} {'GB/s':>7} {'Eq.1 ms':>8} {'of Eq.1':>7} exact"
-    )
-    warm = result.get("warm") and result["rows"][0]["over_resident_us_per_layer"] is not None
-    if warm:
-        head += f" {'host us/L':>9}"
-    if result["link_gbps"] is None:
-        link = f"CUDA, pinned host-to-device peak {result['h2d_peak_gbps']:.1f} GB/s"
-    else:
-        link = f"link {result['link_gbps']:.3f} GB/s + {result['link_latency_us']} us"
-    lines = [
-        f"{result['prompt_tokens']}-token prompt, {result['new_tokens']} new tokens, {link}, "
-        f"exact prefetch depth {result['prefetch_depth']}, {result['threads']} threads"
-        + (", warm (each run generated the prompt once first)" if result.get("warm") else ""),
-        head,
-    ]
-    for r in result["rows"]:
-        # Eq. 1 bounds what overlap can save; rows that avoid copies (caches) are not bounded by it.
-        prefetches = parse_policy(r["policy"]).predictor is not None
-        share = r["eq1_saving_share"]
-        eq1_share = f"{share:.1%}" if prefetches and share is not None else "-"
-        lines.append(
-            f"{r['policy']:<24} {r['expert_slots']:>5} {r['tpot_ms']:>8.2f} "
-            f"{r['ratio_vs_on_demand']:>6.3f} {r['tokens_per_s']:>7.1f} {r['hit_rate']:>5.2f} "
-            f"{r['gb_copied']:>9.4f} {r['stall_share']:>6.1%} {r['copy_share']:>6.1%} "
-            f"{r['achieved_gbps'] or 0:>7.2f} "
-            f"{r['eq1_bound_ms']:>8.2f} {eq1_share:>7} {r['exact']!s:<5}"
-            + (f" {r['over_resident_us_per_layer']:>9.1f}" if warm else "")
-        )
-    return "\n".join(lines)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -11,7 +11,11 @@ held back.
        layer t), for each lookahead d;
     4. on the held-back sequences, every predictor's recall per layer is measured, and the hybrid
        predictor's estimator layers are chosen: layers where the router's recall is below a
-       threshold and the estimator's is higher.
+       threshold and the estimator's is higher;
+    5. the context predictor (speculation/context.py) is trained the same way on pairs
+       ([q_{t-d}, the previous token's Norm_t(r_t)], true logits of layer t), and its fail-safe
+       threshold per layer is chosen on the held-back sequences: the lowest confidence that
+       keeps recall@k, counting a token that falls back as 1, at --fail-safe-recall.
 Everything is saved as speculation.{safetensors,json} beside the checkpoint, or in --out; the
 format, and `load_speculation` that reads it back, live in speculation/calibration.py.
 """
@@ -43,7 +47,14 @@ from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.loader import load_model
 from tinymoe.engine.model import MoETransformer
 from tinymoe.errors import TinyMoeError
-from tinymoe.speculation.calibration import META_FILE, TENSORS_FILE, Calibration, save_speculation
+from tinymoe.speculation.calibration import (
+    META_FILE,
+    TENSORS_FILE,
+    Calibration,
+    load_speculation,
+    save_speculation,
+)
+from tinymoe.speculation.context import train_context
 from tinymoe.speculation.estimator import (
     EstimatorConfig,
     LinearEstimator,
@@ -68,6 +79,7 @@ class CalibrationSettings:
     ffn_mult: int = 4
     val_fraction: float = 0.1  # share of the sequences held back for hit rates and hybrid
     hybrid_threshold: float = 0.75  # hybrid considers the estimator where router recall is below
+    fail_safe_recall: float = 0.95  # the context predictor's thresholds keep this recall@k
     forward_batch: int = 8  # sequences per forward pass of the exact run
     seed: int = 0
 
@@ -119,10 +131,11 @@ def router_recall(
     return out
 
 
-def calibrate(model: MoETransformer, ids: Tensor, s: CalibrationSettings) -> Calibration:
-    """The whole procedure of the module docstring on token rows `ids` (B, T)."""
-    cfg = model.cfg
-    L, T = cfg.num_layers, ids.shape[1]
+def split_runs(
+    model: MoETransformer, ids: Tensor, s: CalibrationSettings
+) -> tuple[ExactRunRecord, ExactRunRecord, int]:
+    """Steps 1-2's exact runs: (training sequences' run, held-back sequences' run, held back)."""
+    L, T = model.cfg.num_layers, ids.shape[1]
     n_val = max(1, round(ids.shape[0] * s.val_fraction))
     if n_val >= ids.shape[0]:
         raise TinyMoeError(
@@ -134,6 +147,40 @@ def calibrate(model: MoETransformer, ids: Tensor, s: CalibrationSettings) -> Cal
             raise TinyMoeError(f"--lookahead {d}: must be between 1 and {L - 1} for {L} layers")
     run = record_exact_run(model, ids[:-n_val], s.forward_batch)  # default vectors, training
     held = record_exact_run(model, ids[-n_val:], s.forward_batch)  # hit rates, hybrid choice
+    return run, held, n_val
+
+
+def add_context(
+    cal: Calibration,
+    model: MoETransformer,
+    run: ExactRunRecord,
+    held: ExactRunRecord,
+    s: CalibrationSettings,
+    seq_len: int,
+) -> None:
+    """Step 5 into `cal`: the context estimators, their held-back recall, KL and fail-safe
+    figures (every other estimator and figure of `cal` stays as it is)."""
+    L = model.cfg.num_layers
+    contexts, fail_safe, kl = train_context(model, cal.default_vectors, run, held, s, seq_len)
+    rates = cal.meta.setdefault("val_recall_at_k", {})
+    for d, est in contexts.items():
+        cal.estimators[("context", d)] = est
+        recall = [fail_safe[d][t]["recall"] for t in range(d, L)]
+        rates.setdefault(str(d), {})["context"] = [None] * d + recall
+    cal.meta.setdefault("val_kl", {}).update(kl)
+    by_d = {str(d): {str(t): f for t, f in by_t.items()} for d, by_t in fail_safe.items()}
+    cal.meta.setdefault("fail_safe", {}).update(by_d)
+    cal.meta["fail_safe_rule"] = (
+        f"context: per layer, the lowest margin (K-th minus (K+1)-th logit) that keeps recall@k, "
+        f"a fallen-back token counting 1, at {s.fail_safe_recall} on the held-back sequences"
+    )
+
+
+def calibrate(model: MoETransformer, ids: Tensor, s: CalibrationSettings) -> Calibration:
+    """The whole procedure of the module docstring on token rows `ids` (B, T)."""
+    cfg = model.cfg
+    L, T = cfg.num_layers, ids.shape[1]
+    run, held, n_val = split_runs(model, ids, s)
     dv = default_vectors(run)
     never = int((run.expert_count == 0).sum())
     if never:
@@ -198,7 +245,9 @@ def calibrate(model: MoETransformer, ids: Tensor, s: CalibrationSettings) -> Cal
         "val_recall_at_k": hit_rates,
         "val_kl": kl,
     }
-    return Calibration(dv, run.expert_count, estimators, hybrid, meta)
+    cal = Calibration(dv, run.expert_count, estimators, hybrid, meta)
+    add_context(cal, model, run, held, s, T)
+    return cal
 
 
 # ---------------------------------------------------------------- command line
@@ -240,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--reduction", type=positive_int, default=2, help="estimator width D/m: this is m")
     a("--val-fraction", type=open_fraction, default=0.1, help="share of sequences held back")
     a("--hybrid-threshold", type=float, default=0.75, help="router recall where hybrid may switch")
+    a(
+        "--fail-safe-recall",
+        type=open_fraction,
+        default=0.95,
+        help="the context predictor's "
+        "thresholds keep this recall@k on held-back sequences, fallbacks counting 1",
+    )
+    a(
+        "--context-only",
+        action="store_true",
+        help="train only the context predictor, into the "
+        "calibration already in --out (rewritten: needs --force); the rest stays bit for bit",
+    )
     a("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     a("--seed", type=int, default=0, help="for the estimators' initialisation and batches")
     add_device_flags(p)
@@ -269,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= d < L:
             raise TinyMoeError(f"--lookahead {d}: must be between 1 and {L - 1} for {L} layers")
     out = output_dir(args)
+    cfg = ModelConfig.from_file(model_dir_from_args(args) / "config.json")
+    previous = load_speculation(out, cfg) if args.context_only else None
+    if args.context_only and previous is None:
+        raise TinyMoeError(
+            f"--context-only: no calibration in {out} to add the context predictor to"
+        )
     device = device_from_args(args)
     dtype = dtype_from_args(args, device)  # fits in memory? before anything is read
     ids = read_token_ids(args.model, args.text, args.tokens, args.seq_len)
@@ -283,12 +351,19 @@ def main(argv: list[str] | None = None) -> int:
         reduction=args.reduction,
         val_fraction=args.val_fraction,
         hybrid_threshold=args.hybrid_threshold,
+        fail_safe_recall=args.fail_safe_recall,
         forward_batch=args.batch_size,
         seed=args.seed,
     )
     torch.manual_seed(args.seed)
-    cal = calibrate(model, ids, settings)
-    cal.meta.update(command=command, text=str(args.text))
+    if previous is not None:  # the shipped estimators stay bit for bit; the context one is new
+        cal = previous
+        run, held, _ = split_runs(model, ids, settings)
+        add_context(cal, model, run, held, settings, ids.shape[1])
+        cal.meta.update(context_command=command)
+    else:
+        cal = calibrate(model, ids, settings)
+        cal.meta.update(command=command, text=str(args.text))
     save_speculation(cal, out)
     print(summary(cal))
     print(f"wrote {out / TENSORS_FILE} and {out / META_FILE}", file=sys.stderr)

@@ -8,9 +8,15 @@ The calibration and evaluation tools read any UTF-8 file as token windows (`read
 
 The corpus comes from a Debian package: `apt-get install python3.11-doc` puts the sources under
 /usr/share/doc/python3.11/html/_sources/ (PSF licence).
+
+An out-of-domain held-out text, of another kind than anything the model or its calibration saw,
+comes from another package's man pages rendered as a terminal shows them (`man_text`; git's by
+default, `apt-get install git-man`): `python -m tinymoe.corpus --man-package git-man --out FILE`.
 """
 
+import gzip
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +25,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
+from tinymoe.cli import OneLineParser, check_output_file, run_cli
 from tinymoe.engine.tokenizer import load_tokenizer
 from tinymoe.errors import TinyMoeError
 
@@ -208,6 +215,76 @@ def _as_ids(a: np.ndarray) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# 3. Out-of-domain held-out text: a Debian package's man pages, as a terminal shows them
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_MAN_PACKAGE = "git-man"  # 191 pages of git's manual (GPL-2): prose about another tool
+# groff as `man` runs it, without escapes for bold or underline (-P-cbou) or hyphenation.
+GROFF = ("groff", "-t", "-man", "-Tutf8", "-P-cbou", "-rLL=80n", "-rHY=0")
+
+
+def man_pages(package: str) -> list[Path]:
+    """The man pages a Debian package installed (/usr/share/man/man*/...), sorted by path."""
+    try:
+        listed = subprocess.run(
+            ["dpkg-query", "-L", package], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        raise TinyMoeError(
+            f"--man-package {package}: not installed (or no dpkg here); install it with "
+            f"`apt-get install {package}`"
+        ) from None
+    pages = sorted(Path(f) for f in listed if re.match(r"/usr/share/man/man\d/", f))
+    pages = [p for p in pages if p.is_file() and not p.is_symlink()]  # aliases repeat a page
+    if not pages:
+        raise TinyMoeError(f"--man-package {package}: installs no man pages")
+    return pages
+
+
+def render_man(page: Path) -> str:
+    """A man page (roff, gzipped or not) -> the plain text `man` shows, without the running
+    header and footer lines (the page's title and the package's version on every page)."""
+    raw = page.read_bytes()
+    if page.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    try:
+        out = subprocess.run(GROFF, input=raw, capture_output=True, check=True).stdout
+    except FileNotFoundError:
+        raise TinyMoeError(
+            "groff not found: `apt-get install groff-base` renders man pages"
+        ) from None
+    lines = out.decode("utf-8", errors="replace").rstrip().splitlines()
+    body = "\n".join(line.rstrip() for line in lines[1:-1])  # header and footer go
+    return re.sub(r"\n{3,}", "\n\n", body).strip() + "\n"
+
+
+def man_text(package: str) -> tuple[str, int]:
+    """Every man page of `package`, rendered, joined by EOS as the corpus splits: (text, pages)."""
+    pages = man_pages(package)
+    return EOS.join(render_man(p) for p in pages), len(pages)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineParser("corpus", description="Build the out-of-domain held-out text (man pages).")
+    p.add_argument(
+        "--man-package",
+        default=DEFAULT_MAN_PACKAGE,
+        metavar="PKG",
+        help="Debian package whose man pages are rendered",
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the text")
+    args = p.parse_args(argv)
+    out = check_output_file(args.out, "--out")
+    text, pages = man_text(args.man_package)
+    Path(out).write_text(text, encoding="utf-8")
+    print(
+        f"corpus: {pages} man pages of {args.man_package}, {len(text):,} characters -> {out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Token windows of any text file (calibration, evaluation)
 # ---------------------------------------------------------------------------------------------
 
@@ -250,3 +327,11 @@ def fewer_tokens(ids: Tensor, asked: int) -> str:
     B, T = ids.shape
     why = "the text is shorter" if asked // T > B else "--tokens is not a multiple of --seq-len"
     return f"using {B * T:,} tokens ({B} windows of {T}), fewer than --tokens {asked:,}: {why}"
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(main, argv)  # a user mistake: one `error: ...` line on stderr, exit status 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -48,6 +48,7 @@ from tinymoe.engine.model import MoETransformer
 from tinymoe.errors import TinyMoeError
 from tinymoe.plot import pyplot
 from tinymoe.progress import Progress
+from tinymoe.quant_flags import add_quant_flags, quant_from_args
 from tinymoe.speculation.calibration import Calibration, load_speculation
 from tinymoe.speculation.hook import PredictionHook
 from tinymoe.speculation.predictors import (
@@ -61,7 +62,7 @@ from tinymoe.speculation.scoring import FirstPositionHook, ScoringHook, forward_
 HIDDEN = "router-hidden"  # router on the true post-MoE state: scored, never speculated with
 PREVIOUS = "previous-token"  # the one predictor that reads another position
 ALL_NAMES = (*PREDICTOR_NAMES[:2], HIDDEN, *PREDICTOR_NAMES[2:])
-NEEDS_CALIBRATION = ("estimator", "linear-estimator", "hybrid")
+NEEDS_CALIBRATION = ("estimator", "linear-estimator", "hybrid", "context")
 
 
 def next_token_nll(logits: Tensor, ids: Tensor) -> Tensor:
@@ -76,6 +77,23 @@ def compare_sums(log_p: Tensor, spec: Tensor, ids: Tensor) -> Tensor:
     agree = (log_p.argmax(-1) == log_q.argmax(-1)).sum()
     kl = (log_p.exp() * (log_p - log_q)).sum()
     return torch.stack([next_token_nll(spec, ids), agree, kl]).double().cpu()  # SYNC: per batch
+
+
+def quantization_cost(reference: MoETransformer, model: MoETransformer, ids: Tensor) -> dict:
+    """What quantized experts cost (--expert-quant): `model` (quantized) against `reference`
+    (the model's own dtype), exact mode, one forward per window: both perplexities, top-1
+    next-token agreement and the mean KL(reference || quantized)."""
+    B, T = ids.shape
+    ref_nll, sums = 0.0, torch.zeros(3, dtype=torch.float64)
+    with torch.inference_mode():
+        for x in ids.split(1):
+            exact = reference(x.to(reference.embed_tokens.weight.device))  # (1, T, V)
+            ref_nll += next_token_nll(exact, x).item()  # SYNC: once per window
+            sums += compare_sums(F.log_softmax(exact, -1), model(x.to(exact.device)), x)
+    nll, agree, kl = sums.tolist()
+    n = B * (T - 1)
+    return dict(reference_perplexity=math.exp(ref_nll / n), perplexity=math.exp(nll / n),
+                top1_agreement=agree / (B * T), kl=kl / (B * T))  # fmt: skip
 
 
 def build(name: str, model: MoETransformer, cal: Calibration | None, d: int) -> Predictor:
@@ -96,7 +114,13 @@ def evaluate(
     """Both measurements of the module docstring on windows ids (B, T); returns the dict that
     --json prints. stepwise: the definition, one position at a time (all windows side by side)."""
     predictors = {(n, d): build(n, model, calibration, d) for n in names for d in lookaheads}
-    shifted = {key for key in predictors if key[0] == PREVIOUS and not stepwise}
+    # A predictor that reads the previous position at a later layer (context) needs decoding's
+    # order: its passes, and the exact one that scores it, go one position at a time.
+    step = {
+        k: stepwise or getattr(p, "reads_previous_position", False) for k, p in predictors.items()
+    }
+    step_exact = any(step.values())
+    shifted = {key for key in predictors if key[0] == PREVIOUS and not step_exact}
     scoring = ScoringHook(model, predictors, {HIDDEN} & set(names), shifted)
     passes = [(n, d) for n in names if n != HIDDEN for d in lookaheads] if speculative else []
     hooks = {
@@ -106,18 +130,18 @@ def evaluate(
         for n, d in passes
     }
     B, T = ids.shape
-    batch = B if stepwise else 1  # windows per forward: stepping pays per step, so all at once
+    batch = B if step_exact else 1  # windows per forward: stepping pays per step, so all at once
     exact_nll, sums = 0.0, {key: torch.zeros(3, dtype=torch.float64) for key in passes}
     bar = Progress((1 + len(passes)) * ids.numel(), "evaluate", unit="tokens")
     try:
         for i in range(0, B, batch):
             x = ids[i : i + batch]
-            exact = forward_logits(model, x, scoring, stepwise)
+            exact = forward_logits(model, x, scoring, step_exact)
             exact_nll += next_token_nll(exact, x).item()  # SYNC: once per batch
             bar.update(x.numel(), "exact pass, scoring")
             log_p = F.log_softmax(exact, dim=-1)  # (b, T, V)
             for name, d in passes:
-                spec = forward_logits(model, x, hooks[(name, d)], stepwise)
+                spec = forward_logits(model, x, hooks[(name, d)], step[(name, d)])
                 sums[(name, d)] += compare_sums(log_p, spec, x)
                 bar.update(x.numel(), f"speculative {name} d={d}")
     finally:
@@ -127,7 +151,7 @@ def evaluate(
         "sequences": B,
         "seq_len": T,
         "lookaheads": list(lookaheads),
-        "stepwise": stepwise,
+        "stepwise": stepwise,  # (a predictor that reads the previous position always steps)
         "hit_rates": scoring.rates(),
         "speculative": {"exact": {"perplexity": math.exp(exact_nll / (B * (T - 1)))}},
     }
@@ -137,6 +161,9 @@ def evaluate(
             "top1_agreement": agree.item() / (B * T),
             "kl": kl.item() / (B * T),
         }
+        share = getattr(hooks[(name, d)], "fallback_share", lambda: None)()
+        if share is not None:  # fail-safe speculation: the share of guesses that fell back
+            result["speculative"][name][str(d)]["fallback"] = share
     return result
 
 
@@ -157,9 +184,16 @@ def table(result: dict) -> str:
                 mean = by_d[d][f"mean_{metric}"]
                 cells = "".join(f"{row[t]:>7.3f}" for t in layers)
                 lines.append(f"{name:<18}{cells}   mean {mean:.3f}")
+                for extra, label in (("fail_safe_recall", "fail-safe"), ("fallback", "fell back")):
+                    if metric == "recall" and extra in by_d[d]:  # a predictor that fails safe
+                        row = by_d[d][extra]
+                        cells = "".join(f"{row[t]:>7.3f}" for t in layers)
+                        mean = sum(row[t] for t in layers) / len(layers)
+                        lines.append(f"{'  ' + label:<18}{cells}   mean {mean:.3f}")
     spec = result["speculative"]
     lines.append("\nspeculative execution: every layer >= d runs the predicted experts")
-    lines.append(f"{'predictor':<18}{'d':>3}{'perplexity':>12}{'top-1 agree':>13}{'KL':>10}")
+    head = f"{'predictor':<18}{'d':>3}{'perplexity':>12}{'top-1 agree':>13}{'KL':>10}"
+    lines.append(head + f"{'fell back':>11}")
     lines.append(f"{'exact':<18}{'-':>3}{spec['exact']['perplexity']:>12.3f}{1:>13.3f}{0:>10.4f}")
     for name, by_d in spec.items():
         if name == "exact":
@@ -167,9 +201,49 @@ def table(result: dict) -> str:
         for d, m in by_d.items():
             lines.append(
                 f"{name:<18}{d:>3}{m['perplexity']:>12.3f}{m['top1_agreement']:>13.3f}"
-                f"{m['kl']:>10.4f}"
+                f"{m['kl']:>10.4f}" + (f"{m['fallback']:>11.3f}" if "fallback" in m else "")
             )
     return "\n".join(lines).lstrip("\n")
+
+
+def quant_table(result: dict) -> str:
+    """--expert-quant's line: the quantized model against the model's own dtype."""
+    if (q := result.get("quantization")) is None:
+        return ""
+    cost = q["perplexity"] / q["reference_perplexity"] - 1
+    return (
+        f"\n\nquantized experts ({q['format']}) vs the model's dtype, exact: perplexity "
+        f"{q['reference_perplexity']:.3f} -> {q['perplexity']:.3f} ({cost:+.2%}), top-1 agree "
+        f"{q['top1_agreement']:.3f}, KL {q['kl']:.4f}"
+    )
+
+
+def side_by_side(result: dict) -> str:
+    """In-domain (--text) beside out-of-domain (--ood-text): per predictor and lookahead, mean
+    recall@k over layers >= 2 (layer 1 has only layer 0 to go on), perplexity cost, KL."""
+    ood = result["out_of_domain"]
+    lines = ["\n\nin-domain (--text) | out-of-domain (--ood-text), per predictor and lookahead"]
+    lines.append(
+        f"{'predictor':<18}{'d':>3}{'recall>=2':>11}{'ppl cost':>10}{'KL':>8}   |"
+        f"{'recall>=2':>11}{'ppl cost':>10}{'KL':>8}{'fell back':>11}"
+    )
+    for name, by_d in result["hit_rates"].items():
+        for d in by_d:
+            cells = []
+            for r in (result, ood):
+                recall = r["hit_rates"][name][d]["recall"][2:]
+                spec = r["speculative"].get(name, {}).get(d)
+                cost = (
+                    "-"
+                    if spec is None
+                    else f"{spec['perplexity'] / r['speculative']['exact']['perplexity'] - 1:+.2%}"
+                )
+                kl = "-" if spec is None else f"{spec['kl']:.4f}"
+                cells.append(f"{sum(recall) / len(recall):>11.3f}{cost:>10}{kl:>8}")
+            spec = ood["speculative"].get(name, {}).get(d, {})
+            fell = f"{spec['fallback']:>11.3f}" if "fallback" in spec else ""
+            lines.append(f"{name:<18}{d:>3}" + "   |".join(cells) + fell)
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: str) -> None:
@@ -207,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     add_model_flag(p)
     a("--text", required=True, metavar="FILE", help="held-out UTF-8 text, not calibration's")
+    a(
+        "--ood-text",
+        metavar="FILE",
+        help="out-of-domain held-out text (e.g. `python -m tinymoe.corpus --out FILE`, man pages): "
+        "the same measurements, reported beside --text's",
+    )
     a("--calibration", metavar="DIR", help="folder with speculation.* files (default: --model)")
     a(
         "--predictors",
@@ -228,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--json", action="store_true", help="print one JSON object instead of tables")
     a("--plot", metavar="FILE", help="save recall@k per layer as an image (needs matplotlib)")
     add_device_flags(p)
+    add_quant_flags(p)  # everything above is then measured on the quantized experts
     return p
 
 
@@ -264,10 +345,29 @@ def main(argv: list[str] | None = None) -> int:
     ids = read_token_ids(args.model, args.text, args.tokens, args.seq_len)
     if ids.numel() < args.tokens:
         print(f"evaluate: {fewer_tokens(ids, args.tokens)}", file=sys.stderr)
-    model = load_model(args.model, device=device, dtype=dtype)
+    ood = (
+        None
+        if args.ood_text is None
+        else read_token_ids(args.model, args.ood_text, args.tokens, args.seq_len)
+    )
+    quant = quant_from_args(args, cfg)  # --expert-quant: checked before loading
+    model = load_model(args.model, device=device, dtype=dtype, expert_quant=args.expert_quant,
+                       group_size=args.expert_group_size)  # fmt: skip
     result = evaluate(model, ids, cal, names, lookaheads, not args.skip_speculative, args.stepwise)
+    if quant is not None:  # against the model's own dtype (a second model, for the comparison)
+        reference = load_model(args.model, device=device, dtype=dtype)
+        result["quantization"] = dict(quantization_cost(reference, model, ids), format=str(quant))
     result.update(model=str(args.model), text=str(args.text))
-    print(json.dumps(result) if args.json else table(result))
+    if ood is not None:  # the same measurements on text of another kind, beside
+        spec = not args.skip_speculative
+        ood_result = evaluate(model, ood, cal, names, lookaheads, spec, args.stepwise)
+        result["out_of_domain"] = dict(ood_result, text=str(args.ood_text))
+    text = table(result) + quant_table(result)
+    if ood is not None:
+        text += (
+            f"\n\nout-of-domain text {args.ood_text}:\n" + table(ood_result) + side_by_side(result)
+        )
+    print(json.dumps(result) if args.json else text)
     if args.plot:  # after the tables: whatever happens here, the numbers are out
         plot(result, args.plot)
     return 0

@@ -38,6 +38,7 @@ from tinymoe.engine.tokenizer import StopStrings, StreamDecoder, load_tokenizer
 from tinymoe.offload.policy import BASE_POLICIES, parse_policy
 from tinymoe.offload.runtime import OffloadRuntime, bare_report
 from tinymoe.offload.scheduler import MISS_HANDLERS
+from tinymoe.quant_flags import add_quant_flags, quant_from_args
 from tinymoe.simulator.record import record_run
 from tinymoe.speculation.calibration import load_speculation
 from tinymoe.speculation.oracle import record_routing
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="copy",
         help="an expert in no slot: copied to the device, or computed on the host (cpu)",
     )
+    add_quant_flags(off)
     off.add_argument("--trace", metavar="FILE", help="write a Perfetto/Chrome trace")
     off.add_argument(
         "--record",
@@ -227,6 +229,8 @@ def make_runtime(
         trace=args.trace is not None,
         prefetch_depth=args.prefetch_depth,
         miss_handler=args.miss_handler,
+        expert_quant=args.expert_quant,
+        group_size=args.expert_group_size,
     )
 
 
@@ -256,13 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     # any weight is read (dtype_from_args; "auto" on a CPU is float32 only where that fits).
     cfg = ModelConfig.from_file(Path(args.model) / "config.json")
     positions = check_positions(cfg, len(prompt_ids), args.max_new_tokens, args.allow_long)
-    # Offloading on a GPU: read the experts straight into pinned host memory, so they never
-    # have to fit on the device. The oracle is the exception: it first records a resident run.
-    to_host = device.type == "cuda" and policy.offload and policy.predictor != "oracle"
+    quant = quant_from_args(args, cfg)  # --expert-quant: checked before loading
+    if quant is not None and args.record:  # (tinymoe simulate --expert-quant projects bytes)
+        raise TinyMoeError("--record records a run of the model's own experts: drop --expert-quant")
+    # Offloading on a GPU, or quantized: read the experts straight into (pinned) host memory,
+    # so they never have to fit on the device, nor exist in the model's dtype. The oracle is the
+    # exception: it first records a resident run.
+    to_host = (device.type == "cuda" or quant is not None) and policy.offload
+    to_host = to_host and policy.predictor != "oracle"
     dtype = dtype_from_args(args, device, positions, [policy], experts_on_host=to_host)
     model = load_model(
-        args.model, device=device, dtype=dtype, expert_device="cpu" if to_host else None
-    )
+        args.model, device=device, dtype=dtype, expert_device="cpu" if to_host else None,
+        expert_quant=args.expert_quant, group_size=args.expert_group_size,
+    )  # fmt: skip
     runtime = make_runtime(args, model, prompt_ids, name)
     stream, stops = StreamDecoder(tokenizer), StopStrings(args.stop)
 
@@ -327,6 +337,7 @@ def print_result(
         "compile_s": out.compile_s,  # --compile: the first decode step, kept out of TPOT
         "offload_policy": report["policy"],
         "expert_slots": report["expert_slots"],
+        "expert_quant": args.expert_quant,
         "hit_rate": dec["hit_rate"] if dec["hits"] + dec["misses"] else None,  # None: bare
         "bytes_copied": dec["bytes_copied"],  # decode steps, in total
         "stall_ms": dec["stall_ms"],  # per decode step, as tpot_ms

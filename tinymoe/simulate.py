@@ -44,14 +44,17 @@ from tinymoe.engine.generate import generate
 from tinymoe.errors import TinyMoeError
 from tinymoe.offload.link import LinkSpec
 from tinymoe.offload.policy import parse_policy
+from tinymoe.offload.quant import quant_format
 from tinymoe.offload.scheduler import MISS_HANDLERS
 from tinymoe.plot import pyplot
+from tinymoe.quant_flags import add_quant_flags
 from tinymoe.simulator.costs import (
     EXPERT_DTYPES,
     HARDWARE,
     MeasuredCosts,
     RooflineCosts,
     projected_depth,
+    quant_dtype,
     scale_trace,
 )
 from tinymoe.simulator.record import RoutingTrace, record_run
@@ -88,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="bfloat16",
         help="with --hardware: the experts' storage format, for their bytes (docs/simulator.md)",
     )
+    add_quant_flags(p)  # with --hardware: --expert-dtype tinymoe's intB-gG (costs.quant_dtype)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--sweep",
@@ -167,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     target_cfg = ModelConfig.from_file(args.scale_to) if args.scale_to else None
     if args.record and Path(args.record).parent and not Path(args.record).parent.is_dir():
         raise TinyMoeError(f"--record {args.record}: no such directory")
+    if args.expert_quant != "none":  # the projection's expert bytes: tinymoe's own layout
+        if not (args.hardware or "hardware" in sweep) or args.expert_dtype != "bfloat16":
+            raise TinyMoeError(
+                "--expert-quant projects tinymoe's quantized experts' bytes onto --hardware (and "
+                "sets --expert-dtype); measure them here with tinymoe bench --expert-quant"
+            )
+        fmt = quant_format(args.expert_quant, args.expert_group_size)
+        args.expert_dtype = quant_dtype(fmt)
+        if args.expert_dtype not in EXPERT_DTYPES:
+            raise TinyMoeError(f"--expert-group-size {fmt.group_size}: projected for 32, 64, 128")
     device = device_from_args(args)
     check_real_link(args, device)  # on CUDA: the real link, measured (record_run)
     if args.model is not None and not args.trace:

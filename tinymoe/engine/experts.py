@@ -109,6 +109,9 @@ class ResidentExperts(nn.Module):
         self.weights = nn.ParameterList(
             [nn.Parameter(torch.empty(num_experts, expert_numel)) for _ in range(num_layers)]
         )
+        # The experts' codes and scales when they were quantized (offload/quant.py); the weights
+        # are then what those read back as, or empty when only the host store needs them.
+        self.quantized = None
 
     def experts(self, layer: int, ids: list[int]) -> Iterator[tuple[int, Tensor]]:
         w = self.weights[layer]

@@ -7,7 +7,10 @@ is the model plus one tensor). Safetensors only: a pickle is never unpickled.
 Experts kept on the host (`expert_device="cpu"`) are read, expert by expert, into ONE
 (L, E, 3*I*D) buffer from `host_buffer` (offload/store.py), page-locked exactly when the model
 computes on CUDA; each layer's parameter is a view of it, so the offloading runtime's host store
-adopts them as they are and the host never holds the experts twice. The dtype to compute in
+adopts them as they are and the host never holds the experts twice. Quantized experts
+(`expert_quant`, offload/quant.py) are read one expert at a time and quantized into the host
+buffers the store adopts: only their codes and scales, plus one expert, are ever on the host
+(and, kept resident, what they read back as on the device). The dtype to compute in
 is decided here too, in one place (resolve_dtype): the tools give it their check of what fits in
 memory (tinymoe/cli.py, dtype_from_args, before anything is read; weight_bytes counts the weights).
 
@@ -23,6 +26,7 @@ expert (see experts.py):
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,7 +38,8 @@ from tinymoe.engine.config import ModelConfig
 from tinymoe.engine.experts import expert_views
 from tinymoe.engine.model import MoETransformer
 from tinymoe.errors import TinyMoeError
-from tinymoe.offload.store import host_buffer
+from tinymoe.offload.quant import DEFAULT_GROUP_SIZE, quant_format
+from tinymoe.offload.store import host_buffer, quantized_buffers
 
 # The --dtype choices. "auto" is resolved per checkpoint and device by resolve_dtype.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -237,6 +242,26 @@ class Checkpoint:
             gate_up[I:].copy_(self.get(f"{prefix}{e}.{up}.weight", (I, D)))
             down_view.copy_(self.get(f"{prefix}{e}.{down}.weight", (D, I)))
 
+    def read_expert(self, layer: int, expert: int, out: Tensor) -> None:
+        """Pack one expert into out (3*I*D,), casting to out's dtype (a fused layout's tensor
+        is sliced, not read whole)."""
+        cfg = self.config
+        I, D = cfg.expert_dim, cfg.hidden_size
+        prefix = f"layers.{layer}.mlp.experts."
+        gate_up, down_view = expert_views(out, I, D)
+        if prefix + "gate_up_proj" in self.where:  # fused layout: (E, 2I, D) and (E, D, I)
+            for name, view in (("gate_up_proj", gate_up), ("down_proj", down_view)):
+                f, key = self.where[prefix + name]
+                part = self._handles[f].get_slice(key)  # reads nothing yet
+                if (got := tuple(part.get_shape())) != (want := (cfg.num_experts, *view.shape)):
+                    raise TinyMoeError(f"{f}: tensor {key!r} has shape {got}, expected {want}")
+                view.copy_(part[expert : expert + 1].reshape(view.shape))  # this expert's only
+            return
+        gate, up, down = EXPERT_NAMES[cfg.model_type]
+        gate_up[:I].copy_(self.get(f"{prefix}{expert}.{gate}.weight", (I, D)))
+        gate_up[I:].copy_(self.get(f"{prefix}{expert}.{up}.weight", (I, D)))
+        down_view.copy_(self.get(f"{prefix}{expert}.{down}.weight", (D, I)))
+
     def storage_dtype(self) -> str:
         """The checkpoint's dtype, as transformers' dtype="auto" finds it: what config.json
         states, else the embedding's, from the safetensors header (the tensor is not read)."""
@@ -257,6 +282,8 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "auto",
     expert_device: str | torch.device | None = None,
+    expert_quant: str = "none",
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> MoETransformer:
     """Build a MoETransformer from a checkpoint directory, every weight on `device` in `dtype`.
 
@@ -266,8 +293,15 @@ def load_model(
 
     expert_device: where the experts go (default: `device`); "cpu" reads them into the one host
     buffer the offloading runtime adopts (see the top), so they never have to fit on a GPU.
+
+    expert_quant, group_size: "int8" | "int4" quantizes the experts as they are read, one at a
+    time (offload/quant.py), into `model.experts.quantized` (host memory, pinned on CUDA), which
+    an OffloadRuntime with that format adopts. With expert_device "cpu" that is all there is of
+    them (the resident weights stay empty: offloading only); otherwise the resident weights are
+    what the quantized experts read back as, so a resident run computes with the same experts.
     """
     device = torch.device(device)
+    expert_given, pin = expert_device is not None, device.type == "cuda"
     expert_device = device if expert_device is None else torch.device(expert_device)
     ckpt = Checkpoint(path)
     dtype = resolve_dtype(dtype, ckpt.storage_dtype(), device)
@@ -277,8 +311,14 @@ def load_model(
     experts = model.experts
     del model.experts  # allocated on their own below: they may live on the host
     model = model.to(dtype).to_empty(device=device)
-    if expert_device.type == "cpu":
-        pin = device.type == "cuda"
+    fmt = quant_format(expert_quant, group_size, cfg.expert_numel)
+    if fmt is not None:  # the host store's buffers, filled expert by expert below
+        shape = (cfg.num_layers, cfg.num_experts, cfg.expert_numel)
+        q = experts.quantized = quantized_buffers(*shape, fmt, pin)
+    if fmt is not None and expert_given and expert_device.type == "cpu":
+        for i in range(cfg.num_layers):  # offloading only: no expert in the model's dtype at all
+            experts.weights[i] = nn.Parameter(torch.empty(0, dtype=dtype))
+    elif expert_device.type == "cpu":
         buf = host_buffer((cfg.num_layers, cfg.num_experts, cfg.expert_numel), dtype, pin)
         for i in range(cfg.num_layers):
             experts.weights[i] = nn.Parameter(buf[i])  # a view: the buffer is shared
@@ -304,7 +344,11 @@ def load_model(
             p.copy_(ckpt.get(name, tuple(p.shape)))
             used.add(name)
         for layer in range(cfg.num_layers):
-            ckpt.read_expert_layer(layer, model.experts.weights[layer])
+            if fmt is None:
+                ckpt.read_expert_layer(layer, model.experts.weights[layer])
+            else:  # one expert at a time, into the host store's buffers
+                read = partial(ckpt.read_expert, layer)
+                q.quantize_layer(layer, read, dtype, model.experts.weights[layer])
             used |= {n for n in ckpt.where if n.startswith(f"layers.{layer}.mlp.experts.")}
     if cfg.tie_word_embeddings:
         used.add("lm_head.weight")  # some exporters store the tied copy too; it is the same tensor

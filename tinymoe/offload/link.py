@@ -21,7 +21,7 @@ from torch import Tensor
 
 from tinymoe.engine.timing import now
 from tinymoe.errors import TinyMoeError
-from tinymoe.offload.transfer import Transfer
+from tinymoe.offload.transfer import Transfer, copy_expert
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class SimulatedLink:
                     self.before_copy(t)
                 t.handed_over.wait(1.0)  # (a bound only against a host interrupted mid-call)
                 t0 = now()
-                t.dst.copy_(t.src)  # the real bytes
+                copy_expert(t.dst, t.src)  # the real bytes (quantized: read back into the slot)
                 # The link takes its modelled time, or the real memcpy's if that is slower. Not
                 # "until now": a worker the OS scheduled late is not a slow link (and waiters
                 # still wait for `copied`, so nobody sees the bytes before they are there).

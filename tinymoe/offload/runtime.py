@@ -26,6 +26,7 @@ from tinymoe.offload.cache import ExpertCache
 from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec, SimulatedLink
 from tinymoe.offload.meter import Meter, PhaseStats, clock_for
 from tinymoe.offload.policy import Policy, parse_policy, resolve_slots
+from tinymoe.offload.quant import DEFAULT_GROUP_SIZE, quant_format
 from tinymoe.offload.scheduler import MISS_HANDLERS, Prefetch, Scheduler, exact_depth
 from tinymoe.offload.store import HostExpertStore
 from tinymoe.offload.transfer import CudaCopyEngine
@@ -47,6 +48,12 @@ class OffloadRuntime:
     trace: keep a Perfetto trace (write_trace).
     miss_handler: "copy" (copy a missing expert to a slot) or "cpu" (compute it on the host from
     the host store, no copy; see scheduler.py).
+    expert_quant, group_size: "none" | "int8" | "int4" (quant.py): the host store holds the
+    experts quantized, a copy moves their codes and scales and the device dequantizes them into
+    the slot (slots stay in the model's dtype). The store adopts the model's quantized experts
+    (loaded with the same format), or quantizes its resident ones (store.py). A resident policy
+    with a format needs the model's experts in that format (loaded so, or quantized_resident):
+    its experts are then the ones the offloaded runs copy, so their tokens are the same.
     """
 
     def __init__(
@@ -61,8 +68,23 @@ class OffloadRuntime:
         trace: bool = False,
         prefetch_depth: int | None = 1,
         miss_handler: str = "copy",
+        expert_quant: str = "none",
+        group_size: int = DEFAULT_GROUP_SIZE,
     ) -> None:
         self.policy = parse_policy(policy) if isinstance(policy, str) else policy
+        self.quant = quant_format(expert_quant, group_size, model.cfg.expert_numel)
+        quantized = model.experts.quantized
+        if self.quant is not None:
+            if not self.policy.offload and (quantized is None or quantized.fmt != self.quant):
+                raise TinyMoeError(
+                    f"resident experts in {self.quant}: load the model with that --expert-quant "
+                    "(load_model(expert_quant=...)) or inside quantized_resident(model, format)"
+                )
+        elif self.policy.offload and model.experts.weights[0].numel() == 0 and quantized:
+            raise TinyMoeError(
+                f"the model's experts were loaded as {quantized.fmt} only: pass that "
+                "--expert-quant (expert_quant=...) to offload them"
+            )
         if (self.policy.predictor is None) != (predictor is None):
             raise TinyMoeError(
                 f"offload policy {self.policy.name!r} "
@@ -101,7 +123,10 @@ class OffloadRuntime:
             else:
                 self.engine = SimulatedLink(self.link)
             try:
-                self.store = HostExpertStore.take_from(model)
+                if self.quant is None:
+                    self.store = HostExpertStore.take_from(model)
+                else:
+                    self.store = HostExpertStore.quantize_from(model, self.quant)
             except BaseException:
                 self.engine.close()
                 raise
@@ -172,6 +197,7 @@ class OffloadRuntime:
         return {
             "policy": self.policy.name,
             "expert_slots": self.num_slots,
+            "expert_quant": "none" if self.quant is None else self.quant.name,
             "link": asdict(self.link) if simulated else None,  # gbps, latency_us, name
             **{phase: s.summary() for phase, s in self.stats.items()},  # prefill, decode, compile
         }

@@ -187,7 +187,7 @@ class Scheduler:
                 self._prefetch(prefetch)
             for e in host:  # first: the layer computes them last, on the host (see the top)
                 meter.host_computed(st)
-                yield e, self.store.expert(layer, e)
+                yield e, self.store.host_weights(layer, e)
             while ready or arriving:
                 if not ready and not self.pipeline:
                     for e, slot in arriving:  # the paper's on-demand: land them all first

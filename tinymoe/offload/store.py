@@ -28,17 +28,28 @@ whoever holds the experts keeps them pinned, and nothing is unregistered under a
 reads them straight into a `host_buffer`), or copies them off the device into a new one;
 `give_back` returns them, and on the host they stay pinned with the model, ready for the next
 runtime to adopt. Either way the host never holds the experts twice.
+
+Quantized experts (quant.py). With a QuantFormat the store holds the experts' codes and scales
+instead (`QuantizedExperts`, in host_buffers, pinned as above), and `expert()` is a
+`QuantizedExpert`: a copy moves its bytes and the device dequantizes them into the slot. The
+store adopts the quantized experts the loader made (`load_model(expert_quant=...)`, the way to
+never hold an expert in the model's dtype on the host), or quantizes the model's resident
+experts, expert by expert, leaving them where they are (they are the model's, untouched, and
+nothing has to be given back). `quantized_resident` puts a model's experts in quantized form in
+place for a while (a resident run of the very weights an offloaded one copies).
 """
 
 import contextlib
 import math
 import mmap
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from tinymoe.errors import TinyMoeError
+from tinymoe.offload.quant import QuantFormat, QuantizedExpert, QuantizedExperts
 
 if TYPE_CHECKING:  # a type only: the loader imports host_buffer from here, so no engine import
     from tinymoe.engine.model import MoETransformer
@@ -108,11 +119,83 @@ def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> Tensor
     return buf
 
 
+def quantized_buffers(
+    num_layers: int, num_experts: int, numel: int, fmt: QuantFormat, pin: bool
+) -> QuantizedExperts:
+    """Room for every expert quantized as `fmt`, on the host (pinned when `pin`)."""
+    codes = host_buffer((num_layers, num_experts, fmt.code_bytes(numel)), torch.uint8, pin)
+    scales = host_buffer((num_layers, num_experts, fmt.groups(numel)), torch.float16, pin)
+    return QuantizedExperts(codes, scales, fmt)
+
+
+def quantize_weights(weights: list[Tensor], fmt: QuantFormat, pin: bool) -> QuantizedExperts:
+    """Quantize layers of experts [(E, 3*I*D)] * L, wherever they are, expert by expert (a
+    device's experts come to the host one at a time: never a second whole copy)."""
+    L, (E, N) = len(weights), weights[0].shape
+    fmt.check(N)
+    q = quantized_buffers(L, E, N, fmt, pin)
+    for layer, w in enumerate(weights):
+        for e in range(E):
+            q.quantize_expert(layer, e, w[e].cpu())  # SYNC (CUDA): one expert read, at setup
+    return q
+
+
+@contextlib.contextmanager
+def quantized_resident(model: "MoETransformer", fmt: QuantFormat) -> Iterator[QuantizedExperts]:
+    """While inside, the model's experts are `fmt`-quantized: `model.experts.quantized` holds
+    the codes and scales (an OffloadRuntime with this format adopts them) and its resident
+    weights are what they read back as, so the bare model is the resident run of the very
+    experts an offloaded run copies. On exit the original weights are back. (The original and
+    the read-back weights are both held meanwhile: a tool's comparison, not a way to run.)"""
+    experts = model.experts
+    saved, before = [p.data for p in experts.weights], experts.quantized
+    q = quantize_weights(saved, fmt, pin=model.embed_tokens.weight.is_cuda)
+    try:
+        with torch.inference_mode(False), torch.no_grad():  # (see take_from)
+            for layer, p in enumerate(experts.weights):
+                back = torch.empty_like(saved[layer])
+                q.dequantize_layer(layer, back)
+                p.data = back
+        experts.quantized = q
+        yield q
+    finally:
+        with torch.inference_mode(False), torch.no_grad():
+            for p, w in zip(experts.weights, saved, strict=True):
+                p.data = w
+        experts.quantized = before
+
+
 class HostExpertStore:
-    def __init__(self, layers: list[Tensor], home: torch.device) -> None:
+    def __init__(
+        self,
+        layers: list[Tensor],
+        home: torch.device,
+        quantized: QuantizedExperts | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.layers = layers  # [(E, 3*I*D)] * L, on the host (often views of one host_buffer)
         self.home = home  # where the model kept its experts (give_back returns them there)
-        self.expert_bytes = layers[0][0].nbytes
+        self.quantized = quantized  # instead of layers: the experts' codes and scales
+        self.dtype = dtype or layers[0].dtype  # what an expert is computed in
+        self.expert_bytes = self.expert(0, 0).nbytes  # what one copy moves
+
+    @classmethod
+    def quantize_from(cls, model: "MoETransformer", fmt: QuantFormat) -> "HostExpertStore":
+        """A store of the model's experts quantized as `fmt` (see the top): the loader's
+        quantized experts adopted when their format is `fmt`, else the model's resident experts
+        quantized, expert by expert; the model's own weights are left as they are."""
+        experts, dtype = model.experts, model.embed_tokens.weight.dtype
+        home = experts.weights[0].device
+        q = experts.quantized
+        if q is None or q.fmt != fmt:
+            if q is not None or experts.weights[0].numel() == 0:
+                have = "none in the model's dtype" if q is None else f"{q.fmt}"
+                raise TinyMoeError(
+                    f"expert quantization {fmt}: the model's experts were loaded as {have}; "
+                    "load them again with this --expert-quant/--expert-group-size"
+                )
+            q = quantize_weights(list(experts.weights), fmt, pin=home.type == "cuda")
+        return cls([], home, q, dtype)
 
     @classmethod
     def take_from(cls, model: "MoETransformer", pin: bool | None = None) -> "HostExpertStore":
@@ -148,7 +231,11 @@ class HostExpertStore:
         return cls(layers, home)
 
     def give_back(self, model: "MoETransformer") -> None:
-        """Put the experts back where the model kept them (on the GPU: needs room for all)."""
+        """Put the experts back where the model kept them (on the GPU: needs room for all).
+        Quantized, nothing moved: the model still has its weights and its quantized experts."""
+        if self.quantized is not None:
+            self.close()
+            return
         with torch.inference_mode(False), torch.no_grad():  # (see take_from)
             for param, host in zip(model.experts.weights, self.layers, strict=True):
                 param.data = host if self.home.type == "cpu" else host.to(self.home)
@@ -157,12 +244,21 @@ class HostExpertStore:
     def close(self) -> None:
         """Drop the store's hold on the host memory: pinned memory nothing else views is
         unlocked and freed now; rows given back to a model on the host stay pinned with it."""
-        self.layers = []
+        self.layers, self.quantized = [], None
 
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        return len(self.layers) if self.quantized is None else self.quantized.codes.shape[0]
 
-    def expert(self, layer: int, expert: int) -> Tensor:
-        """Expert `expert` of layer `layer`: a (3*I*D,) host view, the source of one copy."""
+    def expert(self, layer: int, expert: int) -> "Tensor | QuantizedExpert":
+        """Expert `expert` of layer `layer`, the source of one copy: a (3*I*D,) host view, or
+        its codes and scales (QuantizedExpert.copy_into dequantizes them into the slot)."""
+        if self.quantized is not None:
+            return self.quantized.expert(layer, expert)
         return self.layers[layer][expert]
+
+    def host_weights(self, layer: int, expert: int) -> Tensor:
+        """The expert's (3*I*D,) weights on the host, to compute with there (the CPU miss
+        handler): the store's row, or a quantized expert read back in the model's dtype."""
+        src = self.expert(layer, expert)
+        return src if isinstance(src, Tensor) else src.dequantized(self.dtype)

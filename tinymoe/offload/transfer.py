@@ -33,14 +33,25 @@ import torch
 from torch import Tensor
 
 from tinymoe.errors import TinyMoeError
+from tinymoe.offload.quant import QuantizedExpert
+
+
+def copy_expert(dst: Tensor, src: "Tensor | QuantizedExpert", non_blocking: bool = False) -> None:
+    """What one expert copy does, on either engine: a host row copied into the slot `dst`; or a
+    quantized expert's codes and scales copied, then dequantized into `dst` on its device
+    (quant.py). Either way `src.nbytes` is what crossed the link."""
+    if isinstance(src, Tensor):
+        dst.copy_(src, non_blocking=non_blocking)
+    else:
+        src.copy_into(dst, non_blocking=non_blocking)
 
 
 class Transfer:
     """One expert copy. `tag` is whatever the caller wants back (the scheduler's CopyTag)."""
 
-    def __init__(self, dst: Tensor, src: Tensor, tag: object) -> None:
+    def __init__(self, dst: Tensor, src: "Tensor | QuantizedExpert", tag: object) -> None:
         self.dst, self.src, self.tag = dst, src, tag
-        self.nbytes = src.nbytes
+        self.nbytes = src.nbytes  # the bytes on the link: quantized ones when quantized
         self.error: BaseException | None = None
 
     def done(self) -> bool:
@@ -72,7 +83,8 @@ class TransferEngine(Protocol):
     before_copy: Callable[[Transfer], None] | None
 
     def copy(self, dst: Tensor, src: Tensor, slot: int, tag: object) -> Transfer:
-        """Queue a copy of src (host) into dst (device slot `slot`); returns at once."""
+        """Queue a copy of src (host; a Tensor or a QuantizedExpert) into dst (device slot
+        `slot`), as copy_expert does it; returns at once."""
         ...
 
     def release(self, slot: int) -> None:
@@ -142,7 +154,8 @@ class CudaCopyEngine:
                     self.before_copy(t)
                 t.start_ev.record(self.stream)
                 # Pinned source + non_blocking: the DMA engine copies while the GPU computes.
-                dst.copy_(src, non_blocking=True)
+                # (Quantized: the codes' copy, then the dequantizing, both on this stream.)
+                copy_expert(dst, src, non_blocking=True)
                 t.end_ev.record(self.stream)
         except Exception as e:  # surfaces in compute_wait(), where the expert is used
             t.error = e

@@ -36,6 +36,7 @@ import torch
 from tinymoe.engine.config import ModelConfig
 from tinymoe.errors import TinyMoeError
 from tinymoe.offload.link import LinkSpec
+from tinymoe.offload.quant import QuantFormat
 from tinymoe.offload.scheduler import throttle_depth
 from tinymoe.simulator.record import LayerRecord, PassRecord, RoutingTrace
 from tinymoe.simulator.scale import BucketRotation
@@ -80,6 +81,14 @@ HARDWARE = {
 }
 
 
+QUANT_LAYOUT = {8: "int8", 4: "int4, two a byte"}
+
+
+def quant_dtype(fmt: QuantFormat) -> str:
+    """The EXPERT_DTYPES name of tinymoe's quantized format `fmt`: "int4-g64" and the like."""
+    return f"{fmt.name}-g{fmt.group_size}"
+
+
 # Bytes per weight of an expert in each storage format, the format's scales (and zero points)
 # included, with where its layout is defined. A quantized expert costs its bytes to copy and to
 # read: the GEMV is assumed to stay memory-bound (dequantising is hidden under the loads).
@@ -96,6 +105,16 @@ EXPERT_DTYPES: dict[str, tuple[float, str]] = {
         0.5 + (2 + 0.5) / 128,
         "int4 + per group of 128 one fp16 scale and one int4 zero point (GPTQ/AWQ, group 128)",
     ),
+    # tinymoe's own (--expert-quant, offload/quant.py): symmetric, no zero point; the bytes a
+    # copy moves in `tinymoe bench --expert-quant`, named by group size (int4-g64 the default)
+    **{
+        quant_dtype(fmt): (
+            fmt.bytes_per_weight,
+            f"tinymoe --expert-quant: {QUANT_LAYOUT[fmt.bits]}"
+            f" + one fp16 scale per group of {fmt.group_size} (symmetric; offload/quant.py)",
+        )
+        for fmt in (QuantFormat(b, g) for b in (8, 4) for g in (32, 64, 128))
+    },  # fmt: skip
     "q8_0": (34 / 32, "llama.cpp GGUF Q8_0: blocks of 32 int8 + one fp16 scale, 34 B"),
     "q4_0": (18 / 32, "llama.cpp GGUF Q4_0: blocks of 32 4-bit + one fp16 scale, 18 B"),
     "q4_k": (

@@ -89,6 +89,8 @@ class _NoStore:
     def expert(self, layer: int, expert: int) -> torch.Tensor:
         return self.row  # what the scheduler yields for a host-computed miss, too
 
+    host_weights = expert  # (the CPU miss handler's source, HostExpertStore.host_weights)
+
 
 class Costs(Protocol):
     """Seconds for each piece of work of pass p, layer l (see costs.py)."""

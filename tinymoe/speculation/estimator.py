@@ -9,6 +9,12 @@ paper trains a small network instead. Two variants live here:
       logits = Head(LayerNorm(z))            D/m -> E
 - `LinearEstimator`, the simplest: one (E, D) matrix per predicted layer, initialised from that
   layer's router, so before training it *is* Router-PF and training only corrects it.
+- `ContextEstimator`, beyond the paper (speculation/context.py uses it): the linear estimator
+  given a second input, the previous token's state at the target layer, x = [q, p] (N, 2D),
+  and a small feed-forward branch, both per predicted layer t:
+      logits = W_t x + b_t + V_t SiLU(U_t x + c_t)     W_t (E, 2D), its q half the router's;
+                                                        U_t (D/m, 2D); V_t (E, D/m), from zero
+  and it keeps the fail-safe thresholds calibrate chose, one per predicted layer.
 
 `train_estimator` fits either by distillation: minimise KL(p_router || p_estimator), where
 p_router = softmax(the true router logits of layer t) recorded in an exact run (by
@@ -25,12 +31,12 @@ from torch import Tensor, nn
 from tinymoe.errors import TinyMoeError
 from tinymoe.progress import Progress
 
-KINDS = ("estimator", "linear")
+KINDS = ("estimator", "linear", "context")
 
 
 @dataclass(frozen=True)
 class EstimatorConfig:
-    kind: str  # "estimator" (the paper's MLP) or "linear"
+    kind: str  # "estimator" (the paper's MLP), "linear" or "context"
     hidden_size: int  # D
     num_experts: int  # E
     num_layers: int  # L: one layer embedding (or matrix) per layer that may be predicted
@@ -92,8 +98,42 @@ class LinearEstimator(nn.Module):
         return F.linear(q, self.weight[layer])  # (N, E)
 
 
+class ContextEstimator(nn.Module):
+    """x = [q_l, p] (N, 2D), p the previous token's normed state at layer t -> logits (N, E).
+
+    `threshold[t]` is the fail-safe threshold of predicted layer t (context.py): a guess whose
+    confidence is below it is not run. -inf (never fall back) until calibrate chooses one.
+    """
+
+    def __init__(self, cfg: EstimatorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        L, E, D = cfg.num_layers, cfg.num_experts, cfg.hidden_size
+        H = cfg.width  # D/m
+        self.weight = nn.Parameter(torch.zeros(L, E, 2 * D))
+        self.bias = nn.Parameter(torch.zeros(L, E))
+        self.ff_in = nn.Parameter(torch.randn(L, H, 2 * D) / math.sqrt(2 * D))
+        self.ff_in_bias = nn.Parameter(torch.zeros(L, H))
+        self.ff_out = nn.Parameter(torch.zeros(L, E, H))  # zero: untrained, the branch adds 0
+        self.register_buffer("threshold", torch.full((L,), -math.inf))
+
+    @torch.no_grad()
+    def init_from_routers(self, routers: list[Tensor]) -> "ContextEstimator":
+        """The q half from each layer's router (E, D), the rest zero: untrained, Router-PF."""
+        D = self.cfg.hidden_size
+        for t, w in enumerate(routers):
+            self.weight[t, :, :D].copy_(w)
+        return self
+
+    def forward(self, x: Tensor, layer: int) -> Tensor:
+        t = layer
+        z = F.silu(F.linear(x, self.ff_in[t], self.ff_in_bias[t]))  # (N, D/m)
+        return torch.addmm(self.bias[t], x, self.weight[t].T) + z @ self.ff_out[t].T  # (N, E)
+
+
 def build_estimator(cfg: EstimatorConfig) -> nn.Module:
-    return Estimator(cfg) if cfg.kind == "estimator" else LinearEstimator(cfg)
+    kinds = {"estimator": Estimator, "linear": LinearEstimator, "context": ContextEstimator}
+    return kinds[cfg.kind](cfg)
 
 
 def kl_to_router(true_logits: Tensor, logits: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from tinymoe.engine.moe import Routing
+from tinymoe.speculation.context import Guess
 from tinymoe.speculation.predictors import Predictor
 
 
@@ -21,6 +22,23 @@ def speculates(speculate: bool, phase: str, layer: int, lookahead: int, guess: o
     (a guess a predictor carried over from the previous pass may prefetch, never route).
     """
     return speculate and phase == "decode" and guess is not None and layer >= lookahead
+
+
+def fail_safe(guess: Guess, u: Tensor, router) -> tuple[Routing, Tensor | int]:
+    """Where `speculates` said yes to a guess that knows how sure it is (context.Guess): the
+    guess for its sure tokens, the router for the others. Returns (routing, tokens fell back).
+
+    The accuracy cost is bounded by design: an unsure token routes exactly. One token (a decode
+    step) reads its sureness with its ids (Guess.ids_on_host, read when it was prefetched), so
+    the choice costs no sync of its own; more tokens (evaluate) mix rows on the device.
+    """
+    if u.shape[0] == 1:
+        return (guess, 0) if guess.sure_on_host()[0] else (router(u), 1)
+    true = router(u)
+    sure = guess.sure.unsqueeze(1)  # (N, 1)
+    ids = torch.where(sure, guess.ids, true.ids)  # (N, K)
+    weights = torch.where(sure, guess.weights, true.weights)  # (N, K)
+    return Routing(ids=ids, weights=weights), (~guess.sure).sum()
 
 
 class PredictionHook:
@@ -60,6 +78,13 @@ class PredictionHook:
         if predictor is not None and not speculate:
             self.observe = getattr(predictor, "guess_ids", predictor.observe)
         self.last_prediction: dict[int, Routing] = {}  # layer -> the prediction that layer had
+        # Fail-safe speculation's count: tokens x layers that ran a Guess, and that fell back
+        # (a device tensor once rows were mixed; read with fallback_share(), after the run).
+        self.guessed, self.fell_back = 0, 0
+
+    def fallback_share(self) -> float | None:
+        """The share of speculated (token, layer) guesses that fell back; None if none ran."""
+        return None if not self.guessed else float(self.fell_back) / self.guessed  # SYNC: once
 
     def reset(self) -> None:
         self.pending.clear()
@@ -83,7 +108,14 @@ class PredictionHook:
             self.last_prediction.pop(layer, None)
         lookahead = self.predictor.lookahead if self.predictor is not None else 0
         speculated = speculates(self.speculate, self.phase, layer, lookahead, predicted)
-        routing = predicted if speculated else router(u)
+        if not speculated:
+            routing = router(u)
+        elif isinstance(predicted, Guess):  # a guess that may be unsure: fail safe
+            routing, fell_back = fail_safe(predicted, u, router)
+            self.guessed += u.shape[0]
+            self.fell_back = self.fell_back + fell_back
+        else:
+            routing = predicted
         if self.observe is not None:
             nxt = self.observe(layer, resid.reshape(u.shape), u, routing)
             if nxt is not None:
@@ -96,6 +128,14 @@ class PredictionHook:
 def read_together(a: Routing, b: Routing) -> None:
     """Read two routings' ids to the host in one transfer (one sync instead of two)."""
     n = a.ids.shape[0]
+    if isinstance(b, Guess):  # its sureness too (fail_safe reads it): one more column
+        ka, kb = a.ids.shape[1], b.ids.shape[1] + 1
+        b_rows = torch.cat([b.ids, b.sure.long().unsqueeze(1)], dim=1)  # (N, K' + 1)
+        flat = torch.cat([a.ids.flatten(), b_rows.flatten()]).tolist()  # SYNC: as below, once
+        a.host_ids = [flat[i : i + ka] for i in range(0, n * ka, ka)]
+        rows = [flat[i : i + kb] for i in range(n * ka, len(flat), kb)]
+        b.host_ids, b.host_sure = [r[:-1] for r in rows], [bool(r[-1]) for r in rows]
+        return
     if a.ids.shape[1] == b.ids.shape[1]:  # the usual case: both name top-k experts per token
         rows = torch.cat([a.ids, b.ids]).tolist()  # SYNC: the layer's one host read of ids
         a.host_ids, b.host_ids = rows[:n], rows[n:]

@@ -15,6 +15,8 @@ The predictors:
     EstimatorPredictor      a small learned network (estimator.py) from q_l to layer t's logits
     HybridPredictor         the estimator on chosen layers, the router on the others
     PreviousTokenPredictor  layer t's experts of the previous token, a naive baseline
+    ContextPredictor        beyond the paper (context.py): q_l and the previous token's state at
+                            layer t, through a learned model; its guesses say when they are unsure
 `make_predictor` builds any predictor by name, these from the calibration files (calibration.py)
 and the oracle (oracle.py, a bound, not a method) from a recorded run.
 """
@@ -41,6 +43,7 @@ PREDICTOR_NAMES = (
     "linear-estimator",
     "hybrid",
     "previous-token",
+    "context",
 )
 
 
@@ -353,6 +356,15 @@ def make_predictor(
         raise TinyMoeError(
             f"predictor {name!r} needs trained estimators, and this checkpoint has no "
             "speculation.safetensors; run `python -m tinymoe.calibrate --model DIR --text FILE`"
+        )
+    if name == "context":
+        from tinymoe.speculation.context import ContextPredictor  # (context.py imports this one)
+
+        return ContextPredictor(
+            model,
+            calibration.estimator("context", lookahead),
+            calibration.default_vectors,
+            lookahead,
         )
     kind = "linear" if name == "linear-estimator" else "estimator"
     estimator = EstimatorPredictor(

@@ -15,6 +15,7 @@ from torch import Tensor
 from tinymoe.engine.kvcache import KVCache
 from tinymoe.engine.model import MoETransformer
 from tinymoe.engine.moe import Routing, moe_forward
+from tinymoe.speculation.context import Guess
 from tinymoe.speculation.hook import speculates
 from tinymoe.speculation.predictors import Predictor, recall_at_k
 
@@ -49,6 +50,11 @@ class ScoringHook:
         self.recall = {k: torch.zeros(L, dtype=torch.float64, device=device) for k in predictors}
         self.top1 = {k: torch.zeros(L, dtype=torch.float64, device=device) for k in predictors}
         self.tokens = torch.zeros(L, dtype=torch.long)  # tokens scored at each layer
+        # Guesses that say when they are unsure (context.Guess): recall with the unsure ones
+        # counted as exact (fail-safe speculation runs the router there), and how many were.
+        self.safe = {k: torch.zeros(L, dtype=torch.float64, device=device) for k in predictors}
+        self.unsure = {k: torch.zeros(L, dtype=torch.float64, device=device) for k in predictors}
+        self.guarded: set[tuple[str, int]] = set()  # keys whose guesses were Guesses
         self.log: list[list[tuple[list[list[int]], dict]]] | None = [] if log else None
 
     def reset(self) -> None:
@@ -74,6 +80,11 @@ class ScoringHook:
             guess = self.pending[key].pop(layer, None)
             if guess is not None:
                 self._score(key, layer, guess.ids, true.ids)
+            if isinstance(guess, Guess):
+                self.guarded.add(key)
+                recall = recall_at_k(guess.ids, true.ids)  # (n,)
+                self.safe[key][layer] += torch.where(guess.sure, recall, 1.0).sum()
+                self.unsure[key][layer] += (~guess.sure).sum()
         resid = resid.reshape(u.shape)  # (N, D)
         hidden = None
         if self.on_hidden:
@@ -110,6 +121,10 @@ class ScoringHook:
                 "mean_recall": sum(recall[d:]) / len(recall[d:]),
                 "mean_top1": sum(top1[d:]) / len(top1[d:]),
             }
+            if (name, d) in self.guarded:  # SYNC: as above
+                safe = [None] * d + (self.safe[(name, d)].cpu() / n)[d:].tolist()
+                unsure = [None] * d + (self.unsure[(name, d)].cpu() / n)[d:].tolist()
+                out[name][str(d)].update(fail_safe_recall=safe, fallback=unsure)
         return out
 
 
