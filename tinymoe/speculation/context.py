@@ -34,7 +34,7 @@ from tinymoe.speculation.estimator import (
     train_estimator,
 )
 from tinymoe.speculation.exact_run import ExactRunRecord
-from tinymoe.speculation.predictors import _on_model, check_lookahead, quasi_hidden, recall_at_k
+from tinymoe.speculation.predictors import EstimatorPredictor, quasi_hidden, recall_at_k
 
 if TYPE_CHECKING:
     from tinymoe.calibrate import CalibrationSettings
@@ -86,7 +86,7 @@ def choose_threshold(confidence: Tensor, recall: Tensor, target: float) -> float
     return float("-inf") if j == 0 else float(c[j])
 
 
-class ContextPredictor:
+class ContextPredictor(EstimatorPredictor):
     """The context predictor (module docstring): a Predictor whose guesses are `Guess`es.
 
     State: each layer's r_l of the previous forward pass (rows matched when the pass has as many
@@ -96,18 +96,8 @@ class ContextPredictor:
 
     reads_previous_position = True
 
-    def __init__(
-        self,
-        model: MoETransformer,
-        estimator: nn.Module,
-        default_vectors: Tensor | None,
-        lookahead: int = 1,
-    ) -> None:
-        check_lookahead(lookahead, model.cfg.num_layers)
-        self.model, self.lookahead = model, lookahead
-        self.default_vectors = _on_model(model, default_vectors)
-        self.estimator = estimator.to(model.embed_tokens.weight.device).eval()
-        self.dtype = next(estimator.parameters()).dtype
+    def __init__(self, *args, **kwargs) -> None:  # EstimatorPredictor's, plus the state
+        super().__init__(*args, **kwargs)
         self.previous: dict[int, Tensor] = {}  # layer -> r_l of the last pass (n, D)
 
     def reset(self) -> None:
