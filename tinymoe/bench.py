@@ -145,6 +145,7 @@ def run_policy(
         else None,
         "compute_ms": dec["compute_ms"],
         "miss_kinds": dec["miss_kinds"],
+        "fallback_share": report.get("fallback_share"),
         "wasted_prefetch_bytes": dec["wasted_prefetch_bytes"],
         "prefill_copy_ms": report["prefill"]["copy_ms"],
         "prefill_gb_copied": report["prefill"]["bytes_copied"] / 1e9,

@@ -11,6 +11,11 @@ def format_table(result: dict) -> str:
     warm = result.get("warm") and result["rows"][0]["over_resident_us_per_layer"] is not None
     if warm:
         head += f" {'host us/L':>9}"
+    # Fail-safe speculation (a predictor that reports its confidence): the share of guesses that
+    # fell back to exact routing, each one a layer that waited for its copies as on-demand does.
+    fallbacks = any(r.get("fallback_share") is not None for r in result["rows"])
+    if fallbacks:
+        head += f" {'fell back':>9}"
     if result["link_gbps"] is None:
         link = f"CUDA, pinned host-to-device peak {result['h2d_peak_gbps']:.1f} GB/s"
     else:
@@ -33,6 +38,7 @@ def format_table(result: dict) -> str:
             f"{r['achieved_gbps'] or 0:>7.2f} "
             f"{r['eq1_bound_ms']:>8.2f} {eq1_share:>7} {r['exact']!s:<5}"
             + (f" {r['over_resident_us_per_layer']:>9.1f}" if warm else "")
+            + (f" {_share(r.get('fallback_share')):>9}" if fallbacks else "")
         )
     return "\n".join(lines)
 
@@ -41,3 +47,7 @@ def _label(row: dict) -> str:
     """The row's policy, with its experts' format when quantized ("on-demand int4")."""
     quant = row.get("expert_quant", "none")
     return row["policy"] if quant == "none" else f"{row['policy']} {quant}"
+
+
+def _share(share: float | None) -> str:
+    return "-" if share is None else f"{share:.1%}"

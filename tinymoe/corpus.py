@@ -264,7 +264,7 @@ def man_text(package: str) -> tuple[str, int]:
     return EOS.join(render_man(p) for p in pages), len(pages)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> OneLineParser:
     p = OneLineParser("corpus", description="Build the out-of-domain held-out text (man pages).")
     p.add_argument(
         "--man-package",
@@ -273,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         help="Debian package whose man pages are rendered",
     )
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the text")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = check_output_file(args.out, "--out")
     text, pages = man_text(args.man_package)
     Path(out).write_text(text, encoding="utf-8")

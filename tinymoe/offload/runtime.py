@@ -189,6 +189,7 @@ class OffloadRuntime:
 
     def reset_stats(self) -> None:
         self.meter.reset()
+        self.hook.guessed, self.hook.fell_back = 0, 0  # fail-safe speculation's counts too
 
     def report(self) -> dict:
         """Per-phase summaries (see meter.PhaseStats.summary), once every copy has landed."""
@@ -199,6 +200,8 @@ class OffloadRuntime:
             "expert_slots": self.num_slots,
             "expert_quant": "none" if self.quant is None else self.quant.name,
             "link": asdict(self.link) if simulated else None,  # gbps, latency_us, name
+            # fail-safe speculation: the share of guessed (token, layer)s routed exactly instead
+            "fallback_share": self.hook.fallback_share(),
             **{phase: s.summary() for phase, s in self.stats.items()},  # prefill, decode, compile
         }
 
@@ -225,7 +228,14 @@ def bare_report(num_layers: int) -> dict:
     every expert on the device (every use a hit, nothing copied); no time is split by layer."""
     phase = PhaseStats(num_layers).summary()
     phase.update(hit_rate=1.0, compute_ms=float("nan"))
-    return dict(policy="resident", expert_slots=0, link=None, decode=phase, prefill=phase)
+    return dict(
+        policy="resident",
+        expert_slots=0,
+        link=None,
+        fallback_share=None,
+        decode=phase,
+        prefill=phase,
+    )
 
 
 class LayerDriver:
