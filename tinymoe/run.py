@@ -366,8 +366,10 @@ def print_result(
         print(
             f"offload {report['policy']}, {report['expert_slots']} slots | decode: hit rate "
             f"{dec['hit_rate']:.2f}, {dec['bytes_copied'] / 1e6:.1f} MB copied, stall "
-            f"{dec['stall_ms']:.2f} ms/token | prefill: {pre['bytes_copied'] / 1e6:.1f} MB "
-            f"copied in {pre['copy_ms']:.1f} ms\n{format_layers(dec)}",
+            f"{dec['stall_ms']:.2f} ms/token"
+            + ("" if (fb := report.get("fallback_share")) is None else f", {fb:.0%} fell back")
+            + f" | prefill: {pre['bytes_copied'] / 1e6:.1f} MB copied in {pre['copy_ms']:.1f} ms"
+            + f"\n{format_layers(dec)}",
             file=sys.stderr,
         )
 
