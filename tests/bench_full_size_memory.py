@@ -13,12 +13,19 @@ Then it runs, one after the other, each as its own process sampled every 20 ms f
   one line before loading;
 - the same with `--offload-policy on-demand` (an offloading policy on a CPU keeps the experts
   where they are: only its slots are extra);
+- the same with `--expert-quant int4`, and `int8`: the experts quantized at load, expert by
+  expert, into the host store (their codes and scales are all there is of them; the memory
+  check then lets `--dtype auto` take float32 for the rest); where DIR holds the experts saved
+  quantized (`tinymoe quantize --model DIR --expert-quant int4` writes
+  experts-int4-g64.safetensors), the load reads them instead, as the output says;
 - transformers: `AutoModelForCausalLM.from_pretrained(DIR, dtype=bfloat16)` and `generate()`,
   greedy, the same number of new tokens.
 
 Peak VmRSS (all resident memory, the memory-mapped checkpoint's pages included, which the kernel
-may drop) and peak RssAnon (the process's own memory) per run, in GiB. Not collected by pytest;
-transformers is an oracle, never imported by tinymoe.
+may drop) and peak RssAnon (the process's own memory) per run, in GiB, and its wall time.
+`--rows` picks runs by their names' words (e.g. `--rows int4,int8,default`); `--repeat N` runs
+each N times in turn. Not collected by pytest; transformers is an oracle, never imported by
+tinymoe. One heavy run at a time: each is a process of its own, run after the previous ended.
 """
 
 import argparse
@@ -135,26 +142,43 @@ def main() -> int:
     a.add_argument("--config", type=Path, default=ROOT / "docs" / "configs" / "olmoe-1b-7b.json")
     a.add_argument("--shards", type=int, default=3)
     a.add_argument("--new-tokens", type=int, default=8)
+    a.add_argument("--rows", default="", help="comma-separated words; runs whose name has one")
+    a.add_argument("--repeat", type=int, default=1, help="times to run each, in turn")
     args = a.parse_args()
     if args.make:
         make(args.dir, args.config, args.shards)
     n, py = str(args.new_tokens), sys.executable
     run = [py, str(ROOT / "run.py"), "--model", str(args.dir), "--prompt", PROMPT, "--json"]
+    run += ["--max-new-tokens", n]
+    od = ["--offload-policy", "on-demand"]
     runs = {
-        "tinymoe run.py (default)": [*run, "--max-new-tokens", n],
-        "tinymoe run.py --offload-policy on-demand": [*run, "--max-new-tokens", n,
-                                                      "--offload-policy", "on-demand"],
+        "tinymoe run.py (default)": run,
+        "tinymoe run.py --offload-policy on-demand": [*run, *od],
+        "tinymoe run.py on-demand --expert-quant int4": [*run, *od, "--expert-quant", "int4"],
+        "tinymoe run.py on-demand --expert-quant int8": [*run, *od, "--expert-quant", "int8"],
         "transformers generate, bf16": [py, "-c", HF, str(args.dir), n, PROMPT],
-    }  # fmt: skip
-    for name, cmd in runs.items():
-        peak, rc, out = peak_memory(cmd)
-        print(f"{name:<42} exit {rc}  peak VmRSS {peak['VmRSS']:6.2f} GiB  "
-              f"RssAnon {peak['RssAnon']:6.2f} GiB")  # fmt: skip
-        for line in out.splitlines():  # run.py's one JSON object: its tokens; and every note
-            if line.startswith("{"):
-                line = f"tokens {json.loads(line)['tokens']}"
-            if line.startswith(("tokens", "dtype", "error", "warning")):
-                print(f"   {line}")
+    }
+    if args.rows:
+        words = args.rows.split(",")
+        runs = {k: v for k, v in runs.items() if any(w in k for w in words)}
+    for saved in sorted(args.dir.glob("experts-*.safetensors")):  # (offload/quant_file.py)
+        print(f"{saved.name} in {args.dir}: its format's runs read it, quantizing nothing")
+    for i in range(args.repeat):
+        for name, cmd in runs.items():
+            t0 = time.perf_counter()
+            peak, rc, out = peak_memory(cmd)
+            wall = time.perf_counter() - t0
+            print(
+                f"{name:<45} exit {rc}  peak VmRSS {peak['VmRSS']:6.2f} GiB  "
+                f"RssAnon {peak['RssAnon']:6.2f} GiB  {wall:5.0f} s  (run {i + 1})",
+                flush=True,
+            )
+            for line in out.splitlines():  # run.py's JSON object: tokens, dtype; every note
+                if line.startswith("{"):
+                    got = json.loads(line)
+                    line = f"tokens {got['tokens']}, TPOT {got['tpot_ms']:.0f} ms"
+                if line.startswith(("tokens", "dtype", "error", "warning", "quantizing")):
+                    print(f"   {line}", flush=True)
     return 0
 
 

@@ -97,7 +97,7 @@ def test_calibration_files_round_trip(baby, tmp_path):
     loaded = load_speculation(tmp_path, model.cfg)
     assert torch.equal(loaded.default_vectors, cal.default_vectors)
     assert torch.equal(loaded.expert_counts, cal.expert_counts)
-    kinds = ("estimator", "linear", "context")
+    kinds = ("estimator", "linear", "context", "preattention")
     assert set(loaded.estimators) == {(k, d) for k in kinds for d in (1, 2)}
     for key, est in cal.estimators.items():
         a, b = est.state_dict(), loaded.estimators[key].state_dict()
@@ -105,7 +105,14 @@ def test_calibration_files_round_trip(baby, tmp_path):
     assert loaded.hybrid_layers == cal.hybrid_layers
     assert loaded.meta["val_recall_at_k"] == cal.meta["val_recall_at_k"]
     rates = cal.meta["val_recall_at_k"]["1"]
-    assert set(rates) == {"router", "router-nodefault", "linear-estimator", "estimator", "context"}
+    assert set(rates) == {
+        "router",
+        "router-nodefault",
+        "linear-estimator",
+        "estimator",
+        "context",
+        "preattention",
+    }
     assert rates["router"][0] is None and 0 <= rates["router"][1] <= 1
     # The loaded files predict exactly what the in-memory calibration predicts.
     x = torch.randn(5, model.cfg.hidden_size)

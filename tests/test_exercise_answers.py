@@ -93,7 +93,7 @@ RIGHT = {
         """,
     },
     # A decision written as early returns; one host read (.cpu(), then the host copy's values)
-    # without the engine's read_together.
+    # without the engine's read_together; a Guess told by its `sure`, its rows mixed by hand.
     "speculative": {
         "speculates": """
             if not speculate or guess is None or phase != "decode":
@@ -107,10 +107,20 @@ RIGHT = {
             else:
                 self.last_prediction[layer] = predicted
             d = 0 if self.predictor is None else self.predictor.lookahead
-            if speculates(self.speculate, self.phase, layer, d, predicted):
-                routing = predicted
-            else:
+            if not speculates(self.speculate, self.phase, layer, d, predicted):
                 routing = router(u)
+            elif getattr(predicted, "sure", None) is None:
+                routing = predicted
+            elif u.shape[0] == 1:  # one token: its sureness was read with its ids
+                routing = predicted if predicted.sure_on_host()[0] else router(u)
+                self.guessed += 1
+                self.fell_back += routing is not predicted
+            else:
+                exact, sure = router(u), predicted.sure[:, None]
+                ids = torch.where(sure, predicted.ids, exact.ids)
+                routing = Routing(ids, torch.where(sure, predicted.weights, exact.weights))
+                self.guessed += u.shape[0]
+                self.fell_back = self.fell_back + (~predicted.sure).sum()
             if self.predictor is None:
                 return routing
             guess = self.predictor.observe(layer, resid.reshape(u.shape), u, routing)
@@ -118,9 +128,13 @@ RIGHT = {
                 return routing
             self.pending[layer + d] = guess
             if self.read_ids and routing.host_ids is None and u.shape[0] == 1:
-                k = routing.ids.shape[1]
-                both = torch.cat([routing.ids.flatten(), guess.ids.flatten()]).cpu().tolist()
-                routing.host_ids, guess.host_ids = [both[:k]], [both[k:]]
+                k, sure = routing.ids.shape[1], getattr(guess, "sure", None)
+                parts = [routing.ids.flatten(), guess.ids.flatten()]
+                both = torch.cat(parts + ([sure.long()] if sure is not None else [])).cpu()
+                both = both.tolist()
+                routing.host_ids, guess.host_ids = [both[:k]], [both[k : 2 * k]]
+                if sure is not None:
+                    guess.host_sure = [bool(both[-1])]
             return routing
         """,
     },
@@ -557,6 +571,30 @@ WRONG = [
         return routing
         """,
         "one read for both",
+    ),
+    (
+        "speculative",
+        "PredictionHook.__call__",
+        """
+        # a Guess run as it is, sure or not (fail-safe ignored)
+        predicted = self.pending.pop(layer, None)
+        if predicted is not None:
+            self.last_prediction[layer] = predicted
+        else:
+            self.last_prediction.pop(layer, None)
+        d = self.predictor.lookahead if self.predictor is not None else 0
+        use = speculates(self.speculate, self.phase, layer, d, predicted)
+        routing = predicted if use else router(u)
+        if self.predictor is not None:
+            nxt = self.predictor.observe(layer, resid.reshape(u.shape), u, routing)
+            if nxt is not None:
+                self.pending[layer + d] = nxt
+                if self.read_ids and routing.host_ids is None and u.shape[0] == 1:
+                    both = torch.cat([routing.ids, nxt.ids]).tolist()
+                    routing.host_ids, nxt.host_ids = both[:1], both[1:]
+        return routing
+        """,
+        "fail-safe guesses",
     ),
     # distillation
     (

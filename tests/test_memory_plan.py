@@ -29,7 +29,8 @@ from tinymoe import (
     simulate,
 )
 from tinymoe.engine import loader
-from tinymoe.engine.loader import memory_needs, resolve_dtype, weight_bytes, with_headroom
+from tinymoe.engine.loader import resolve_dtype
+from tinymoe.engine.memory import memory_needs, weight_bytes, with_headroom
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "docs" / "configs"

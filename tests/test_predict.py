@@ -63,8 +63,10 @@ def fake_calibration(model, seed: int = 0) -> Calibration:
     g = torch.Generator().manual_seed(seed)
     dv = 0.1 * torch.randn(cfg.num_layers, cfg.num_experts, cfg.hidden_size, generator=g)
     estimators = {}
-    for kind in ("estimator", "linear", "context"):
-        ecfg = EstimatorConfig(kind, cfg.hidden_size, cfg.num_experts, cfg.num_layers)
+    for kind in ("estimator", "linear", "context", "preattention"):
+        inputs = 3 if kind == "preattention" else 2
+        D, E, L = cfg.hidden_size, cfg.num_experts, cfg.num_layers
+        ecfg = EstimatorConfig(kind, D, E, L, inputs=inputs)
         for d in (1, 2, 3):
             torch.manual_seed(seed + d)
             estimators[(kind, d)] = build_estimator(ecfg)

@@ -1,5 +1,8 @@
 """Quantized experts: the format, the host store, the copies, and exactness under every policy."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_checkpoint
@@ -108,6 +111,14 @@ def test_simulator_projects_this_layout():
         fmt = QuantFormat(bits, 64)
         assert expert_bytes(cfg, f"int{bits}-g64") == fmt.expert_bytes(cfg.expert_numel)
         assert "fp16 scale per group of 64" in EXPERT_DTYPES[f"int{bits}-g64"][1]
+
+
+def test_the_simulator_docs_list_every_storage_format():
+    """docs/simulator.md's format table names every EXPERT_DTYPES entry, each in one row."""
+    doc = (Path(__file__).parents[1] / "docs" / "simulator.md").read_text()
+    rows = [ln for ln in doc.splitlines() if re.match(r"\| `(float|bfloat|int|q\d)", ln)]
+    listed = [name for row in rows for name in re.findall(r"`([\w-]+)`", row.split("|")[1])]
+    assert sorted(listed) == sorted(EXPERT_DTYPES)
 
 
 # ---------------------------------------------------------------- the engine

@@ -5,8 +5,12 @@ import json
 import pytest
 from conftest import add_tokenizer, make_checkpoint
 
-from tinymoe import bench, evaluate
+from tinymoe import bench, evaluate, load_model, simulate
 from tinymoe import run as run_tool
+from tinymoe.offload.link import LinkSpec
+from tinymoe.offload.quant import QuantFormat
+from tinymoe.simulator.record import RoutingTrace, record_run
+from tinymoe.speculation.oracle import record_routing
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +77,49 @@ def test_evaluate_reports_the_cost_against_the_model_dtype(baby, tmp_path, capsy
     q = json.loads(capsys.readouterr().out)["quantization"]
     assert q["format"] == "int4, group 64" and q["kl"] > 0 and q["top1_agreement"] <= 1
     assert q["perplexity"] != q["reference_perplexity"]
+
+
+def test_simulate_records_and_replays_the_quantized_experts(baby, tmp_path, capsys):
+    """`simulate --expert-quant int4 --record`: the recorded run copies the codes, and the trace
+    holds their bytes, which a replay (here, or projected) takes; another format is refused."""
+    trace = tmp_path / "int4.json"
+    argv = ["--model", str(baby), "--device", "cpu", "--json", "--max-new-tokens", "4"]
+    argv += ["--policies", "on-demand,lru", "--expert-slots", "3", "--link-gbps", "0.5"]
+    assert simulate.cli([*argv, "--expert-quant", "int4", "--record", str(trace)]) == 0
+    rows = {r["policy"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    recorded = RoutingTrace.load(trace)
+    cfg = load_model(baby).cfg
+    codes = QuantFormat(4, 64).expert_bytes(cfg.expert_numel)  # 816 B of the fp32 6,144
+    assert recorded.model["expert_quant"] == "int4-g64" and recorded.model["expert_bytes"] == codes
+    assert rows["on-demand"]["bytes_copied"] % codes == 0 and rows["on-demand"]["bytes_copied"]
+    assert simulate.cli(["--trace", str(trace), "--json", "--policies", "on-demand"]) == 0
+    replayed = json.loads(capsys.readouterr().out)["rows"][0]
+    assert replayed["bytes_copied"] == rows["on-demand"]["bytes_copied"]
+    assert simulate.cli(["--trace", str(trace), "--expert-quant", "int8"]) == 2
+    one_error(capsys, 2, "recorded with experts 'int4-g64'")
+
+
+def test_run_records_a_trace_of_experts_loaded_only_quantized(baby, tmp_path, capsys):
+    """run.py --record with --expert-quant and offloading: the model holds the experts only as
+    codes; the recording's resident pass dequantizes them, and routes as the run did."""
+    trace = tmp_path / "t.json"
+    argv = ["--model", str(baby), "--prompt", "the cat sat", "--max-new-tokens", "4", "--json"]
+    argv += ["--device", "cpu", "--offload-policy", "lru", "--expert-slots", "3"]
+    assert run_tool.cli([*argv, "--expert-quant", "int8", "--record", str(trace)]) == 0
+    capsys.readouterr()
+    recorded = RoutingTrace.load(trace)
+    assert recorded.model["expert_quant"] == "int8-g64" and recorded.decode_steps == 3
+
+
+def test_a_recording_of_quantized_experts_routes_as_their_resident_run(baby):
+    """record_run on a model loaded with --expert-quant: the trace's routing is the quantized
+    experts' (a resident run of them), not the model's own dtype's."""
+    prompt, recorded = [5, 17, 3, 42, 8, 61, 23, 7], {}
+    for quant in ("int4", "none"):
+        model = load_model(baby, expert_quant=quant)
+        trace = record_run(model, prompt, 6, LinkSpec(1.0, 0.0), [], str(baby), 1)
+        _, routing = record_routing(model, prompt, 6, eos_ids=())
+        recorded[quant] = [[lr.experts for lr in p.layers] for p in trace.passes]
+        assert recorded[quant] == [[r.ids.tolist() for r in forward] for forward in routing]
+        assert trace.model["expert_quant"] == ("int4-g64" if quant == "int4" else "none")
+    assert recorded["int4"] != recorded["none"]  # (this baby routes differently in int4)

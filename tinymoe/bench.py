@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     quants = [quant_from_args(args, cfg, q) for q in args.expert_quant]  # checked before loading
     ids = prompt_ids(args, cfg.vocab_size)  # before loading: the KV cache counts in what fits
     positions = check_positions(cfg, len(ids), args.max_new_tokens)
-    dtype = dtype_from_args(args, device, positions, [parse_policy(n) for n in names])
+    policies = [parse_policy(n) for n in names]  # (quantized rows: beside the model's experts)
+    dtype = dtype_from_args(args, device, positions, policies, beside="experts")
     model = load_model(args.model, device=device, dtype=dtype)
     calibration = load_speculation(args.model, model.cfg) if set(predictors) - {"oracle"} else None
     log = sys.stderr

@@ -15,7 +15,9 @@ held back.
     5. the context predictor (speculation/context.py) is trained the same way on pairs
        ([q_{t-d}, the previous token's Norm_t(r_t)], true logits of layer t), and its fail-safe
        threshold per layer is chosen on the held-back sequences: the lowest confidence that
-       keeps recall@k, counting a token that falls back as 1, at --fail-safe-recall.
+       keeps recall@k, counting a token that falls back as 1, at --fail-safe-recall; then the
+       pre-attention predictor (speculation/preattention.py) likewise, its pairs led by layer
+       t's attention run on the stand-in state.
 Everything is saved as speculation.{safetensors,json} beside the checkpoint, or in --out; the
 format, and `load_speculation` that reads it back, live in speculation/calibration.py.
 """
@@ -64,6 +66,7 @@ from tinymoe.speculation.estimator import (
     train_estimator,
 )
 from tinymoe.speculation.exact_run import ExactRunRecord, default_vectors, record_exact_run
+from tinymoe.speculation.preattention import preattention_pairs
 from tinymoe.speculation.predictors import RouterPredictor, quasi_hidden, recall_at_k
 
 # ---------------------------------------------------------------- training and choosing
@@ -157,22 +160,28 @@ def add_context(
     held: ExactRunRecord,
     s: CalibrationSettings,
     seq_len: int,
+    kind: str = "context",
 ) -> None:
-    """Step 5 into `cal`: the context estimators, their held-back recall, KL and fail-safe
-    figures (every other estimator and figure of `cal` stays as it is)."""
+    """Step 5 into `cal` for `kind` (context or preattention): the estimators, their held-back
+    recall, KL and fail-safe figures (every other estimator and figure of `cal` stays as is)."""
     L = model.cfg.num_layers
-    contexts, fail_safe, kl = train_context(model, cal.default_vectors, run, held, s, seq_len)
+    how = {} if kind == "context" else {"make_pairs": preattention_pairs, "inputs": 3}
+    contexts, fail_safe, kl = train_context(
+        model, cal.default_vectors, run, held, s, seq_len, kind, **how
+    )
     rates = cal.meta.setdefault("val_recall_at_k", {})
     for d, est in contexts.items():
-        cal.estimators[("context", d)] = est
+        cal.estimators[(kind, d)] = est
         recall = [fail_safe[d][t]["recall"] for t in range(d, L)]
-        rates.setdefault(str(d), {})["context"] = [None] * d + recall
+        rates.setdefault(str(d), {})[kind] = [None] * d + recall
     cal.meta.setdefault("val_kl", {}).update(kl)
     by_d = {str(d): {str(t): f for t, f in by_t.items()} for d, by_t in fail_safe.items()}
-    cal.meta.setdefault("fail_safe", {}).update(by_d)
+    key = "fail_safe" if kind == "context" else f"fail_safe_{kind}"
+    cal.meta.setdefault(key, {}).update(by_d)
     cal.meta["fail_safe_rule"] = (
-        f"context: per layer, the lowest margin (K-th minus (K+1)-th logit) that keeps recall@k, "
-        f"a fallen-back token counting 1, at {s.fail_safe_recall} on the held-back sequences"
+        f"context, preattention: per layer, the lowest margin (K-th minus (K+1)-th logit) that "
+        f"keeps recall@k, a fallen-back token counting 1, at {s.fail_safe_recall} on the "
+        "held-back sequences"
     )
 
 
@@ -247,6 +256,7 @@ def calibrate(model: MoETransformer, ids: Tensor, s: CalibrationSettings) -> Cal
     }
     cal = Calibration(dv, run.expert_count, estimators, hybrid, meta)
     add_context(cal, model, run, held, s, T)
+    add_context(cal, model, run, held, s, T, "preattention")
     return cal
 
 
@@ -302,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train only the context predictor, into the "
         "calibration already in --out (rewritten: needs --force); the rest stays bit for bit",
     )
+    a(
+        "--preattention-only",
+        action="store_true",
+        help="the same for the pre-attention predictor: only it is trained and written",
+    )
     a("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     a("--seed", type=int, default=0, help="for the estimators' initialisation and batches")
     add_device_flags(p)
@@ -332,11 +347,10 @@ def main(argv: list[str] | None = None) -> int:
             raise TinyMoeError(f"--lookahead {d}: must be between 1 and {L - 1} for {L} layers")
     out = output_dir(args)
     cfg = ModelConfig.from_file(model_dir_from_args(args) / "config.json")
-    previous = load_speculation(out, cfg) if args.context_only else None
-    if args.context_only and previous is None:
-        raise TinyMoeError(
-            f"--context-only: no calibration in {out} to add the context predictor to"
-        )
+    only = "context" if args.context_only else "preattention" if args.preattention_only else None
+    previous = load_speculation(out, cfg) if only else None
+    if only and previous is None:
+        raise TinyMoeError(f"--{only}-only: no calibration in {out} to add the {only} predictor to")
     device = device_from_args(args)
     dtype = dtype_from_args(args, device)  # fits in memory? before anything is read
     ids = read_token_ids(args.model, args.text, args.tokens, args.seq_len)
@@ -359,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     if previous is not None:  # the shipped estimators stay bit for bit; the context one is new
         cal = previous
         run, held, _ = split_runs(model, ids, settings)
-        add_context(cal, model, run, held, settings, ids.shape[1])
-        cal.meta.update(context_command=command)
+        add_context(cal, model, run, held, settings, ids.shape[1], only)
+        cal.meta[f"{only}_command"] = command
     else:
         cal = calibrate(model, ids, settings)
         cal.meta.update(command=command, text=str(args.text))

@@ -11,7 +11,6 @@ cache from config.json, against the memory free), before it starts its long work
 """
 
 import argparse
-import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -21,17 +20,12 @@ from typing import NoReturn
 import torch
 
 from tinymoe.engine.config import ModelConfig
-from tinymoe.engine.loader import (
-    DTYPES,
-    Checkpoint,
-    memory_needs,
-    resolve_dtype,
-    shortfall,
-    with_headroom,
-)
+from tinymoe.engine.loader import DTYPES, Checkpoint, resolve_dtype
+from tinymoe.engine.memory import free_host_bytes, memory_needs, shortfall, with_headroom
 from tinymoe.errors import TinyMoeError
 from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec
 from tinymoe.offload.policy import Policy, resolve_slots
+from tinymoe.offload.quant import DEFAULT_GROUP_SIZE, quant_format
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -278,14 +272,17 @@ def dtype_from_args(
     positions: int = 0,
     policies: Sequence[Policy] = (),
     experts_on_host: bool = False,
+    beside: str = "",
 ) -> torch.dtype:
     """--dtype for --model on `device`, checked to fit in the memory free before any weight is
     read, from config.json alone (a shard's header only where it states no dtype): the weights,
     a KV cache of `positions`, and the slots of the offloading `policies` the tool will run
-    (--expert-slots, --expert-budget-gb, --lookahead where it has them). "auto" on a CPU takes
-    float32 only where that fits (resolve_dtype) and says so on stderr when it does not; a dtype
-    that does not fit is a TinyMoeError naming the way out. experts_on_host: the tool loads the
-    experts into host memory (load_model(expert_device="cpu"))."""
+    (--expert-slots, --expert-budget-gb, --lookahead, --expert-quant where it has them; bench's
+    several formats: the largest). "auto" on a CPU takes float32 only where that fits
+    (resolve_dtype) and says so on stderr when it does not; a dtype that does not fit is a
+    TinyMoeError naming the way out. experts_on_host: the tool loads the experts into host
+    memory (load_model(expert_device="cpu")). beside: with --expert-quant, what the tool also
+    keeps unquantized to compare ("experts", "model": engine/memory.py, memory_needs)."""
     path = model_dir_from_args(args)
     cfg = ModelConfig.from_file(path / "config.json")
     stored = cfg.dtype if cfg.dtype is not None else Checkpoint(path).storage_dtype()
@@ -294,16 +291,25 @@ def dtype_from_args(
     free = {"host": free_host_bytes()}
     if device.type == "cuda":
         free["cuda"] = torch.cuda.mem_get_info(device)[0]
-    flags = ("lookahead", "expert_slots", "expert_budget_gb")  # where the tool has them
-    ahead, slots, budget = (getattr(args, f, None) for f in flags)
+    flags = ("lookahead", "expert_slots", "expert_budget_gb", "expert_quant")  # where it has them
+    ahead, slots, budget, quants = (getattr(args, f, None) for f in flags)
     ahead = ahead if isinstance(ahead, int) else 1  # with a predictor; (calibrate's is a list)
+    group = getattr(args, "expert_group_size", DEFAULT_GROUP_SIZE)
+    quants = [quants or "none"] if not isinstance(quants, list) else quants  # bench: a list
+    fmts = [quant_format(q, group, cfg.expert_numel) for q in quants]
 
     def needs(dtype: torch.dtype) -> dict[str, dict[str, int]]:
         size = cfg.expert_bytes(dtype)
         n = [
             resolve_slots(p, cfg, size, ahead if p.predictor else 1, slots, budget) for p in offload
         ]
-        return memory_needs(cfg, dtype, device, positions, max(n, default=0), placement)
+        each = [  # one per format (bench runs them in turn): in each pool, the largest
+            memory_needs(cfg, dtype, device, positions, max(n, default=0), placement, f, beside)
+            for f in fmts
+        ]
+        return {
+            pool: max((e[pool] for e in each), key=lambda p: sum(p.values())) for pool in each[0]
+        }
 
     dtype = resolve_dtype(args.dtype, stored, device, lambda d: shortfall(needs(d), free) is None)
     if short := shortfall(needs(dtype), free):
@@ -361,20 +367,10 @@ def refusal(
         return f"{msg}; give fewer --expert-slots"  # on a CPU too: slots there are extra copies
     if kv and with_headroom(total - kv) <= free[pool]:
         return f"{msg}; lower {flag}"
+    ref = sum(v for k, v in parts.items() if k.startswith("reference"))  # (beside, with quant)
+    if ref and with_headroom(total - ref) <= free[pool]:
+        return f"{msg}: the unquantized reference does not fit; tinymoe run --expert-quant does"
     return f"{msg}: this checkpoint does not fit in this machine's {_POOL_NAME[pool]} in any dtype"
-
-
-def free_host_bytes() -> int:
-    """Host memory a new allocation can get: Linux's MemAvailable (free memory plus the page
-    cache it would evict), else all physical memory."""
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024  # the file counts kB
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): do not refuse
-        return 2**62
 
 
 # ---------------------------------------------------------------- running a tool

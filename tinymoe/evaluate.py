@@ -62,7 +62,7 @@ from tinymoe.speculation.scoring import FirstPositionHook, ScoringHook, forward_
 HIDDEN = "router-hidden"  # router on the true post-MoE state: scored, never speculated with
 PREVIOUS = "previous-token"  # the one predictor that reads another position
 ALL_NAMES = (*PREDICTOR_NAMES[:2], HIDDEN, *PREDICTOR_NAMES[2:])
-NEEDS_CALIBRATION = ("estimator", "linear-estimator", "hybrid", "context")
+NEEDS_CALIBRATION = ("estimator", "linear-estimator", "hybrid", "context", "preattention")
 
 
 def next_token_nll(logits: Tensor, ids: Tensor) -> Tensor:
@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     device = device_from_args(args)
     # Fits in memory? Before anything is read; --stepwise has a KV cache for up to --tokens ids.
-    dtype = dtype_from_args(args, device, args.tokens if args.stepwise else 0)
+    # (--expert-quant: a reference model in the model's dtype beside the quantized one)
+    dtype = dtype_from_args(args, device, args.tokens if args.stepwise else 0, beside="model")
     ids = read_token_ids(args.model, args.text, args.tokens, args.seq_len)
     if ids.numel() < args.tokens:
         print(f"evaluate: {fewer_tokens(ids, args.tokens)}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The `tinymoe` command: `tinymoe run|bench|calibrate|evaluate|train|simulate|corpus|exercises`.
+"""The `tinymoe` command: `tinymoe TOOL [flags]` runs any of the tools in TOOLS below.
 
 Each tool is also `python -m tinymoe.<tool>` (and `tinymoe run` is `python run.py` in a
 checkout); all of them end in the tool's `cli()`. This module imports only the standard library,
@@ -20,6 +20,7 @@ TOOLS = {
     "evaluate": ("tinymoe.evaluate", "predictors' hit rates, what speculation costs"),
     "train": ("tinymoe.train", "train the demo model"),
     "simulate": ("tinymoe.simulate", "replay a recorded run on other hardware (what if)"),
+    "quantize": ("tinymoe.quantize", "save a checkpoint's experts quantized, for --expert-quant"),
     "corpus": ("tinymoe.corpus", "the out-of-domain held-out text (man pages)"),
     "exercises": ("tinymoe.exercises.__main__", "classroom exercises: list, start, check"),
 }

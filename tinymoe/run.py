@@ -261,8 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig.from_file(Path(args.model) / "config.json")
     positions = check_positions(cfg, len(prompt_ids), args.max_new_tokens, args.allow_long)
     quant = quant_from_args(args, cfg)  # --expert-quant: checked before loading
-    if quant is not None and args.record:  # (tinymoe simulate --expert-quant projects bytes)
-        raise TinyMoeError("--record records a run of the model's own experts: drop --expert-quant")
     # Offloading on a GPU, or quantized: read the experts straight into (pinned) host memory,
     # so they never have to fit on the device, nor exist in the model's dtype. The oracle is the
     # exception: it first records a resident run.

@@ -47,7 +47,7 @@ from tinymoe.offload.policy import parse_policy
 from tinymoe.offload.quant import quant_format
 from tinymoe.offload.scheduler import MISS_HANDLERS
 from tinymoe.plot import pyplot
-from tinymoe.quant_flags import add_quant_flags
+from tinymoe.quant_flags import add_quant_flags, quant_from_args
 from tinymoe.simulator.costs import (
     EXPERT_DTYPES,
     HARDWARE,
@@ -57,7 +57,7 @@ from tinymoe.simulator.costs import (
     quant_dtype,
     scale_trace,
 )
-from tinymoe.simulator.record import RoutingTrace, record_run
+from tinymoe.simulator.record import RoutingTrace, record_run, recorded_quant
 from tinymoe.simulator.replay import simulate
 from tinymoe.simulator.sweep import format_sweep, plot_sweep, sweep_result
 from tinymoe.simulator.validate import validate_rounds
@@ -171,16 +171,21 @@ def main(argv: list[str] | None = None) -> int:
     target_cfg = ModelConfig.from_file(args.scale_to) if args.scale_to else None
     if args.record and Path(args.record).parent and not Path(args.record).parent.is_dir():
         raise TinyMoeError(f"--record {args.record}: no such directory")
-    if args.expert_quant != "none":  # the projection's expert bytes: tinymoe's own layout
-        if not (args.hardware or "hardware" in sweep) or args.expert_dtype != "bfloat16":
+    if args.expert_quant != "none":  # recorded with these experts, projected with their bytes
+        if args.expert_dtype != "bfloat16" or args.validate:
             raise TinyMoeError(
-                "--expert-quant projects tinymoe's quantized experts' bytes onto --hardware (and "
-                "sets --expert-dtype); measure them here with tinymoe bench --expert-quant"
+                "--expert-quant records the quantized experts and sets --expert-dtype: no "
+                "--expert-dtype, no --validate (tinymoe bench --expert-quant measures them)"
             )
         fmt = quant_format(args.expert_quant, args.expert_group_size)
-        args.expert_dtype = quant_dtype(fmt)
-        if args.expert_dtype not in EXPERT_DTYPES:
-            raise TinyMoeError(f"--expert-group-size {fmt.group_size}: projected for 32, 64, 128")
+        if args.model is not None and not args.trace:  # checked against the experts, now
+            quant_from_args(args, ModelConfig.from_file(model_dir_from_args(args) / "config.json"))
+        if args.hardware or "hardware" in sweep:
+            args.expert_dtype = quant_dtype(fmt)
+            if args.expert_dtype not in EXPERT_DTYPES:
+                raise TinyMoeError(
+                    f"--expert-group-size {fmt.group_size}: projected for 32, 64, 128"
+                )
     device = device_from_args(args)
     check_real_link(args, device)  # on CUDA: the real link, measured (record_run)
     if args.model is not None and not args.trace:
@@ -222,6 +227,13 @@ def point(
     validated = None  # --validate: the rows of simulator/validate.py, measured beside replayed
     if args.trace:
         trace = RoutingTrace.load(args.trace)
+        recorded = trace.model.get("expert_quant", "none")  # (its bytes are the trace's)
+        fmt = quant_format(args.expert_quant, args.expert_group_size)
+        if fmt and not args.hardware and recorded != quant_dtype(fmt):
+            raise TinyMoeError(
+                f"--trace {args.trace} was recorded with experts {recorded!r}: replayed here with "
+                "its own bytes; drop --expert-quant, or record it with --expert-quant"
+            )
         link = LinkSpec(**trace.machine["link"], name="recorded")
         depth = args.prefetch_depth or 1
     else:
@@ -234,7 +246,8 @@ def point(
             # Fits in memory? Before the weights are read. Recording runs on-demand (record_run).
             offload = [parse_policy("on-demand"), *(policies if args.validate else ())]
             dtype = dtype_from_args(args, device, positions, offload)
-            model = load_model(args.model, device=device, dtype=dtype)
+            quant = dict(expert_quant=args.expert_quant, group_size=args.expert_group_size)
+            model = load_model(args.model, device=device, dtype=dtype, **quant)
             generate(model, ids[:4], 2, eos_ids=())  # warm-up
             ref, recording = record_routing(model, ids, args.max_new_tokens, eos_ids=())
             session.update(model=model, ids=ids, ref=ref, recording=recording, traces={})
@@ -250,7 +263,7 @@ def point(
             )
         trace = session["traces"][key]
         link = LinkSpec(**trace.machine["link"], name=trace.machine.get("link_source", "recorded"))
-        depth = args.prefetch_depth or auto_depth(model, ref, link, None)
+        depth = args.prefetch_depth or auto_depth(model, ref, link, None, recorded_quant(model))
         print(f"link: {link.gbps:.3f} GB/s + {link.latency_us} us; depth {depth}", file=sys.stderr)
         if args.validate:  # each round: its own trace, then the real runs (simulator/validate.py)
             learned = set(predictor_names) - {"oracle"}

@@ -10,7 +10,8 @@ computes on CUDA; each layer's parameter is a view of it, so the offloading runt
 adopts them as they are and the host never holds the experts twice. Quantized experts
 (`expert_quant`, offload/quant.py) are read one expert at a time and quantized into the host
 buffers the store adopts: only their codes and scales, plus one expert, are ever on the host
-(and, kept resident, what they read back as on the device). The dtype to compute in
+(and, kept resident, what they read back as on the device); or read, quantized before, from the
+file `tinymoe quantize` saves beside the checkpoint (offload/quant_file.py). The dtype to compute in
 is decided here too, in one place (resolve_dtype): the tools give it their check of what fits in
 memory (tinymoe/cli.py, dtype_from_args, before anything is read; weight_bytes counts the weights).
 
@@ -39,7 +40,9 @@ from tinymoe.engine.experts import expert_views
 from tinymoe.engine.model import MoETransformer
 from tinymoe.errors import TinyMoeError
 from tinymoe.offload.quant import DEFAULT_GROUP_SIZE, quant_format
+from tinymoe.offload.quant_file import quant_path, read_quantized
 from tinymoe.offload.store import host_buffer, quantized_buffers
+from tinymoe.progress import Progress
 
 # The --dtype choices. "auto" is resolved per checkpoint and device by resolve_dtype.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -52,6 +55,8 @@ EXPERT_NAMES = {
     "olmoe": ("gate_proj", "up_proj", "down_proj"),
     "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
 }
+# Experts of at least this many weights in all show a progress bar while they are quantized.
+PROGRESS_NUMEL = 2**28
 # The fused attention projection (model.py) and the checkpoint tensors it is made of, row blocks
 # in this order: q (H*Dh rows), k and v (Hkv*Dh rows each).
 QKV_PARTS = ("q_proj", "k_proj", "v_proj")
@@ -98,69 +103,6 @@ def resolve_dtype(
             f"compute in; choose one of {', '.join(_TORCH_DTYPES)} (--dtype)"
         )
     return stored
-
-
-def weight_bytes(cfg: ModelConfig, dtype: torch.dtype) -> tuple[int, int]:
-    """Bytes load_model allocates for cfg's weights in dtype: (all but the experts, the experts).
-
-    Counted on the very model load_model builds, on the `meta` device (shapes only, nothing
-    allocated; a tied LM head counted once), so the count cannot drift from the model code.
-    """
-    with torch.device("meta"):
-        model = MoETransformer(cfg)
-    experts = cfg.num_layers * cfg.num_experts * cfg.expert_numel
-    total = sum(p.numel() for p in model.parameters())
-    return (total - experts) * dtype.itemsize, experts * dtype.itemsize
-
-
-# What a run allocates beyond what memory_needs counts (weights, expert slots, KV cache):
-# activations (a prefill's logits alone are T x V floats), the allocator's rounding and
-# fragmentation, the tensor being cast while loading. 10% of what is counted, at least 256 MiB.
-# (The process itself, Python and torch, is already running when free memory is read.)
-HEADROOM_SHARE = 0.10
-HEADROOM_MIN_BYTES = 256 * 2**20
-
-
-def with_headroom(nbytes: int) -> int:
-    """nbytes plus the headroom above (0 stays 0: a pool nothing goes to needs nothing)."""
-    return nbytes + max(int(nbytes * HEADROOM_SHARE), HEADROOM_MIN_BYTES) if nbytes else 0
-
-
-def memory_needs(
-    cfg: ModelConfig,
-    dtype: torch.dtype,
-    device: torch.device,
-    positions: int = 0,
-    slots: int = 0,
-    experts: str = "device",
-) -> dict[str, dict[str, int]]:
-    """Bytes a run allocates, by memory pool and part: {"host": parts} on a CPU (the device is
-    the host), {"cuda": parts, "host": parts} on CUDA.
-
-    positions: the KV cache's. slots: the offloading runtime's expert slots, on the device; on
-    a CPU they add to the experts, which the host store adopts from the model without a copy.
-    experts: "device" (resident), "host" (load_model(expert_device="cpu"): on the device only
-    the rest), or "device+host" (loaded on the device; an offloading runtime allocates its
-    slots, then moves them to the host: on CUDA both, at the peak).
-    """
-    weights, expert_bytes = weight_bytes(cfg, dtype)
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * positions * cfg.head_dim * dtype.itemsize
-    parts = {"other weights": weights, "experts": expert_bytes}
-    parts.update({"expert slots": slots * cfg.expert_bytes(dtype), "KV cache": kv})
-    if device.type == "cpu":
-        return {"host": parts}
-    if experts == "host":
-        del parts["experts"]
-    return {device.type: parts, "host": {} if experts == "device" else {"experts": expert_bytes}}
-
-
-def shortfall(needs: dict[str, dict[str, int]], free: dict[str, int]) -> tuple[str, int] | None:
-    """The first pool where what goes there, with headroom, exceeds what is free: (pool,
-    bytes without headroom); None when everything fits."""
-    for pool, parts in needs.items():
-        if with_headroom(total := sum(parts.values())) > free[pool]:
-            return pool, total
-    return None
 
 
 class Checkpoint:
@@ -284,6 +226,7 @@ def load_model(
     expert_device: str | torch.device | None = None,
     expert_quant: str = "none",
     group_size: int = DEFAULT_GROUP_SIZE,
+    use_saved: bool = True,
 ) -> MoETransformer:
     """Build a MoETransformer from a checkpoint directory, every weight on `device` in `dtype`.
 
@@ -299,6 +242,8 @@ def load_model(
     an OffloadRuntime with that format adopts. With expert_device "cpu" that is all there is of
     them (the resident weights stay empty: offloading only); otherwise the resident weights are
     what the quantized experts read back as, so a resident run computes with the same experts.
+    use_saved: read the experts quantized before, saved beside the checkpoint
+    (`experts-int4-g64.safetensors`, offload/quant_file.py), instead of quantizing them again.
     """
     device = torch.device(device)
     expert_given, pin = expert_device is not None, device.type == "cuda"
@@ -343,13 +288,30 @@ def load_model(
                 continue
             p.copy_(ckpt.get(name, tuple(p.shape)))
             used.add(name)
+        # Quantizing a full-size model's experts takes a while (OLMoE-1B-7B's 6.4B weights:
+        # about half a minute on one core): shown, beyond a demo's size, as a progress bar.
+        # Saved before (tinymoe quantize, offload/quant_file.py): read, not quantized again.
+        saved = fmt is not None and use_saved and quant_path(path, fmt).exists()
+        if saved:
+            read_quantized(quant_path(path, fmt), cfg, q)
+        big = cfg.num_layers * cfg.num_experts * cfg.expert_numel >= PROGRESS_NUMEL
+        bar = Progress(cfg.num_layers, f"quantizing the experts ({fmt})", unit="layers")
+        bar = bar if fmt and not saved and big else None
         for layer in range(cfg.num_layers):
+            resident = model.experts.weights[layer]
             if fmt is None:
-                ckpt.read_expert_layer(layer, model.experts.weights[layer])
-            else:  # one expert at a time, into the host store's buffers
-                read = partial(ckpt.read_expert, layer)
-                q.quantize_layer(layer, read, dtype, model.experts.weights[layer])
+                ckpt.read_expert_layer(layer, resident)
+            elif saved:  # the resident run's experts: what the saved codes read back as
+                if resident.numel():
+                    q.dequantize_layer(layer, resident)
+            else:  # one expert at a time, into the host store's buffers; read in fp32 (exact
+                # for a bf16, fp16 or fp32 checkpoint), so the codes do not depend on --dtype
+                q.quantize_layer(layer, partial(ckpt.read_expert, layer), torch.float32, resident)
+                if bar is not None:
+                    bar.update()
             used |= {n for n in ckpt.where if n.startswith(f"layers.{layer}.mlp.experts.")}
+        if bar is not None:
+            bar.close()
     if cfg.tie_word_embeddings:
         used.add("lm_head.weight")  # some exporters store the tied copy too; it is the same tensor
     unexpected = sorted(set(ckpt.where) - used)

@@ -11,7 +11,9 @@ from tinymoe.exercises.kvcache_checks import KV_CACHE
 from tinymoe.exercises.moe_checks import EXPERT, MOE_LAYER
 from tinymoe.exercises.offload_checks import EVICTION
 from tinymoe.exercises.prefetch_checks import PREFETCH, TIME_MODEL
-from tinymoe.exercises.speculation_checks import ROUTER_PF, SPECULATIVE
+from tinymoe.exercises.quant_checks import QUANT
+from tinymoe.exercises.speculation_checks import ROUTER_PF
+from tinymoe.exercises.speculative_checks import SPECULATIVE
 
 EXERCISES: tuple[Exercise, ...] = (
     NORM_ROPE,
@@ -22,6 +24,7 @@ EXERCISES: tuple[Exercise, ...] = (
     EVICTION,
     TIME_MODEL,
     PREFETCH,
+    QUANT,
     ROUTER_PF,
     SPECULATIVE,
     DISTILLATION,

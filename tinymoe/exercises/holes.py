@@ -162,14 +162,29 @@ def _class_doc(module: str, cls: str) -> str:
 
 
 def _sorted_imports(lines: list[str]) -> str:
-    """Other packages first, then tinymoe; `import x` before `from x import y` (isort's order)."""
+    """Other packages first, then tinymoe; `import x` before `from x import y`, one `from x`
+    line per module, its names constants first, then classes, then the rest (isort's order)."""
+    names: dict[str, list[str]] = {}  # module -> the names its `from` lines import
+    for line in lines:
+        if line.startswith("from "):
+            module, _, what = line[5:].partition(" import ")
+            names.setdefault(module, []).extend(what.split(", "))
+
+    def by_type(name: str) -> tuple[bool, bool, str]:
+        return not name.isupper(), not name[:1].isupper(), name
+
+    merged = [line for line in lines if not line.startswith("from ")]
+    merged += [
+        f"from {m} import {', '.join(sorted(dict.fromkeys(n), key=by_type))}"
+        for m, n in names.items()
+    ]
 
     def key(line: str) -> tuple[bool, bool, str]:
         module = line.split()[1]
         return module.split(".")[0] == "tinymoe", line.startswith("from"), module
 
     groups = [
-        [line for line in sorted(lines, key=key) if key(line)[0] == ours] for ours in (False, True)
+        [line for line in sorted(merged, key=key) if key(line)[0] == ours] for ours in (False, True)
     ]
     return "\n\n".join("\n".join(g) for g in groups if g) + "\n"
 

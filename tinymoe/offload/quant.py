@@ -68,6 +68,11 @@ class QuantFormat:
         return f"{self.name}, group {self.group_size}"
 
     @property
+    def tag(self) -> str:
+        """ "int4-g64": the format and its group size (the simulator's EXPERT_DTYPES name)."""
+        return f"{self.name}-g{self.group_size}"
+
+    @property
     def qmax(self) -> int:
         """The largest code: 127 (int8) or 7 (int4); codes are symmetric, -qmax..qmax."""
         return 2 ** (self.bits - 1) - 1
@@ -133,11 +138,16 @@ def unpack_int4(b: Tensor) -> Tensor:
 
 def quantize(w: Tensor, fmt: QuantFormat, codes: Tensor, scales: Tensor) -> None:
     """Quantize the packed buffer w (N,) into codes (code_bytes(N),) uint8 and scales (N/g,)
-    fp16, written in place (rows of the host store)."""
+    fp16, written in place (rows of the host store). Group i is w[i*g : (i+1)*g], g =
+    fmt.group_size; its scale is s = max|w| / fmt.qmax over the group, rounded to fp16 and at
+    least 2**-24 (fp16's smallest step: an all-zero group stays zero); its codes are round(w / s)
+    (ties to even) with s as stored, clamped to [-qmax, qmax]: int8 codes as their own bytes,
+    int4 codes two a byte (pack_int4)."""
     g = w.detach().float().view(-1, fmt.group_size)  # (G, g); (a Parameter: no autograd here)
     # The scale as stored (fp16), at least fp16's smallest step: an all-zero group stays zero.
     s = (g.abs().amax(dim=1) / fmt.qmax).clamp(min=2**-24).to(SCALE_DTYPE)  # (G,)
-    q = (g / s.float()[:, None]).round().clamp(-fmt.qmax, fmt.qmax).to(torch.int8)  # (G, g)
+    q = g / s.float()[:, None]  # (G, g) fp32, rounded in place: one temporary, not three
+    q = q.round_().clamp_(-fmt.qmax, fmt.qmax).to(torch.int8)  # (G, g)
     scales.copy_(s)
     if fmt.bits == 8:
         codes.copy_(q.view(-1).view(torch.uint8))
@@ -146,8 +156,9 @@ def quantize(w: Tensor, fmt: QuantFormat, codes: Tensor, scales: Tensor) -> None
 
 
 def dequantize(codes: Tensor, scales: Tensor, fmt: QuantFormat, out: Tensor) -> None:
-    """codes and scales (as `quantize` writes them) -> out (N,) in out's dtype: q * s computed
-    in fp32, where it is exact, rounded once (see the top). All three on one device."""
+    """codes and scales (as `quantize` writes them) -> out (N,) in out's dtype, written in
+    place: q * s computed in fp32, where it is exact, rounded once, so every device reads back
+    the same bits (see the top). All three on one device."""
     q = codes.view(torch.int8) if fmt.bits == 8 else unpack_int4(codes)  # (N,) int8
     q, s = q.view(-1, fmt.group_size), scales.float()[:, None]  # (G, g), (G, 1)
     if out.dtype == torch.float32:  # straight into the slot: the product is exact in fp32

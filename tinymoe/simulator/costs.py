@@ -86,7 +86,7 @@ QUANT_LAYOUT = {8: "int8", 4: "int4, two a byte"}
 
 def quant_dtype(fmt: QuantFormat) -> str:
     """The EXPERT_DTYPES name of tinymoe's quantized format `fmt`: "int4-g64" and the like."""
-    return f"{fmt.name}-g{fmt.group_size}"
+    return fmt.tag
 
 
 # Bytes per weight of an expert in each storage format, the format's scales (and zero points)

@@ -36,6 +36,7 @@ from tinymoe.engine.generate import GenerationResult, generate
 from tinymoe.engine.model import MoETransformer
 from tinymoe.errors import TinyMoeError
 from tinymoe.offload.link import DEFAULT_LINK, PRESETS, LinkSpec
+from tinymoe.offload.quant import QuantFormat
 from tinymoe.offload.runtime import OffloadRuntime
 from tinymoe.offload.transfer import measure_h2d_link
 from tinymoe.speculation.calibration import load_speculation
@@ -98,7 +99,9 @@ class RoutingTrace:
 
 
 def model_info(model: MoETransformer) -> dict:
-    cfg = model.cfg
+    """The recorded model's shape, and its experts' bytes as a copy moves them: in the model's
+    dtype, or, quantized (load_model(expert_quant=...)), their codes and scales."""
+    cfg, fmt = model.cfg, recorded_quant(model)
     dtype = model.embed_tokens.weight.dtype
     return {
         "model_type": cfg.model_type,
@@ -108,8 +111,15 @@ def model_info(model: MoETransformer) -> dict:
         "hidden_size": cfg.hidden_size,
         "expert_dim": cfg.expert_dim,
         "dtype": str(dtype).removeprefix("torch."),
-        "expert_bytes": cfg.expert_bytes(dtype),
+        "expert_bytes": fmt.expert_bytes(cfg.expert_numel) if fmt else cfg.expert_bytes(dtype),
+        "expert_quant": fmt.tag if fmt else "none",  # as costs.EXPERT_DTYPES names it
     }
+
+
+def recorded_quant(model: MoETransformer) -> QuantFormat | None:
+    """The format of the experts a recording of `model` copies: the one it was loaded with."""
+    q = model.experts.quantized
+    return None if q is None else q.fmt
 
 
 def times_from_spans(events: list[dict], num_layers: int) -> list[dict]:
@@ -152,7 +162,8 @@ def record_trace(
     times = times_from_spans(timed[1], L)
     hook = ScoringHook(model, {(n, lookahead): p for n, p in predictors.items()}, set(), log=True)
     hook.reset()
-    host = model.experts.weights[0].device != model.embed_tokens.weight.device
+    w = model.experts.weights[0]  # on the host, or only quantized: copied when asked
+    host = w.device != model.embed_tokens.weight.device or w.numel() == 0
     model.provider = DeviceCopies(model) if host else None
     try:
         with model.routed_by(hook), torch.inference_mode():
@@ -184,14 +195,23 @@ class DeviceCopies:
     """The resident pass's expert provider where the experts live in host memory (offloading on
     CUDA loads them there: run.py): each expert is copied to the compute device when asked, so
     it computes where the timed run computed it. (Left on the host, the engine would compute
-    every expert there, as host experts: slow, and not the timed run's arithmetic.)"""
+    every expert there, as host experts: slow, and not the timed run's arithmetic.) Experts
+    loaded only quantized (run.py --expert-quant, offloading) are dequantized into a new
+    tensor on the device, as the timed run's copies dequantize them into its slots."""
 
     def __init__(self, model: MoETransformer) -> None:
-        self.weights, self.device = model.experts.weights, model.embed_tokens.weight.device
+        self.weights, self.quantized = model.experts.weights, model.experts.quantized
+        self.device, self.dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+        self.numel = model.cfg.expert_numel
 
     def experts(self, layer: int, ids: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
         for e in ids:  # SYNC (CUDA): a blocking copy; this pass is not timed
-            yield e, self.weights[layer][e].to(self.device)
+            if self.weights[layer].numel():
+                yield e, self.weights[layer][e].to(self.device)
+                continue
+            w = torch.empty(self.numel, dtype=self.dtype, device=self.device)  # (3*I*D,)
+            self.quantized.expert(layer, e).copy_into(w)
+            yield e, w
 
 
 def recording_link(
@@ -226,7 +246,9 @@ def record_run(
     device = model.embed_tokens.weight.device
     dtype = model.embed_tokens.weight.dtype
     run_link, recorded = recording_link(device, link, model.cfg.expert_bytes(dtype))
-    with OffloadRuntime(model, "on-demand", link=run_link, trace=True) as rt:
+    fmt = recorded_quant(model)  # quantized experts: the timed run copies their codes
+    quant = dict(expert_quant=fmt.name, group_size=fmt.group_size) if fmt else {}
+    with OffloadRuntime(model, "on-demand", link=run_link, trace=True, **quant) as rt:
         out = generate(model, ids, new_tokens, eos_ids=())
         rt.report()
         events = rt.meter.trace.events

@@ -18,6 +18,7 @@ wrong), and a guess below its layer's threshold (chosen by calibrate on held-bac
 text) is marked unsure. hook.py runs the router instead for an unsure guess (`fail_safe`).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -178,24 +179,29 @@ def train_context(
     held: ExactRunRecord,
     s: "CalibrationSettings",
     seq_len: int,
+    kind: str = "context",
+    make_pairs: Callable[..., Pairs] = context_pairs,
+    inputs: int = 2,
 ) -> tuple[dict[int, nn.Module], dict[int, dict], dict[str, dict]]:
     """calibrate's step 5 for every lookahead of `s`: {d: trained estimator with its thresholds},
-    {d: {t: fail-safe figures on held-back text}}, and the validation KL before and after."""
+    {d: {t: fail-safe figures on held-back text}}, and the validation KL before and after.
+    The pre-attention predictor (preattention.py) is trained the same way from its own pairs:
+    `kind` "preattention", `make_pairs` its pairs (same arguments), `inputs` 3."""
     cfg = model.cfg
     ests, fail_safe, kl = {}, {}, {}
     for d in s.lookaheads:
-        train = context_pairs(model, dv, run, d, seq_len)
-        val = context_pairs(model, dv, held, d, seq_len)
+        train = make_pairs(model, dv, run, d, seq_len)
+        val = make_pairs(model, dv, held, d, seq_len)
         ecfg = EstimatorConfig(
-            "context", cfg.hidden_size, cfg.num_experts, cfg.num_layers, s.reduction, s.ffn_mult
+            kind, cfg.hidden_size, cfg.num_experts, cfg.num_layers, s.reduction, s.ffn_mult, inputs
         )
         torch.manual_seed(s.seed)
         est = build_estimator(ecfg).to(train[d][0].device)
         est.init_from_routers([layer.mlp.gate.weight.float() for layer in model.layers])
         before = mean_kl(est, val)
-        train_estimator(est, train, s.steps, s.batch_size, s.lr, s.seed, f"context d={d}")
+        train_estimator(est, train, s.steps, s.batch_size, s.lr, s.seed, f"{kind} d={d}")
         after = mean_kl(est, val)
-        kl[f"context@{d}"] = {
+        kl[f"{kind}@{d}"] = {
             "val_kl_before": sum(before.values()) / len(before),
             "val_kl_after": sum(after.values()) / len(after),
         }

@@ -14,7 +14,8 @@ paper trains a small network instead. Two variants live here:
   and a small feed-forward branch, both per predicted layer t:
       logits = W_t x + b_t + V_t SiLU(U_t x + c_t)     W_t (E, 2D), its q half the router's;
                                                         U_t (D/m, 2D); V_t (E, D/m), from zero
-  and it keeps the fail-safe thresholds calibrate chose, one per predicted layer.
+  and it keeps the fail-safe thresholds calibrate chose, one per predicted layer. The
+  pre-attention predictor (speculation/preattention.py) uses it with three inputs (x (N, 3D)).
 
 `train_estimator` fits either by distillation: minimise KL(p_router || p_estimator), where
 p_router = softmax(the true router logits of layer t) recorded in an exact run (by
@@ -31,17 +32,18 @@ from torch import Tensor, nn
 from tinymoe.errors import TinyMoeError
 from tinymoe.progress import Progress
 
-KINDS = ("estimator", "linear", "context")
+KINDS = ("estimator", "linear", "context", "preattention")
 
 
 @dataclass(frozen=True)
 class EstimatorConfig:
-    kind: str  # "estimator" (the paper's MLP), "linear" or "context"
+    kind: str  # "estimator" (the paper's MLP), "linear", "context" or "preattention"
     hidden_size: int  # D
     num_experts: int  # E
     num_layers: int  # L: one layer embedding (or matrix) per layer that may be predicted
     reduction: int = 2  # m: the MLP works at width D/m
     ffn_mult: int = 4  # the feed-forward block's hidden width, in multiples of D/m
+    inputs: int = 2  # ContextEstimator's: how many D-wide states x concatenates (preattention: 3)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -53,6 +55,8 @@ class EstimatorConfig:
             )
         if self.ffn_mult < 1:
             raise TinyMoeError(f"estimator ffn_mult must be >= 1, got {self.ffn_mult}")
+        if self.inputs < 1:
+            raise TinyMoeError(f"estimator inputs must be >= 1, got {self.inputs}")
 
     @property
     def width(self) -> int:
@@ -99,7 +103,8 @@ class LinearEstimator(nn.Module):
 
 
 class ContextEstimator(nn.Module):
-    """x = [q_l, p] (N, 2D), p the previous token's normed state at layer t -> logits (N, E).
+    """x = [q_l, p] (N, 2D), p the previous token's normed state at layer t -> logits (N, E);
+    with cfg.inputs = n, x is n such states side by side (N, nD), the first routed by the router.
 
     `threshold[t]` is the fail-safe threshold of predicted layer t (context.py): a guess whose
     confidence is below it is not run. -inf (never fall back) until calibrate chooses one.
@@ -108,11 +113,11 @@ class ContextEstimator(nn.Module):
     def __init__(self, cfg: EstimatorConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        L, E, D = cfg.num_layers, cfg.num_experts, cfg.hidden_size
+        L, E, X = cfg.num_layers, cfg.num_experts, cfg.inputs * cfg.hidden_size
         H = cfg.width  # D/m
-        self.weight = nn.Parameter(torch.zeros(L, E, 2 * D))
+        self.weight = nn.Parameter(torch.zeros(L, E, X))
         self.bias = nn.Parameter(torch.zeros(L, E))
-        self.ff_in = nn.Parameter(torch.randn(L, H, 2 * D) / math.sqrt(2 * D))
+        self.ff_in = nn.Parameter(torch.randn(L, H, X) / math.sqrt(X))
         self.ff_in_bias = nn.Parameter(torch.zeros(L, H))
         self.ff_out = nn.Parameter(torch.zeros(L, E, H))  # zero: untrained, the branch adds 0
         self.register_buffer("threshold", torch.full((L,), -math.inf))
@@ -132,8 +137,8 @@ class ContextEstimator(nn.Module):
 
 
 def build_estimator(cfg: EstimatorConfig) -> nn.Module:
-    kinds = {"estimator": Estimator, "linear": LinearEstimator, "context": ContextEstimator}
-    return kinds[cfg.kind](cfg)
+    kinds = {"estimator": Estimator, "linear": LinearEstimator}
+    return kinds.get(cfg.kind, ContextEstimator)(cfg)  # context, preattention
 
 
 def kl_to_router(true_logits: Tensor, logits: Tensor) -> Tensor:

@@ -72,6 +72,8 @@ class PredictionHook:
         self.read_ids = read_ids
         self.pending: dict[int, Routing] = {}  # target layer -> predicted routing (this forward)
         self.crosses_tokens = getattr(predictor, "crosses_tokens", False)
+        # A predictor that mixes positions (preattention.py) is handed resid as (B, T, D).
+        self.positions = getattr(predictor, "reads_positions", False)
         # What the hook calls after each layer. Exact mode only copies the guessed experts, so a
         # predictor that can name them without their weights (RouterPredictor.guess_ids) does.
         self.observe = None if predictor is None else predictor.observe
@@ -117,7 +119,8 @@ class PredictionHook:
         else:
             routing = predicted
         if self.observe is not None:
-            nxt = self.observe(layer, resid.reshape(u.shape), u, routing)
+            state = resid if self.positions else resid.reshape(u.shape)  # (B, T, D) | (N, D)
+            nxt = self.observe(layer, state, u, routing)
             if nxt is not None:
                 self.pending[layer + lookahead] = nxt
                 if self.read_ids and routing.host_ids is None and u.shape[0] == 1:

@@ -17,6 +17,8 @@ The predictors:
     PreviousTokenPredictor  layer t's experts of the previous token, a naive baseline
     ContextPredictor        beyond the paper (context.py): q_l and the previous token's state at
                             layer t, through a learned model; its guesses say when they are unsure
+    PreAttentionPredictor   the context predictor plus layer t's attention run early on the
+                            stand-in state r_l + d_l (preattention.py)
 `make_predictor` builds any predictor by name, these from the calibration files (calibration.py)
 and the oracle (oracle.py, a bound, not a method) from a recorded run.
 """
@@ -44,6 +46,7 @@ PREDICTOR_NAMES = (
     "hybrid",
     "previous-token",
     "context",
+    "preattention",
 )
 
 
@@ -91,11 +94,16 @@ def quasi_hidden(
     r_l + d_l approximates h_l, layer l's output, before its experts have run: the routing
     weights are known, only each expert's actual output is replaced by its calibrated mean.
     """
-    x = resid  # (N, D)
-    if default_vectors is not None:
-        v = default_vectors[layer][routing.ids]  # (N, K, D)
-        x = x + (routing.weights.to(v.dtype).unsqueeze(-1) * v).sum(dim=1)  # (N, D)
+    x = stand_in(default_vectors, layer, resid, routing)  # (N, D)
     return model.layers[target].post_attention_layernorm(x)  # (N, D)
+
+
+def stand_in(default_vectors: Tensor | None, layer: int, resid: Tensor, routing: Routing) -> Tensor:
+    """r_l + d_l, the stand-in for h_l that q_l normalises (resid itself without vectors)."""
+    if default_vectors is None:
+        return resid  # (N, D)
+    v = default_vectors[layer][routing.ids]  # (N, K, D)
+    return resid + (routing.weights.to(v.dtype).unsqueeze(-1) * v).sum(dim=1)  # (N, D)
 
 
 def check_lookahead(lookahead: int, num_layers: int) -> None:
@@ -357,14 +365,14 @@ def make_predictor(
             f"predictor {name!r} needs trained estimators, and this checkpoint has no "
             "speculation.safetensors; run `python -m tinymoe.calibrate --model DIR --text FILE`"
         )
-    if name == "context":
-        from tinymoe.speculation.context import ContextPredictor  # (context.py imports this one)
+    if name in ("context", "preattention"):
+        # (context.py and preattention.py import this module)
+        from tinymoe.speculation.context import ContextPredictor
+        from tinymoe.speculation.preattention import PreAttentionPredictor
 
-        return ContextPredictor(
-            model,
-            calibration.estimator("context", lookahead),
-            calibration.default_vectors,
-            lookahead,
+        kind = ContextPredictor if name == "context" else PreAttentionPredictor
+        return kind(
+            model, calibration.estimator(name, lookahead), calibration.default_vectors, lookahead
         )
     kind = "linear" if name == "linear-estimator" else "estimator"
     estimator = EstimatorPredictor(

@@ -85,7 +85,7 @@ class ScoringHook:
                 recall = recall_at_k(guess.ids, true.ids)  # (n,)
                 self.safe[key][layer] += torch.where(guess.sure, recall, 1.0).sum()
                 self.unsure[key][layer] += (~guess.sure).sum()
-        resid = resid.reshape(u.shape)  # (N, D)
+        positions, resid = resid, resid.reshape(u.shape)  # (B, T, D), (N, D)
         hidden = None
         if self.on_hidden:
             cfg = self.model.cfg
@@ -95,6 +95,8 @@ class ScoringHook:
             if key in self.shifted:
                 continue
             state = hidden if key[0] in self.on_hidden else resid
+            if getattr(p, "reads_positions", False):  # attention mixes positions: (B, T, D)
+                state = positions
             t0 = time.perf_counter()
             nxt = p.observe(layer, state, u, true)
             if nxt is not None:
