@@ -23,6 +23,8 @@ check starts after --budget-s and its subprocesses stop 30 s after it. GPU-only 
   h2d         pinned host-to-device GB/s: one 1 GiB copy; 64 expert-sized copies on a stream
   bench       tinymoe.bench on a random checkpoint with Qwen3-30B-A3B's shapes (hidden 2048,
               128 experts of width 768, top-8, bf16; 9.4 MB per expert), --layers layers
+  quant       the same bench with int4 experts (--expert-quant int4): codes and scales copied
+              on the copy stream and dequantized there; every exact row keeps resident's tokens
   decode      resident decode, eager against compiled + CUDA graphs: TPOT, same tokens
   simulate    tinymoe.simulate --validate on the same checkpoint: the trace recorded over the
               real link (measured, no simulated one), simulated beside measured TPOT per policy
@@ -86,6 +88,7 @@ CHECKS = (
     "recompiles",
     "h2d",
     "bench",
+    "quant",
     "decode",
     "simulate",
 )  # in this order
@@ -282,26 +285,32 @@ def make_checkpoint(path: Path, layers: int, fields: dict, device: str) -> None:
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
 
 
-def run_tool(module: str, args: list[str], out: Path, device: str) -> tuple[dict, dict | None]:
+def run_tool(
+    module: str, args: list[str], out: Path, device: str, name: str = ""
+) -> tuple[dict, dict | None]:
     """`python -m tinymoe.<module> ... --json` on the checkpoint's device, its stderr in
-    out/<module>.txt and its JSON in out/<module>.json: (failure or {}, the JSON or None)."""
+    out/<name>.txt and its JSON in out/<name>.json (name: the module's by default): (failure or
+    {}, the JSON or None)."""
+    name = name or module
     dtype, repeat = ("bfloat16", "3") if device == "cuda" else ("float32", "1")
     cmd = [
         sys.executable, "-m", f"tinymoe.{module}", *args, "--device", device, "--dtype", dtype,
         "--policies", POLICIES, "--prompt-tokens", "64", "--repeat", repeat, "--json",
     ]  # fmt: skip
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=time_left(420))
-    (out / f"{module}.txt").write_text(p.stderr)
+    (out / f"{name}.txt").write_text(p.stderr)
     if p.returncode != 0:
         failed = {"pass": False, "returncode": p.returncode, "error": p.stderr.splitlines()[-1:]}
         return failed, None
-    (out / f"{module}.json").write_text(p.stdout)
+    (out / f"{name}.json").write_text(p.stdout)
     return {}, json.loads(p.stdout)
 
 
-def run_bench(model_dir: Path, out: Path, new_tokens: int, device: str) -> dict:
+def run_bench(model_dir: Path, out: Path, new_tokens: int, device: str, quant: str = "") -> dict:
+    """The bench's rows; quant: "int4" runs them with quantized experts (out/quant.*)."""
     args = ["--model", str(model_dir), "--max-new-tokens", str(new_tokens)]
-    failed, result = run_tool("bench", args, out, device)
+    args += ["--expert-quant", quant] if quant else []
+    failed, result = run_tool("bench", args, out, device, "quant" if quant else "bench")
     if result is None:
         return failed
     keys = ("tpot_ms", "ratio_vs_on_demand", "hit_rate", "stall_share", "achieved_gbps", "exact")
@@ -422,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "h2d": (lambda: {"pass": None, "skipped": "needs CUDA"}) if dry
         else (lambda: h2d_bandwidth(expert_bytes)),
         "bench": lambda: run_bench(checkpoint(), out, new_tokens, dev),
+        "quant": lambda: run_bench(checkpoint(), out, new_tokens, dev, quant="int4"),
         "decode": lambda: decode_speed(checkpoint(), new_tokens, dev),
         "simulate": lambda: run_simulate(checkpoint(), out, new_tokens, dev),
     }  # fmt: skip

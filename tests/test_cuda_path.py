@@ -186,7 +186,8 @@ def test_gpu_check_dry_run_passes_on_the_cpu(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     lines = summary["checks"]
     assert p.returncode == 0, (p.stderr[-3000:], lines)
-    assert {"tests", "gather", "record", "h2d", "bench", "decode"} <= set(lines)
+    assert {"tests", "gather", "record", "h2d", "bench", "quant", "decode"} <= set(lines)
+    assert lines["quant"]["pass"] is True and (tmp_path / "quant.json").exists()
     assert set(gpu_check.CLAIMS) <= set(lines)  # each claim a line (skipped without CUDA)
     assert lines["h2d"]["pass"] is None and lines["gather"]["pass"] is True
     assert lines["tests"]["cases"] and set(lines["tests"]["cases"].values()) == {"skipped"}
