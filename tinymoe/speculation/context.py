@@ -114,14 +114,23 @@ class ContextPredictor(EstimatorPredictor):
         if target >= cfg.num_layers:
             return None
         q = quasi_hidden(self.model, self.default_vectors, layer, target, resid, routing)  # (N, D)
-        N = q.shape[0]
+        return self.guess([q, self.previous_state(target, before, q)], target, resid.dtype)
+
+    def previous_state(self, target: int, before: Tensor | None, like: Tensor) -> Tensor:
+        """Norm_t(r_t of the previous position) (N, D), rows matched to `like` (N, D): zeros at a
+        sequence's first position; after a prefill, its last token's for every row."""
         if before is None:
-            p = torch.zeros_like(q)  # a sequence's first position: no previous token
-        else:
-            before = before if before.shape[0] == N else before[-1:].expand(N, -1)
-            p = self.model.layers[target].post_attention_layernorm(before)  # (N, D)
-        logits = self.estimator(torch.cat([q, p], dim=-1).to(self.dtype), target)  # (N, E)
-        dtype = routing_weights_dtype(cfg, resid.dtype)
+            return torch.zeros_like(like)
+        N = like.shape[0]
+        before = before if before.shape[0] == N else before[-1:].expand(N, -1)
+        return self.model.layers[target].post_attention_layernorm(before)
+
+    def guess(self, features: list[Tensor], target: int, state_dtype: torch.dtype) -> Guess:
+        """The estimator on the features (each (N, D)) side by side: top-K as the model routes
+        (weights in routing_weights_dtype), and per row whether the margin clears the threshold."""
+        cfg = self.model.cfg
+        logits = self.estimator(torch.cat(features, dim=-1).to(self.dtype), target)  # (N, E)
+        dtype = routing_weights_dtype(cfg, state_dtype)  # as the model routes (fp32: Mixtral)
         guess = route_topk(logits, cfg.top_k, cfg.norm_topk_prob, dtype)
         sure = margin(logits, cfg.top_k) >= self.estimator.threshold[target]  # (N,)
         return Guess(ids=guess.ids, weights=guess.weights, sure=sure)

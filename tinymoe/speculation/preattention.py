@@ -24,8 +24,8 @@ from torch import Tensor
 
 from tinymoe.engine.kvcache import KVCache
 from tinymoe.engine.model import MoETransformer, rope_cos_sin
-from tinymoe.engine.moe import Routing, route_topk, routing_weights_dtype
-from tinymoe.speculation.context import ContextPredictor, Guess, margin
+from tinymoe.engine.moe import Routing
+from tinymoe.speculation.context import ContextPredictor, Guess
 from tinymoe.speculation.estimator import Pairs
 from tinymoe.speculation.exact_run import ExactRunRecord
 from tinymoe.speculation.predictors import stand_in
@@ -110,16 +110,8 @@ class PreAttentionPredictor(ContextPredictor):
         x = stand_in(self.default_vectors, layer, r, routing)  # (N, D)
         a = self.shadow(target, x.view(B, T, -1)).reshape(B * T, -1)  # (N, D)
         norm = self.model.layers[target].post_attention_layernorm
-        if before is None:
-            p = torch.zeros_like(x)  # a sequence's first position: no previous token
-        else:
-            p = norm(before if before.shape[0] == B * T else before[-1:].expand(B * T, -1))
-        features = torch.cat([norm(x + a), norm(x), p], dim=-1)  # (N, 3D)
-        logits = self.estimator(features.to(self.dtype), target)  # (N, E)
-        dtype = routing_weights_dtype(cfg, r.dtype)  # as the model routes (fp32: Mixtral)
-        guess = route_topk(logits, cfg.top_k, cfg.norm_topk_prob, dtype)
-        sure = margin(logits, cfg.top_k) >= self.estimator.threshold[target]  # (N,)
-        return Guess(ids=guess.ids, weights=guess.weights, sure=sure)
+        p = self.previous_state(target, before, x)  # (N, D)
+        return self.guess([norm(x + a), norm(x), p], target, r.dtype)  # features (N, 3D)
 
 
 @torch.no_grad()
