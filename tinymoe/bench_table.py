@@ -4,8 +4,9 @@ from tinymoe.offload.policy import parse_policy
 
 
 def format_table(result: dict) -> str:
+    w = max([24] + [len(_label(r)) for r in result["rows"]])  # the policy column's width
     head = (
-        f"{'policy':<24} {'slots':>5} {'TPOT ms':>8} {'vs OD':>6} {'tok/s':>7} {'hit':>5} "
+        f"{'policy':<{w}} {'slots':>5} {'TPOT ms':>8} {'vs OD':>6} {'tok/s':>7} {'hit':>5} "
         f"{'GB copied':>9} {'stall':>6} {'copy':>6} {'GB/s':>7} {'Eq.1 ms':>8} {'of Eq.1':>7} exact"
     )
     warm = result.get("warm") and result["rows"][0]["over_resident_us_per_layer"] is not None
@@ -32,7 +33,7 @@ def format_table(result: dict) -> str:
         share = r["eq1_saving_share"]
         eq1_share = f"{share:.1%}" if prefetches and share is not None else "-"
         lines.append(
-            f"{_label(r):<24} {r['expert_slots']:>5} {r['tpot_ms']:>8.2f} "
+            f"{_label(r):<{w}} {r['expert_slots']:>5} {r['tpot_ms']:>8.2f} "
             f"{r['ratio_vs_on_demand']:>6.3f} {r['tokens_per_s']:>7.1f} {r['hit_rate']:>5.2f} "
             f"{r['gb_copied']:>9.4f} {r['stall_share']:>6.1%} {r['copy_share']:>6.1%} "
             f"{r['achieved_gbps'] or 0:>7.2f} "
