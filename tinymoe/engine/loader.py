@@ -177,12 +177,8 @@ class Checkpoint:
             )
             out[:, 2 * I * D :].copy_(self.get(prefix + "down_proj", (E, D, I)).reshape(E, -1))
             return
-        gate, up, down = EXPERT_NAMES[cfg.model_type]
-        for e in range(E):
-            gate_up, down_view = expert_views(out[e], I, D)
-            gate_up[:I].copy_(self.get(f"{prefix}{e}.{gate}.weight", (I, D)))
-            gate_up[I:].copy_(self.get(f"{prefix}{e}.{up}.weight", (I, D)))
-            down_view.copy_(self.get(f"{prefix}{e}.{down}.weight", (D, I)))
+        for e in range(E):  # per-expert tensors: one expert at a time, as read_expert does
+            self.read_expert(layer, e, out[e])
 
     def read_expert(self, layer: int, expert: int, out: Tensor) -> None:
         """Pack one expert into out (3*I*D,), casting to out's dtype (a fused layout's tensor
