@@ -48,12 +48,19 @@ class Guess(Routing):
     sure: Tensor | None = None  # (N,) bool: confidence at or above the layer's threshold
     host_sure: list[bool] | None = None  # `sure` as read to the host, with the ids (one read)
 
+    def host_rows(self) -> Tensor:
+        """(N, K + 1): the ids and, last, the sureness: what one host read takes."""
+        return torch.cat([self.ids, self.sure.long().unsqueeze(1)], dim=1)
+
+    def take_host_rows(self, rows: list[list[int]]) -> None:
+        """host_rows() as read to the host -> host_ids and host_sure."""
+        self.host_ids = [r[:-1] for r in rows]
+        self.host_sure = [bool(r[-1]) for r in rows]
+
     def ids_on_host(self) -> list[list[int]]:
         if self.host_ids is None:
-            rows = torch.cat([self.ids, self.sure.long().unsqueeze(1)], dim=1)  # (N, K + 1)
-            flat = rows.tolist()  # SYNC: the ids and sureness in one read, as Routing's ids alone
-            self.host_ids = [r[:-1] for r in flat]
-            self.host_sure = [bool(r[-1]) for r in flat]
+            # SYNC: the ids and sureness in one read, as Routing's ids alone
+            self.take_host_rows(self.host_rows().tolist())
         return self.host_ids
 
     def sure_on_host(self) -> list[bool]:

@@ -129,22 +129,20 @@ class PredictionHook:
 
 
 def read_together(a: Routing, b: Routing) -> None:
-    """Read two routings' ids to the host in one transfer (one sync instead of two)."""
+    """Read two routings' ids to the host in one transfer (one sync instead of two); a Guess's
+    sureness too (fail_safe reads it), as one more column of its rows (Guess.host_rows)."""
     n = a.ids.shape[0]
-    if isinstance(b, Guess):  # its sureness too (fail_safe reads it): one more column
-        ka, kb = a.ids.shape[1], b.ids.shape[1] + 1
-        b_rows = torch.cat([b.ids, b.sure.long().unsqueeze(1)], dim=1)  # (N, K' + 1)
-        flat = torch.cat([a.ids.flatten(), b_rows.flatten()]).tolist()  # SYNC: as below, once
-        a.host_ids = [flat[i : i + ka] for i in range(0, n * ka, ka)]
-        rows = [flat[i : i + kb] for i in range(n * ka, len(flat), kb)]
-        b.host_ids, b.host_sure = [r[:-1] for r in rows], [bool(r[-1]) for r in rows]
-        return
-    if a.ids.shape[1] == b.ids.shape[1]:  # the usual case: both name top-k experts per token
-        rows = torch.cat([a.ids, b.ids]).tolist()  # SYNC: the layer's one host read of ids
-        a.host_ids, b.host_ids = rows[:n], rows[n:]
-        return
-    # A guess that names more (or fewer) experts than top-k: read both flattened, still once.
-    flat = torch.cat([a.ids.flatten(), b.ids.flatten()]).tolist()  # SYNC: as above
-    ka, kb = a.ids.shape[1], b.ids.shape[1]
-    a.host_ids = [flat[i : i + ka] for i in range(0, n * ka, ka)]
-    b.host_ids = [flat[i : i + kb] for i in range(n * ka, len(flat), kb)]
+    b_rows = b.host_rows() if isinstance(b, Guess) else b.ids  # (N, K') or (N, K' + 1)
+    if a.ids.shape[1] == b_rows.shape[1]:  # the usual case: both name top-k experts per token
+        rows = torch.cat([a.ids, b_rows]).tolist()  # SYNC: the layer's one host read of ids
+        a_rows, b_host = rows[:n], rows[n:]
+    else:  # b names more (or fewer) columns than top-k: both read flattened, still once
+        flat = torch.cat([a.ids.flatten(), b_rows.flatten()]).tolist()  # SYNC: as above
+        ka, kb = a.ids.shape[1], b_rows.shape[1]
+        a_rows = [flat[i : i + ka] for i in range(0, n * ka, ka)]
+        b_host = [flat[i : i + kb] for i in range(n * ka, len(flat), kb)]
+    a.host_ids = a_rows
+    if isinstance(b, Guess):
+        b.take_host_rows(b_host)
+    else:
+        b.host_ids = b_host
