@@ -43,7 +43,9 @@ class ShadowAttention:
         self.model = model
         self.cache: KVCache | None = None
         self.length: dict[int, int] = {}  # target layer -> positions in its shadow cache
-        self.rope: tuple[Tensor, Tensor] | None = None  # cos, sin (max_len, Dh)
+        # cos, sin (max_len, Dh): its own table, not the model's (model._rope_rows), which a
+        # longer shadow cache would rebuild under a compiled step that holds its address.
+        self.rope: tuple[Tensor, Tensor] | None = None
 
     def reset(self) -> None:
         self.cache, self.rope = None, None
