@@ -306,13 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the context predictor's "
         "thresholds keep this recall@k on held-back sequences, fallbacks counting 1",
     )
-    a(
+    only = p.add_mutually_exclusive_group()  # one predictor added at a time
+    only.add_argument(
         "--context-only",
         action="store_true",
         help="train only the context predictor, into the "
         "calibration already in --out (rewritten: needs --force); the rest stays bit for bit",
     )
-    a(
+    only.add_argument(
         "--preattention-only",
         action="store_true",
         help="the same for the pre-attention predictor: only it is trained and written",
