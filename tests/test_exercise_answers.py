@@ -319,6 +319,34 @@ WRONG = [
         "prefetch",
         "Scheduler._prefetch",
         """
+        # waits for each copy to land before going on: nothing overlaps
+        if prefetch is None:
+            return
+        layer, phase = prefetch.target, None
+        if layer >= self.num_layers:
+            layer, phase = layer - self.num_layers, "decode"
+        st, copies = self.meter.layer(layer, phase), 0
+        for e in prefetch.experts:
+            slot = self.cache.lookup((layer, e))
+            if slot is None:
+                if self.depth is not None and copies >= self.depth:
+                    continue
+                slot = self._insert((layer, e), evict_reserved=False)
+                if slot is None:
+                    continue
+                self._copy(layer, e, slot, "prefetch", st)
+                self.landing[slot].compute_wait()  # so that it is there when needed
+                self.unused_prefetch.add((layer, e))
+                copies += 1
+            self.cache.reserve(slot)
+            self.reserved.setdefault(prefetch.target, []).append((layer, e))
+        """,
+        "copy/compute overlap",
+    ),
+    (
+        "prefetch",
+        "Scheduler._prefetch",
+        """
         # a guess evicts reserved slots (evict_reserved=True)
         if prefetch is None:
             return
