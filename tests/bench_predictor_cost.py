@@ -1,7 +1,7 @@
 """Benchmark: what a predictor costs per decode layer, side by side, on the demo model.
 
     .venv/bin/python tests/bench_predictor_cost.py [--predictors router,context,preattention]
-        [--repeat 5] [--new-tokens 300] [--prompt-tokens 32] [--threads 1]
+        [--repeat 5] [--new-tokens 300] [--prompt-tokens 32] [--threads 1] [--reference]
 
 Each predictor's `observe` (what a speculative decode step calls after every layer: the guess
 with its weights, the one the hook may route with) is timed inside real decode steps of the
@@ -10,7 +10,8 @@ then `--new-tokens` decode steps teacher-forced on a fixed token sequence (the s
 predictor). The figure per predictor is the mean of its observe calls at N = 1 in us, best of
 `--repeat` rounds; the predictors take turns within each round, so a slow spell of a shared
 machine hits them alike, and the ratio to the router's figure of the same round is printed.
-The issue's limit: at most 2x the router predictor's.
+The issue's limit: at most 2x the router predictor's. `--reference` times the pre-attention
+predictor's definition (observe_reference) instead of its one-token fast path (DecodeStep).
 """
 
 import argparse
@@ -72,12 +73,16 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=300)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reference", action="store_true", help="preattention without its fast path")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu")
     cal = load_speculation(args.model, model.cfg)
     names = args.predictors.split(",")
     predictors = {n: make_predictor(n, model, cal, 1) for n in names}
+    for p in predictors.values():
+        if args.reference and hasattr(p, "fast_decode"):
+            p.fast_decode = False
     g = torch.Generator().manual_seed(0)
     n = args.prompt_tokens + args.new_tokens
     tokens = torch.randint(1, model.cfg.vocab_size, (n,), generator=g).tolist()
