@@ -273,3 +273,81 @@ def test_the_fast_path_outlives_inference_mode(tmp_path):
         side_by_side(model, fast, ref, prompt_len=1, steps=3)
     got = side_by_side(model, fast, ref, prompt_len=1, steps=3)  # the hook resets both
     assert all(torch.equal(a.ids, b.ids) for _, _, a, b in got)
+
+
+@pytest.mark.parametrize("policy", ["speculative+preattention", "prefetch+preattention+lru"])
+def test_offloaded_decode_with_it_reads_the_host_once_per_layer(tmp_path, policy, monkeypatch):
+    """The fast path adds no host-device sync: a decode step offloaded with the pre-attention
+    predictor reads to the host once per layer (the layer's ids, with the guess's ids and
+    sureness in the same read) and once for the sampled token, as with Router-PF
+    (tests/test_offload.py). Counted on the CPU by wrapping every call that turns a tensor into
+    host values; on CUDA each of them would synchronise."""
+    from tinymoe import generate
+    from tinymoe.offload.link import LinkSpec
+    from tinymoe.offload.runtime import OffloadRuntime
+
+    model = load_model(make_checkpoint(tmp_path / "m", model_type="qwen3_moe"))
+    fast, _ = random_predictors(model, 1)
+    L, n = model.cfg.num_layers, 5
+    calls = dict.fromkeys(("tolist", "item", "__bool__", "__int__", "__float__", "numpy"), 0)
+    for name in calls:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            calls[_name] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    counting: list[bool] = []
+
+    def start_counting_after_prefill(tok: int) -> None:
+        if not counting:  # the prompt's token: the decode steps start
+            counting.append(True)
+            calls.update(dict.fromkeys(calls, 0))
+
+    with OffloadRuntime(model, policy, predictor=fast, link=LinkSpec(1e6, 0.0)):
+        generate(model, [5, 17, 3, 42, 8, 61], n, eos_ids=(), on_token=start_counting_after_prefill)
+    assert fast._step is not None  # the decode steps took the fast path
+    reads = calls.pop("tolist")
+    assert calls == {**dict.fromkeys(calls, 0), "item": n - 1}, calls
+    if policy.startswith("speculative"):
+        # a last layer run on a sure guess has no read of its own (its ids came with the layer
+        # before's, and it guesses nothing further): L - 1 or L reads a step
+        assert (n - 1) * (L - 1) <= reads <= (n - 1) * L, reads
+    else:
+        assert reads == (n - 1) * L, reads
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ["olmoe-clip", "qwen3"])
+def test_the_fast_path_on_cuda_is_the_reference_and_never_syncs(tmp_path, case):
+    """On a GPU (in fp32, TF32 off): DecodeStep's guesses are the reference's, as on the CPU,
+    and once built it makes no host-device sync (CUDA's sync debug mode raises on one)."""
+    overrides, lookahead, prompt_len = FAST_CASES[case]
+    model = load_model(make_checkpoint(tmp_path / "m", **overrides), device="cuda")
+    fast, ref = random_predictors(model, lookahead)
+    inner = fast.observe
+
+    def strict(layer, resid, u, routing):
+        if fast._step is None:
+            return inner(layer, resid, u, routing)  # the first call builds it (copies allowed)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return inner(layer, resid, u, routing)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    fast.observe = strict
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        got = side_by_side(model, fast, ref, prompt_len, steps=20)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert fast._step is not None and got
+    for step, layer, a, b in got:
+        assert torch.equal(a.ids, b.ids), (step, layer, a.ids, b.ids)
+        assert torch.equal(a.sure, b.sure), (step, layer)
+        torch.testing.assert_close(a.weights, b.weights, rtol=1e-4, atol=1e-5)
