@@ -19,7 +19,7 @@ the same confidence and fail-safe thresholds, trained by calibrate the same way 
 resid as (B, T, D) (`reads_positions`).
 
 A decode step (one token) takes a fast path with the same result, preattention_step.py: what
-this file computes in ~110 small operations, it computes in ~40, from weights folded once.
+this file computes in ~100 small operations, it computes in ~45, on the same weights.
 """
 
 import torch
@@ -94,9 +94,10 @@ class PreAttentionPredictor(ContextPredictor):
     context predictor) each layer's r_l of the previous pass.
 
     `observe` at one token (B * T = 1, a decode step) takes a fast path, DecodeStep
-    (preattention_step.py): the same guess from weights folded once, built at the first such
-    call; the model and estimator must not change after it (or set `_step = None` to fold them
-    again). `observe_reference` is the definition, which every other call takes;
+    (preattention_step.py): the same guess, built at the first such call on views of the
+    model's and the estimator's weights and copies of their gains (replace a weight tensor or
+    change a gain after it, and set `_step = None` to build it again). `observe_reference` is
+    the definition, which every other call takes;
     `fast_decode = False` (an attribute, or the constructor's keyword) makes every call take it.
     """
 

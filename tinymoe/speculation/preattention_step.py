@@ -1,21 +1,22 @@
 """The pre-attention predictor's decode step: one token (N = 1) in few operations.
 
 PreAttentionPredictor.observe_reference (preattention.py) is the definition. At one token it
-costs little arithmetic but ~110 small operations, each paying a fixed dispatch price, and a
-decode step pays that after every layer. `DecodeStep` computes the same guess in ~40, from
-weights folded once (the model and the estimator are frozen), into preallocated buffers:
+costs little arithmetic but ~100 small operations, each paying a fixed dispatch price, and a
+decode step pays that after every layer. `DecodeStep` computes the same guess in ~45, into
+preallocated buffers, reading the model's and the estimator's own weights (no copy of them:
+on a real model they are the size of its attention, on the device the experts do not fit):
 
     x~  = r_l + g_E @ v[l]                       one addmm, g_E the routing weights over all E
-    n   = x~ / rms(x~), p = prev / rms(prev)     one norm for both rows: the gains are folded
-    qkv = n @ (diag(g_attn) Wqkv^T)              input_layernorm's gain in the rows
-    q,k = q/k-normed, 1/sqrt(Dh) folded into q's gain (into Wq without a q/k norm; applied
-          after the clamp with clip_qkv); RoPE as qk * cos + swap(qk) * (-sin, sin), the
-          halves swapped by two copies
+    n   = x~ / rms(x~), p = prev / rms(prev)     one norm for both rows, the gains apart
+    qkv = (g_attn * n) @ Wqkv^T                  input_layernorm's gain, then the projection
+    q,k = q/k-normed, 1/sqrt(Dh) folded into q's gain (with no q/k norm or with clip_qkv, a
+          multiply after); RoPE as qk * cos + swap(qk) * (-sin, sin), the halves swapped by
+          two copies
     k,v -> the shadow cache; attention at T = 1 as two bmm, the GQA groups as (Hkv, G, Dh)
     s   = (x~ + a) / rms(x~ + a)
-    z   = [s, n, p] @ [W; U]^T + [b; c]          one addmm: both estimator matrices stacked,
-                                                 post_attention_layernorm's gain in the rows
-    logits = z_W + silu(z_U) @ V^T, then one topk(K + 1): ids, weights, margin
+    f   = [s, n, p] * [g_post; g_post; g_post]   post_attention_layernorm's gain, one multiply
+    logits = (f W^T + b) + silu(f U^T + c) V^T   the estimator, then one topk(K + 1): ids,
+                                                 weights, margin
 
 Every norm is RMSNorm's (over fp32 for a narrower model dtype), only reassociated, so in fp32
 the guesses equal the reference's up to rounding (tests/test_predictor_preattention.py checks
@@ -25,8 +26,10 @@ through the reference and decode steps through here mix, and the cache grows the
 No host reads: positions are the Python ints ShadowAttention keeps.
 
 What remains is mostly reading the weights (in fp32 ~0.9 MB a layer on the demo model, cold in
-a decode step: the experts in between push them out of the caches). The folded copies cost
-memory: layer t's qkv and o projections and the estimator, once more per predictor.
+a decode step: the experts in between push them out of the caches). Folding the gains into
+copies of the matrices would save three small multiplies, at the price of a second copy of
+every target layer's q, k, v, o and estimator weights (for Mixtral-8x7B's 31 target layers,
+2.6 GB of attention in bf16): not worth it.
 """
 
 from typing import NamedTuple
@@ -41,17 +44,22 @@ from tinymoe.speculation.context import Guess
 
 
 class _Target(NamedTuple):
-    """One target layer t's folded weights (model dtype, then the estimator's)."""
+    """One target layer t's weights: views of the model's (model dtype) and the estimator's
+    (its dtype), and a few gain vectors, the only copies."""
 
-    wqkv: Tensor  # (D, (H + 2Hkv) Dh): input_layernorm's gain (and maybe 1/sqrt(Dh)) folded
+    g_attn: Tensor  # (D,) input_layernorm's gain
+    wqkv: Tensor  # (D, (H + 2Hkv) Dh): qkv_proj's weight, transposed (a view)
     bqkv: Tensor | None  # ((H + 2Hkv) Dh,) with attention_bias
     gains: Tensor | None  # (1, (H + Hkv) Dh): q_norm's and k_norm's, 1/sqrt(Dh) in q's
-    wo: Tensor  # (H Dh, D)
+    wo: Tensor  # (H Dh, D): o_proj's weight, transposed (a view)
     bo: Tensor | None  # (D,) with attention_bias
     dv: Tensor | None  # (E, D): the source layer's default vectors
-    WU: Tensor  # (3D, E + Hd): [W; U]^T, post_attention_layernorm's gain in all three blocks
-    bc: Tensor  # (E + Hd,): [b; c]
-    V: Tensor  # (Hd, E)
+    g_post: Tensor  # (1, 3D): post_attention_layernorm's gain, once per feature block
+    W: Tensor  # (3D, E), b (E,): the estimator's linear part (views)
+    b: Tensor
+    U: Tensor  # (3D, Hd), c (Hd,): its feed-forward branch in ...
+    c: Tensor
+    V: Tensor  # (Hd, E): ... and out
     threshold: Tensor  # () a view of the estimator's: a threshold set later still counts
 
 
@@ -79,7 +87,8 @@ class DecodeStep:
         self.same = md == ed  # then x~ and s are computed straight into the feature buffer
         self.wdtype = routing_weights_dtype(cfg, md)
         self.eps = torch.full((1, 1), cfg.rms_norm_eps, dtype=torch.float32, device=dev)
-        self.fold_scale = cfg.clip_qkv is None  # else the clamp comes between norm and scale
+        # 1/sqrt(Dh) into the q/k norm's gain, unless there is none or the clamp comes between
+        self.fold_scale = cfg.clip_qkv is None and cfg.qk_norm != "none"
         self.scale = Dh**-0.5  # SDPA's default
         self.q_scale = torch.tensor(self.scale, dtype=md, device=dev)
         # Buffers, and the views of them the step uses (taking a view is an operation too).
@@ -90,6 +99,7 @@ class DecodeStep:
         self.feats = torch.zeros(3, D, dtype=ed, device=dev)
         self.s, self.n, self.np = self.feats[:1], self.feats[1:2], self.feats[1:]
         self.feats_row = self.feats.view(1, 3 * D)
+        self.n_attn = torch.zeros(1, D, dtype=md, device=dev)  # g_attn * n: what qkv reads
         self.qkv = torch.zeros(1, nqk + Hkv * Dh, dtype=md, device=dev)
         self.qk_flat, self.q_flat = self.qkv[:, :nqk], self.qkv[:, : H * Dh]
         self.qk_heads = self.qk_flat.view(H + Hkv, Dh)  # q heads, then k heads
@@ -113,8 +123,8 @@ class DecodeStep:
         self.y = torch.zeros(Hkv, H // Hkv, Dh, dtype=md, device=dev)  # attention output
         self.y_row = self.y.view(1, H * Dh)
         Hd = predictor.estimator.ff_in.shape[1]
-        self.z = torch.zeros(1, E + Hd, dtype=ed, device=dev)
-        self.zW, self.zU = self.z[:, :E], self.z[:, E:]
+        self.zW = torch.zeros(1, E, dtype=ed, device=dev)
+        self.zU = torch.zeros(1, Hd, dtype=ed, device=dev)
         self.top = torch.zeros(1, K + 1, dtype=ed, device=dev)
         self.top_ids = torch.zeros(1, K + 1, dtype=torch.long, device=dev)
         self.top_k = self.top[:, :K], self.top_ids[:, :K]
@@ -127,36 +137,34 @@ class DecodeStep:
         self.sin: tuple[Tensor, ...] = ()
 
     def _fold(self, t: int, src: int, dev, md: torch.dtype, ed: torch.dtype) -> _Target:
-        """Target layer t's weights, read by source layer src; md, ed: model, estimator dtype."""
+        """Target layer t's weights, read by source layer src; md, ed: model, estimator dtype.
+        Views where the weights already are on `dev` in their dtype (the model's, when `like`
+        is its activations), so that nothing big is copied."""
         cfg, est, p = self.cfg, self.p.estimator, self.p
-        H, Dh = cfg.num_heads, cfg.head_dim
+        H = cfg.num_heads
         blk = p.model.layers[t]
         att = blk.self_attn
-        w = att.qkv_proj.weight.to(dev, md) * blk.input_layernorm.weight.to(dev, md)
-        b = None if att.qkv_proj.bias is None else att.qkv_proj.bias.to(dev, md).clone()
         gains = None
         if cfg.qk_norm != "none":
             gq, gk = att.q_norm.weight.to(dev, md), att.k_norm.weight.to(dev, md)
             if cfg.qk_norm == "head":
                 gq, gk = gq.repeat(H), gk.repeat(cfg.num_kv_heads)
             gains = torch.cat((gq * self.scale if self.fold_scale else gq, gk)).unsqueeze(0)
-        elif self.fold_scale:  # no q/k norm: 1/sqrt(Dh) into Wq's rows (and q's bias)
-            w[: H * Dh] *= self.scale
-            if b is not None:
-                b[: H * Dh] *= self.scale
-        bo = att.o_proj.bias
-        dv = p.default_vectors
-        g = blk.post_attention_layernorm.weight.to(dev, ed).repeat(3)  # (3D,): s, n and p
+        bqkv, bo, dv = att.qkv_proj.bias, att.o_proj.bias, p.default_vectors
         return _Target(
-            wqkv=w.T.contiguous(),
-            bqkv=b,
+            g_attn=blk.input_layernorm.weight.to(dev, md),
+            wqkv=att.qkv_proj.weight.to(dev, md).T,
+            bqkv=None if bqkv is None else bqkv.to(dev, md),
             gains=gains,
-            wo=att.o_proj.weight.to(dev, md).T.contiguous(),
+            wo=att.o_proj.weight.to(dev, md).T,
             bo=None if bo is None else bo.to(dev, md),
             dv=None if dv is None else dv[src].to(dev, md),
-            WU=(torch.cat((est.weight[t], est.ff_in[t])).to(dev, ed) * g).T.contiguous(),
-            bc=torch.cat((est.bias[t], est.ff_in_bias[t])).to(dev, ed),
-            V=est.ff_out[t].to(dev, ed).T.contiguous(),
+            g_post=blk.post_attention_layernorm.weight.to(dev, ed).repeat(3).unsqueeze(0),
+            W=est.weight[t].to(dev, ed).T,
+            b=est.bias[t].to(dev, ed),
+            U=est.ff_in[t].to(dev, ed).T,
+            c=est.ff_in_bias[t].to(dev, ed),
+            V=est.ff_out[t].to(dev, ed).T,
             threshold=est.threshold[t],
         )
 
@@ -201,17 +209,18 @@ class DecodeStep:
             self.raw_p.zero_()
         else:  # after a prefill, its last row
             self.raw_p.copy_(before if before.shape[0] == 1 else before[-1])
-        # n and p: both rows normalised at once (the gains are in the matrices)
+        # n and p: both rows normalised at once (their gains come later)
         nrm = torch.linalg.vector_norm(self.raw, dim=1, keepdim=True)  # (2, 1)
         rs = torch.addcmul(self.eps, nrm, nrm, value=1 / cfg.hidden_size).rsqrt_()
         torch.mul(self.raw, rs, out=self.np)
         n = self.n if self.same else self.n.to(self.dtype)  # (1, D)
-        # q, k, v of layer t; the q/k norm; RoPE
+        # q, k, v of layer t (input_layernorm's gain after the cast, as RMSNorm); q/k norm; RoPE
         qkv = self.qkv
+        n_attn = torch.mul(n, w.g_attn, out=self.n_attn)
         if w.bqkv is None:
-            torch.mm(n, w.wqkv, out=qkv)
+            torch.mm(n_attn, w.wqkv, out=qkv)
         else:
-            torch.addmm(w.bqkv, n, w.wqkv, out=qkv)
+            torch.addmm(w.bqkv, n_attn, w.wqkv, out=qkv)
         for rows, inv in self.qk_rows:
             nq = torch.linalg.vector_norm(rows, dim=1, keepdim=True, dtype=torch.float32)
             rows.mul_(torch.addcmul(self.eps, nq, nq, value=inv).rsqrt_())
@@ -219,6 +228,7 @@ class DecodeStep:
             self.qk_flat.mul_(w.gains)
         if cfg.clip_qkv is not None:
             qkv.clamp_(-cfg.clip_qkv, cfg.clip_qkv)
+        if not self.fold_scale:
             self.q_flat.mul_(self.q_scale)
         sh = p.shadow
         cache = sh.cache
@@ -253,8 +263,10 @@ class DecodeStep:
             s.add_(w.bo)
         nrm = torch.linalg.vector_norm(s, dim=1, keepdim=True)
         s.mul_(torch.addcmul(self.eps, nrm, nrm, value=1 / cfg.hidden_size).rsqrt_())
-        # the estimator: z = [s, n, p] [W; U]^T + [b; c]; logits = z_W + silu(z_U) V^T
-        torch.addmm(w.bc, self.feats_row, w.WU, out=self.z)
+        # the estimator on f = [s, n, p] * g_post: logits = (f W^T + b) + silu(f U^T + c) V^T
+        f = self.feats_row.mul_(w.g_post)  # (1, 3D)
+        torch.addmm(w.b, f, w.W, out=self.zW)
+        torch.addmm(w.c, f, w.U, out=self.zU)
         logits = torch.addmm(self.zW, F.silu(self.zU, inplace=True), w.V)  # (1, E)
         torch.topk(logits, cfg.top_k + 1, out=(self.top, self.top_ids))  # K, and one more
         top, ids = self.top_k
