@@ -64,7 +64,7 @@ class _Target(NamedTuple):
 
 
 class DecodeStep:
-    """PreAttentionPredictor's one-token observe on folded weights (module docstring).
+    """PreAttentionPredictor's one-token observe in few operations (module docstring).
 
     Built for one predictor, on `like`'s device and dtype (the model's activations); call it as
     the predictor's observe at N = 1. The buffers are shared by all layers: what it returns and
@@ -130,13 +130,13 @@ class DecodeStep:
         self.top_k = self.top[:, :K], self.top_ids[:, :K]
         self.kth, self.next = self.top[:, K - 1], self.top[:, K]  # (1,) each: the margin's ends
         d = predictor.lookahead
-        self.targets = {t: self._fold(t, t - d, dev, md, ed) for t in range(d, cfg.num_layers)}
+        self.targets = {t: self._target(t, t - d, dev, md, ed) for t in range(d, cfg.num_layers)}
         self.cache: KVCache | None = None  # the shadow cache the views below are of
         self.views: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self.cos: tuple[Tensor, ...] = ()  # the shadow's RoPE table, one (Dh,) view a row
         self.sin: tuple[Tensor, ...] = ()
 
-    def _fold(self, t: int, src: int, dev, md: torch.dtype, ed: torch.dtype) -> _Target:
+    def _target(self, t: int, src: int, dev, md: torch.dtype, ed: torch.dtype) -> _Target:
         """Target layer t's weights, read by source layer src; md, ed: model, estimator dtype.
         Views where the weights already are on `dev` in their dtype (the model's, when `like`
         is its activations), so that nothing big is copied."""
