@@ -50,6 +50,22 @@ def make_checkpoint(
     return path
 
 
+def count_host_reads(monkeypatch, names: tuple[str, ...]) -> dict[str, int]:
+    """Count the calls of the Tensor methods `names` (those that turn a tensor into host
+    values: on CUDA each one synchronises), until monkeypatch undoes it. Returns the live
+    counts, name -> calls; zero them with `.update(dict.fromkeys(counts, 0))`."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            calls[_name] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Baby models gain nothing from threads, and where cores are shared (or oversubscribed)

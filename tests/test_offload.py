@@ -264,15 +264,9 @@ def test_decode_reads_ids_to_the_host_once_per_layer(model, monkeypatch):
     from tinymoe.speculation.predictors import RouterPredictor
 
     L, n = model.cfg.num_layers, 5
-    calls = {"tolist": 0, "item": 0}
-    for name in calls:
-        original = getattr(torch.Tensor, name)
+    from conftest import count_host_reads
 
-        def counted(self, *a, _name=name, _original=original, **k):
-            calls[_name] += 1
-            return _original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    calls = count_host_reads(monkeypatch, ("tolist", "item"))
     counting = []
 
     def start_counting_after_prefill(tok: int) -> None:

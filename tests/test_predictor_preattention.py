@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_checkpoint
+from conftest import count_host_reads, make_checkpoint
 
 from tinymoe import load_model
 from tinymoe.calibrate import CalibrationSettings, calibrate
@@ -289,15 +289,8 @@ def test_offloaded_decode_with_it_reads_the_host_once_per_layer(tmp_path, policy
     model = load_model(make_checkpoint(tmp_path / "m", model_type="qwen3_moe"))
     fast, _ = random_predictors(model, 1)
     L, n = model.cfg.num_layers, 5
-    calls = dict.fromkeys(("tolist", "item", "__bool__", "__int__", "__float__", "numpy"), 0)
-    for name in calls:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _name=name, _original=original, **k):
-            calls[_name] += 1
-            return _original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    names = ("tolist", "item", "__bool__", "__int__", "__float__", "numpy")
+    calls = count_host_reads(monkeypatch, names)
 
     counting: list[bool] = []
 

@@ -41,6 +41,7 @@ class ShadowAttention:
     Positions are counted per target layer from the last reset; the cache grows (doubling) as a
     sequence does. `__call__(t, x)` appends x's keys and values (B, T, D) at the next positions
     of layer t and returns Attention_t(Norm_attn,t(x)) (B, T, D), causal over the cache.
+    `claim` is how any writer (this, and the decode fast path) takes those positions.
     """
 
     def __init__(self, model: MoETransformer) -> None:
@@ -70,22 +71,27 @@ class ShadowAttention:
         self.cache = new
         return new
 
-    @torch.no_grad()
-    def __call__(self, t: int, x: Tensor) -> Tensor:
-        B, T, _ = x.shape
+    def claim(self, t: int, B: int, T: int, like: Tensor) -> tuple[KVCache, int]:
+        """The next T positions of layer t for B sequences, counted as written: (the cache, with
+        room for them, and the first of them). Another batch size starts new sequences."""
         if self.cache is not None and self.cache.k.shape[1] != B:
             self.reset()  # another batch: new sequences
         start = self.length.get(t, 0)
-        cache = self._room(B, start + T, x)
+        cache = self._room(B, start + T, like)
+        self.length[t] = start + T
+        return cache, start
+
+    @torch.no_grad()
+    def __call__(self, t: int, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        cache, start = self.claim(t, B, T, x)
         cos, sin = self.rope[0][start : start + T], self.rope[1][start : start + T]
         mask = None  # T = 1: every cached position; start = 0: plain causal (Attention's rule)
         if T > 1 and start > 0:  # (T, S) bool: position start + i sees 0 .. start + i
             j = torch.arange(start + T, device=x.device)
             mask = j.unsqueeze(0) <= (start + torch.arange(T, device=x.device)).unsqueeze(1)
         block = self.model.layers[t]
-        a = block.self_attn(block.input_layernorm(x), cos, sin, mask, cache, t, start)
-        self.length[t] = start + T
-        return a  # (B, T, D)
+        return block.self_attn(block.input_layernorm(x), cos, sin, mask, cache, t, start)
 
 
 class PreAttentionPredictor(ContextPredictor):

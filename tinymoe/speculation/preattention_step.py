@@ -173,9 +173,8 @@ class DecodeStep:
         """Views of a (new) shadow cache: per target layer k, v (Hkv, max_len, Dh) and k^T;
         and its RoPE table's rows."""
         self.cache = cache
-        kv = cache._layers
-        self.views = {t: (kv[t][0][0], kv[t][1][0], kv[t][0][0].transpose(1, 2))
-                      for t in self.targets}  # fmt: skip
+        k, v = cache.k[:, 0], cache.v[:, 0]  # (L, Hkv, max_len, Dh): the one sequence
+        self.views = {t: (k[t], v[t], k[t].transpose(1, 2)) for t in self.targets}
         cos, sin = self.p.shadow.rope
         half = sin.shape[1] // 2
         signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=1)  # (max_len, Dh)
@@ -230,14 +229,7 @@ class DecodeStep:
             qkv.clamp_(-cfg.clip_qkv, cfg.clip_qkv)
         if not self.fold_scale:
             self.q_flat.mul_(self.q_scale)
-        sh = p.shadow
-        cache = sh.cache
-        if cache is not None and cache.k.shape[1] != 1:
-            sh.reset()  # another batch: new sequences (as ShadowAttention)
-            cache = None
-        start = sh.length.get(t, 0)
-        if cache is None or cache.max_len <= start:
-            cache = sh._room(1, start + 1, r)
+        cache, start = p.shadow.claim(t, 1, 1, r)  # position `start` of layer t, one sequence
         if cache is not self.cache:
             self._bind(cache)
         # RoPE: qk * cos + cat(-qk2, qk1) * sin, the halves swapped by two copies and the
@@ -250,7 +242,6 @@ class DecodeStep:
         kc.narrow(1, start, 1).copy_(self.k_new)
         vc.narrow(1, start, 1).copy_(self.v_new)
         S = start + 1
-        sh.length[t] = S
         a = torch.bmm(self.q_groups, kT.narrow(2, 0, S)).softmax(-1)  # (Hkv, G, S)
         torch.bmm(a, vc.narrow(1, 0, S), out=self.y)  # (Hkv, G, Dh)
         # s = Norm_t(x~ + Attention_t)
